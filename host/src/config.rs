@@ -1,0 +1,408 @@
+//! airlockd's configuration: a TOML file whose every key has a default.
+//!
+//! Loaded once by `main` (`airlockd --config PATH`); `--print-config` prints
+//! the effective result. Relative paths are resolved against the directory
+//! of the config file, so a config can live next to the files it names.
+//! Unknown keys are errors: a typo must not silently fall back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Cause (names the key and line).
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP API.
+    pub server: ServerConfig,
+    /// Where airlockd keeps files.
+    pub paths: PathsConfig,
+    /// VM sizes, limits and timeouts.
+    pub vm: VmConfig,
+    /// The QEMU backend.
+    pub qemu: QemuConfig,
+    /// Logging of airlockd itself.
+    pub log: LogConfig,
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Loopback by default: the API can run commands
+    /// in VMs and is meant for operators only.
+    pub listen: SocketAddr,
+    /// PEM certificate chain; with `tls_key`, airlockd serves HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Largest request body accepted (bytes).
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may finish after SIGTERM (ms).
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            tls_cert: None,
+            tls_key: None,
+            max_body_bytes: 4 << 20,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// Directories.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PathsConfig {
+    /// Sockets and per-VM working files (`<run_dir>/vms/<id>/`); removed
+    /// when a VM stops. Keep it short: Unix socket paths are limited to
+    /// 107 bytes.
+    pub run_dir: PathBuf,
+    /// Durable state: logs of failed VMs (`<state_dir>/failed-vms/<id>/`)
+    /// and the acceleration probe's cached result.
+    pub state_dir: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        Self {
+            run_dir: "/run/airlock".into(),
+            state_dir: "/var/lib/airlock".into(),
+        }
+    }
+}
+
+/// Which VM backend runs VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// QEMU with vhost-device-vsock (real microVMs).
+    Qemu,
+    /// The agent as a plain host process over a Unix socket (tests of the
+    /// host logic, and roles that need no isolation in development).
+    Process,
+}
+
+/// VM settings shared by all backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// Backend: `qemu` or `process`.
+    pub backend: BackendKind,
+    /// Guest kernel (a Debian cloud kernel; `make image` copies one here).
+    pub kernel: PathBuf,
+    /// Initramfs with the agent as `/init` (`make image`).
+    pub initramfs: PathBuf,
+    /// The agent build the host expects: its GNU build id must match the
+    /// one a guest reports. The process backend also runs this binary.
+    pub agent_binary: PathBuf,
+    /// Overrides the build id read from `agent_binary`.
+    pub expected_build_id: Option<String>,
+    /// vsock port the agent dials (host side listens on `<uds>_<port>`).
+    pub agent_port: u32,
+    /// Memory of a VM when the request names none (MiB).
+    pub default_memory_mib: u32,
+    /// vCPUs of a VM when the request names none.
+    pub default_vcpus: u32,
+    /// Largest memory a request may ask for (MiB).
+    pub max_memory_mib: u32,
+    /// Most vCPUs a request may ask for.
+    pub max_vcpus: u32,
+    /// Most VMs at once (including booting and failed ones not deleted).
+    pub max_vms: usize,
+    /// From VMM start to the agent's ready event (ms).
+    pub boot_timeout_ms: u64,
+    /// From a guest connection to its hello (ms).
+    pub hello_timeout_ms: u64,
+    /// From welcome to the agent's ready event (ms).
+    pub ready_timeout_ms: u64,
+    /// A ready VM whose agent disconnected fails after this long without a
+    /// reconnection (ms).
+    pub reconnect_timeout_ms: u64,
+    /// Time a VM gets to power off after a shutdown request before it is
+    /// killed (ms).
+    pub stop_grace_ms: u64,
+    /// Default deadline of an exec request (ms).
+    pub exec_timeout_ms: u64,
+    /// Margin on top of a request's own deadline before the host gives up
+    /// on the agent's answer (ms).
+    pub request_margin_ms: u64,
+    /// Interval of agent heartbeats (ms; 0 disables them).
+    pub heartbeat_interval_ms: u64,
+    /// Lowest level of agent log lines forwarded to the host.
+    pub guest_log_level: String,
+    /// Largest frame accepted from a guest (bytes).
+    pub max_frame_bytes: usize,
+    /// Console bytes kept on disk per VM; the rest is dropped and counted.
+    pub console_max_bytes: u64,
+    /// Agent log bytes kept on disk per VM.
+    pub agent_log_max_bytes: u64,
+    /// Console lines included in a failed VM's error.
+    pub console_tail_lines: usize,
+    /// Guest log lines per second echoed into airlockd's own log, per VM
+    /// (all of them still go to the VM's agent log file).
+    pub guest_log_rate_per_sec: u32,
+    /// Log directories of failed VMs kept; the oldest beyond are deleted.
+    pub failed_logs_keep: usize,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Qemu,
+            kernel: "/var/lib/airlock/image/vmlinuz".into(),
+            initramfs: "/var/lib/airlock/image/initramfs.cpio.gz".into(),
+            agent_binary: "/usr/local/lib/airlock/airlock-guest".into(),
+            expected_build_id: None,
+            agent_port: airlock_proto::DEFAULT_AGENT_PORT,
+            default_memory_mib: 256,
+            default_vcpus: 1,
+            max_memory_mib: 8192,
+            max_vcpus: 8,
+            max_vms: 16,
+            boot_timeout_ms: 30_000,
+            hello_timeout_ms: 5_000,
+            ready_timeout_ms: 5_000,
+            reconnect_timeout_ms: 15_000,
+            stop_grace_ms: 3_000,
+            exec_timeout_ms: 30_000,
+            request_margin_ms: 5_000,
+            heartbeat_interval_ms: 5_000,
+            guest_log_level: "info".into(),
+            max_frame_bytes: airlock_proto::limits::MAX_FRAME_BYTES,
+            console_max_bytes: 16 << 20,
+            agent_log_max_bytes: 8 << 20,
+            console_tail_lines: 30,
+            guest_log_rate_per_sec: 20,
+            failed_logs_keep: 200,
+        }
+    }
+}
+
+/// Hardware acceleration choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// Try KVM with a real boot; use TCG when it does not work.
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
+}
+
+/// QEMU backend settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// The vhost-user vsock device binary (one process per VM).
+    pub vhost_vsock_binary: PathBuf,
+    /// Machine type; q35 boots reliably under TCG (microvm lacks a timer
+    /// to calibrate the TSC against and hangs about half the time).
+    pub machine: String,
+    /// Firmware (`-bios`); qboot starts faster than SeaBIOS. Empty: QEMU's
+    /// default.
+    pub firmware: Option<PathBuf>,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: AccelChoice,
+    /// CPU model (`-cpu`).
+    pub cpu: String,
+    /// Words appended to the kernel command line (after airlock's own, so
+    /// they win). Never put secrets here.
+    pub extra_append: String,
+    /// Deadline of the KVM probe boot (ms).
+    pub accel_probe_timeout_ms: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            vhost_vsock_binary: "vhost-device-vsock".into(),
+            machine: "q35".into(),
+            firmware: Some("/usr/share/qemu/qboot.rom".into()),
+            accel: AccelChoice::Auto,
+            cpu: "max".into(),
+            extra_append: String::new(),
+            accel_probe_timeout_ms: 8_000,
+        }
+    }
+}
+
+/// Logging of airlockd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Filter in `tracing` syntax (`info`, `airlock_host=debug`, ...);
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Longest `run_dir` that leaves room for the per-VM socket names.
+const MAX_RUN_DIR_BYTES: usize = 60;
+
+impl Config {
+    /// Loads `path`, resolves relative paths against its directory, and
+    /// validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.paths.run_dir);
+        fix(&mut self.paths.state_dir);
+        fix(&mut self.vm.kernel);
+        fix(&mut self.vm.initramfs);
+        fix(&mut self.vm.agent_binary);
+        for p in [
+            &mut self.server.tls_cert,
+            &mut self.server.tls_key,
+            &mut self.qemu.firmware,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return bad("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if self.paths.run_dir.as_os_str().len() > MAX_RUN_DIR_BYTES {
+            return bad(format!(
+                "paths.run_dir {} is longer than {MAX_RUN_DIR_BYTES} bytes; Unix socket paths under it would not fit",
+                self.paths.run_dir.display()
+            ));
+        }
+        let vm = &self.vm;
+        if vm.default_memory_mib < 64 || vm.default_memory_mib > vm.max_memory_mib {
+            return bad("vm.default_memory_mib must be between 64 and vm.max_memory_mib".into());
+        }
+        if vm.default_vcpus == 0 || vm.default_vcpus > vm.max_vcpus {
+            return bad("vm.default_vcpus must be between 1 and vm.max_vcpus".into());
+        }
+        if vm.max_frame_bytes < 4096
+            || vm.max_frame_bytes > airlock_proto::limits::MAX_FRAME_BYTES_CEILING
+        {
+            return bad("vm.max_frame_bytes must be between 4096 and 16 MiB".into());
+        }
+        if vm.boot_timeout_ms == 0 || vm.hello_timeout_ms == 0 || vm.ready_timeout_ms == 0 {
+            return bad("vm timeouts must be positive".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format must be text or json".into());
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(c.vm.backend, BackendKind::Qemu);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = toml::from_str::<Config>("[vm]\nboot_timeout = 5\n").unwrap_err();
+        assert!(e.to_string().contains("boot_timeout"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[vm]\nkernel = \"img/vmlinuz\"\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.vm.kernel, dir.path().join("img/vmlinuz"));
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let c = Config::default();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.vm.boot_timeout_ms, c.vm.boot_timeout_ms);
+    }
+
+    #[test]
+    fn half_tls_is_rejected() {
+        let mut c = Config::default();
+        c.server.tls_cert = Some("/x.pem".into());
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! airlockd's life: prepare directories, clean up after a crashed
+//! predecessor, choose the backend, serve the API, and on SIGTERM/SIGINT
+//! stop serving and tear every VM down. Called by `main`.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{router, AppState};
+use crate::config::{BackendKind, Config};
+use crate::server::{Server, ServerError};
+use crate::vm::backend::VmBackend;
+use crate::vm::layout::reconcile;
+use crate::vm::process::ProcessBackend;
+use crate::vm::qemu::QemuBackend;
+use crate::vm::VmManager;
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The expected agent build is unknown.
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    /// The API could not be served.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+fn make_dir(path: &std::path::Path) -> Result<(), DaemonError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| DaemonError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Runs until SIGTERM or SIGINT; returns after every VM is torn down.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let config = Arc::new(config);
+    let failed_dir = config.paths.state_dir.join("failed-vms");
+    make_dir(&config.paths.run_dir)?;
+    make_dir(&failed_dir)?;
+    let leftovers = reconcile(&config.paths.run_dir, &failed_dir);
+    if !leftovers.is_empty() {
+        tracing::warn!(
+            count = leftovers.len(),
+            "cleaned up VMs left by an earlier airlockd"
+        );
+    }
+    let expected = crate::image::expected_agent(&config.vm)?;
+    crate::image::warn_if_stale(&expected);
+    let shutdown = CancellationToken::new();
+    let background = TaskTracker::new();
+    let backend: Arc<dyn VmBackend> = match config.vm.backend {
+        BackendKind::Qemu => {
+            let qemu = Arc::new(QemuBackend::new(
+                config.qemu.clone(),
+                config.vm.clone(),
+                config.paths.state_dir.clone(),
+            ));
+            // Decide KVM/TCG now, so the first VM does not pay for the probe.
+            let probe = qemu.clone();
+            let stop = shutdown.clone();
+            background.spawn(async move {
+                tokio::select! { _ = probe.detect_accel() => {}, _ = stop.cancelled() => {} }
+            });
+            qemu
+        }
+        BackendKind::Process => Arc::new(ProcessBackend::new(
+            config.vm.agent_binary.clone(),
+            config.vm.console_max_bytes,
+        )),
+    };
+    let vms = VmManager::new(config.clone(), backend, expected);
+    let app = router(
+        AppState {
+            vms: vms.clone(),
+            started,
+        },
+        config.server.max_body_bytes,
+    );
+    let server = Server::bind(&config.server).await?;
+    let addr = server.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+    watch_signals(&background, shutdown.clone())?;
+    tracing::info!(%addr, backend = ?config.vm.backend, "airlockd ready");
+    // A stable line on stdout that scripts and tests wait for.
+    println!("airlockd listening on {}://{addr}", server.scheme());
+    server.run(app, shutdown.clone()).await;
+    tracing::info!("stopping: tearing down VMs");
+    vms.shutdown().await;
+    background.close();
+    background.wait().await;
+    tracing::info!("airlockd stopped");
+    Ok(())
+}
+
+fn watch_signals(tracker: &TaskTracker, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = shutdown.cancelled() => return,
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! airlockd: the host supervisor of airlock. It boots microVMs (QEMU with
+//! vhost-device-vsock, or the agent as a host process for tests), knows the
+//! moment each VM's agent is alive from its hello over vsock, relays
+//! requests to it, and serves all of this over an HTTP API.
+//!
+//! `main.rs` parses the command line and calls [`daemon::run`].
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod image;
+pub mod server;
+pub mod telemetry;
+pub mod vm;

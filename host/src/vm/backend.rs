@@ -1,0 +1,247 @@
+//! The VM backend interface and the handle on a launched VM's processes.
+//!
+//! A backend turns a [`LaunchSpec`] into running processes whose guest
+//! agent will dial `<dir>/vsock.sock_<port>`: [`super::qemu`] with QEMU and
+//! vhost-device-vsock, [`super::process`] with the agent as a host process.
+//! The VM supervisor owns the returned [`RunningVm`] and decides when it
+//! stops.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+use tokio::process::Child;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+
+use super::console::Console;
+use super::layout::{LayoutError, VmDir};
+
+/// A boxed future, for the object-safe backend trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The VM's id.
+    pub vm_id: String,
+    /// Its working directory (the agent listener is already bound there).
+    pub dir: VmDir,
+    /// Memory (MiB).
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The vsock port the agent must dial.
+    pub agent_port: u32,
+}
+
+/// A backend could not start a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A helper program could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A helper exited during startup.
+    #[error("{program} exited during startup ({status}): {log_tail}")]
+    EarlyExit {
+        /// The program.
+        program: String,
+        /// Its exit status.
+        status: String,
+        /// The end of its log.
+        log_tail: String,
+    },
+    /// A helper did not become ready in time.
+    #[error("{program} did not create {what} within {waited:?}")]
+    NotReady {
+        /// The program.
+        program: String,
+        /// What it should have created.
+        what: String,
+        /// How long airlockd waited.
+        waited: Duration,
+    },
+    /// A required file is missing.
+    #[error("{what} {path} is missing: {hint}")]
+    Missing {
+        /// Which input.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// Setting up files failed.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Other I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What airlockd was doing.
+        context: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Facts about a backend for `/health`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendInfo {
+    /// `qemu` or `process`.
+    pub backend: &'static str,
+    /// `kvm`, `tcg`, `detecting`, or absent when not applicable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// Why that acceleration was chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel_reason: Option<String>,
+}
+
+/// A way of running VMs.
+pub trait VmBackend: Send + Sync + std::fmt::Debug {
+    /// Starts the VM's processes.
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec)
+        -> BoxFuture<'a, Result<RunningVm, BackendError>>;
+
+    /// Facts for `/health`.
+    fn info(&self) -> BackendInfo;
+}
+
+/// One process of a VM (the VMM, or a device helper).
+#[derive(Debug)]
+pub struct VmProcess {
+    /// Short name for messages (`qemu`, `vhost-device-vsock`, `agent`).
+    pub name: &'static str,
+    /// The child; killed on drop as a last resort.
+    pub child: Child,
+}
+
+/// A launched VM: its processes, console, and the tasks that pump their
+/// output. Dropping it kills the processes (`kill_on_drop`) and stops the
+/// tasks, so a launch that fails halfway leaves nothing behind.
+#[derive(Debug)]
+pub struct RunningVm {
+    /// Processes, the VMM first.
+    pub processes: Vec<VmProcess>,
+    /// Console capture.
+    pub console: Console,
+    /// The acceleration it runs with (`kvm`/`tcg`), when applicable.
+    pub accel: Option<String>,
+    io_tasks: TaskTracker,
+    io_cancel: CancellationToken,
+    _io_guard: DropGuard,
+}
+
+impl RunningVm {
+    /// A VM with no processes yet; backends add them as they start.
+    pub fn new(console: Console, accel: Option<String>) -> Self {
+        let io_cancel = CancellationToken::new();
+        Self {
+            processes: Vec::new(),
+            console,
+            accel,
+            io_tasks: TaskTracker::new(),
+            _io_guard: io_cancel.clone().drop_guard(),
+            io_cancel,
+        }
+    }
+
+    /// Where backends run the tasks that pump process output, and the
+    /// token that stops them.
+    pub fn io(&self) -> (&TaskTracker, CancellationToken) {
+        (&self.io_tasks, self.io_cancel.clone())
+    }
+
+    /// Pid of the VMM process.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.processes.first().and_then(|p| p.child.id())
+    }
+
+    /// Waits until any of the VM's processes exits; describes which and how.
+    /// Cancel-safe.
+    pub async fn wait_exit(&mut self) -> String {
+        if self.processes.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self.processes.iter_mut().map(|p| {
+            Box::pin(async move {
+                let status = p.child.wait().await;
+                (p.name, status)
+            })
+        });
+        let ((name, status), _, _) = futures_util::future::select_all(waits).await;
+        match status {
+            Ok(s) => format!("{name} exited ({})", describe_status(s)),
+            Err(e) => format!("cannot wait for {name}: {e}"),
+        }
+    }
+
+    /// Stops every process: SIGTERM, up to `grace` to exit, then SIGKILL.
+    /// Waits for all of them, so no zombie or orphan remains.
+    pub async fn stop(&mut self, grace: Duration) {
+        for p in &self.processes {
+            if let Some(pid) = p.child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+        }
+        for p in &mut self.processes {
+            if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
+                let _ = p.child.start_kill();
+                let _ = p.child.wait().await;
+            }
+        }
+        // The pumps end at EOF once the processes are gone; the token covers
+        // a pipe some grandchild still holds open.
+        self.io_tasks.close();
+        if tokio::time::timeout(Duration::from_secs(1), self.io_tasks.wait())
+            .await
+            .is_err()
+        {
+            self.io_cancel.cancel();
+            self.io_tasks.wait().await;
+        }
+    }
+
+    /// Waits up to `grace` for the VMM to exit on its own (after the agent
+    /// was asked to power off); true when it did.
+    pub async fn wait_vmm(&mut self, grace: Duration) -> bool {
+        match self.processes.first_mut() {
+            Some(p) => tokio::time::timeout(grace, p.child.wait()).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
+/// `exit code N` or `killed by SIGX`.
+pub fn describe_status(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(sig) => format!("killed by {sig}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => "unknown status".into(),
+    }
+}
+
+/// The last `n` lines of a helper's log file, for error messages.
+pub fn file_tail(path: &std::path::Path, n: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(16 << 10);
+    let text = super::console::sanitize(&bytes[start..]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}

@@ -1,0 +1,252 @@
+//! Files of one VM: `<run_dir>/vms/<id>/` holds its sockets, logs and pid
+//! file while it runs; logs of a failed VM move to
+//! `<state_dir>/failed-vms/<id>/`. Also cleans up after an airlockd that
+//! died with VMs running (called once at startup by the daemon).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A filesystem step of VM setup or teardown failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {}: {source}", path.display())]
+pub struct LayoutError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+impl LayoutError {
+    fn new(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Log files worth keeping when a VM fails.
+const LOG_FILES: &[&str] = &["console.log", "agent.log", "vmm.log", "vhost.log"];
+
+/// The working directory of one VM.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    root: PathBuf,
+}
+
+impl VmDir {
+    /// Creates `<run_dir>/vms/<id>/` (mode 0700).
+    pub fn create(run_dir: &Path, id: &str) -> Result<Self, LayoutError> {
+        let root = run_dir.join("vms").join(id);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(|e| LayoutError::new("create", &root, e))?;
+        Ok(Self { root })
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// QEMU <-> vhost-device-vsock control socket.
+    pub fn vhost_socket(&self) -> PathBuf {
+        self.root.join("vhost.sock")
+    }
+
+    /// The hybrid vsock socket (`uds_path`): host-initiated connections.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.root.join("vsock.sock")
+    }
+
+    /// `<uds_path>_<port>`: where guest-initiated connections arrive.
+    pub fn agent_listener(&self, port: u32) -> PathBuf {
+        self.root.join(format!("vsock.sock_{port}"))
+    }
+
+    /// Serial console socket (airlockd listens, QEMU connects).
+    pub fn console_socket(&self) -> PathBuf {
+        self.root.join("console.sock")
+    }
+
+    /// A file in the directory by name (`console.log`, `vmm.log`, ...).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Records the pids of the VM's processes, for cleanup after a crash.
+    pub fn record_pids(&self, pids: &[(&str, u32)]) -> Result<(), LayoutError> {
+        let path = self.file("pids");
+        let text: String = pids
+            .iter()
+            .map(|(name, pid)| format!("{name} {pid}\n"))
+            .collect();
+        fs::write(&path, text).map_err(|e| LayoutError::new("write", &path, e))
+    }
+
+    /// Moves the logs to `<failed_dir>/<id>/` with `error.txt` and returns
+    /// that directory.
+    pub fn keep_logs(&self, failed_dir: &Path, error: &str) -> Result<PathBuf, LayoutError> {
+        let id = self.root.file_name().unwrap_or_default();
+        let dest = failed_dir.join(id);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dest)
+            .map_err(|e| LayoutError::new("create", &dest, e))?;
+        for name in LOG_FILES {
+            let src = self.root.join(name);
+            if src.exists() {
+                move_file(&src, &dest.join(name))?;
+            }
+        }
+        let err_path = dest.join("error.txt");
+        fs::File::create(&err_path)
+            .and_then(|mut f| writeln!(f, "{error}"))
+            .map_err(|e| LayoutError::new("write", &err_path, e))?;
+        Ok(dest)
+    }
+
+    /// Removes the directory and everything left in it.
+    pub fn remove(&self) -> Result<(), LayoutError> {
+        match fs::remove_dir_all(&self.root) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(LayoutError::new("remove", &self.root, e)),
+        }
+    }
+}
+
+/// Rename, or copy and delete across filesystems (`/run` is often tmpfs).
+fn move_file(src: &Path, dst: &Path) -> Result<(), LayoutError> {
+    if fs::rename(src, dst).is_ok() {
+        return Ok(());
+    }
+    fs::copy(src, dst).map_err(|e| LayoutError::new("copy", src, e))?;
+    fs::remove_file(src).map_err(|e| LayoutError::new("remove", src, e))
+}
+
+/// Kills processes recorded by VMs of an earlier airlockd that did not
+/// stop them, keeps those VMs' logs, and removes their directories.
+/// Returns the ids cleaned up.
+pub fn reconcile(run_dir: &Path, failed_dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(run_dir.join("vms")) else {
+        return Vec::new();
+    };
+    let mut cleaned = Vec::new();
+    for entry in entries.flatten() {
+        let dir = VmDir { root: entry.path() };
+        let id = entry.file_name().to_string_lossy().into_owned();
+        let killed = kill_recorded(&dir);
+        let reason = format!("airlockd stopped without tearing this VM down; killed {killed} leftover process(es) at the next start");
+        if let Err(e) = dir.keep_logs(failed_dir, &reason) {
+            tracing::warn!(vm_id = %id, error = %e, "cannot keep logs of a leftover VM");
+        }
+        if let Err(e) = dir.remove() {
+            tracing::warn!(vm_id = %id, error = %e, "cannot remove a leftover VM directory");
+        }
+        tracing::warn!(vm_id = %id, killed, "cleaned up a VM left by an earlier airlockd");
+        cleaned.push(id);
+    }
+    cleaned
+}
+
+/// SIGKILLs each recorded pid whose command line still names this VM's
+/// directory (so a recycled pid is never touched).
+fn kill_recorded(dir: &VmDir) -> usize {
+    let Ok(text) = fs::read_to_string(dir.file("pids")) else {
+        return 0;
+    };
+    let marker = dir.root.to_string_lossy().into_owned();
+    let mut killed = 0;
+    for pid in text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<i32>().ok())
+    {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&marker)
+            && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// Deletes the oldest failed-VM log directories beyond `keep`.
+pub fn prune_failed(failed_dir: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(failed_dir) else {
+        return;
+    };
+    let mut dirs: Vec<_> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if dirs.len() <= keep {
+        return;
+    }
+    dirs.sort();
+    for (_, path) in &dirs[..dirs.len() - keep] {
+        let _ = fs::remove_dir_all(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_logs_moves_them_with_the_error() {
+        let run = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let dir = VmDir::create(run.path(), "vm-1").unwrap();
+        fs::write(dir.file("console.log"), "boot\n").unwrap();
+        let kept = dir.keep_logs(state.path(), "it broke").unwrap();
+        assert_eq!(
+            fs::read_to_string(kept.join("console.log")).unwrap(),
+            "boot\n"
+        );
+        assert!(fs::read_to_string(kept.join("error.txt"))
+            .unwrap()
+            .contains("it broke"));
+        dir.remove().unwrap();
+        assert!(!dir.root().exists());
+    }
+
+    #[test]
+    fn reconcile_kills_only_processes_of_that_dir() {
+        let run = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let dir = VmDir::create(run.path(), "vm-old").unwrap();
+        // A process whose command line names the directory, and one that
+        // does not (standing in for a recycled pid).
+        let mut ours = std::process::Command::new("sh")
+            .args(["-c", "sleep 60; true", dir.root().to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        dir.record_pids(&[("vmm", ours.id()), ("vhost", other.id())])
+            .unwrap();
+        let cleaned = reconcile(run.path(), state.path());
+        assert_eq!(cleaned, vec!["vm-old".to_string()]);
+        assert!(ours.wait().unwrap().code().is_none(), "killed by a signal");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "the unrelated process survives"
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(state.path().join("vm-old/error.txt").exists());
+    }
+}

@@ -1,0 +1,362 @@
+//! VMs: the registry of VMs, their public view, and the operations the API
+//! performs on them. Each VM's life (launch, handshake, failure, teardown)
+//! runs in its own supervisor task ([`supervisor`]) owned by the manager;
+//! the manager only records what the supervisor reports and forwards
+//! requests to the connected agent.
+
+pub mod accel;
+pub mod backend;
+pub mod console;
+pub mod layout;
+pub mod process;
+pub mod qemu;
+mod supervisor;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use airlock_proto::{Operation, Reply};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{AgentClient, AgentError};
+use crate::config::Config;
+use crate::image::ExpectedAgent;
+use backend::{BackendInfo, VmBackend};
+
+/// What a VM is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmKind {
+    /// Runs a user's AI coding CLI.
+    Cli,
+    /// Runs the throwaway login browser.
+    Browser,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Launched; its agent has not said hello yet.
+    Booting,
+    /// Its agent is connected and serving.
+    Ready,
+    /// It cannot be used; `error` says why. Its logs are kept.
+    Failed,
+    /// Stopped on request.
+    Stopped,
+}
+
+/// Boot milestones, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timings {
+    /// API request to VMM process started (host clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_to_vmm_ms: Option<u64>,
+    /// VMM started to the agent's init marker on the console (host clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_to_init_ms: Option<u64>,
+    /// Kernel uptime when the agent started (guest clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_uptime_at_init_ms: Option<u64>,
+    /// Agent start to hello sent (guest clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_to_hello_ms: Option<u64>,
+    /// Hello received to ready event received (host clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_to_ready_ms: Option<u64>,
+    /// API request to ready (host clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_to_ready_ms: Option<u64>,
+}
+
+/// The public description of a VM.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmView {
+    /// Its id.
+    pub id: String,
+    /// What it is for.
+    pub kind: VmKind,
+    /// Where it is in its life.
+    pub state: VmState,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The agent's version, once it said hello.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// The agent's build id, once it said hello.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_build_id: Option<String>,
+    /// Memory (MiB).
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// `kvm` or `tcg` (QEMU backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// Pid of the VMM process while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_pid: Option<u32>,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Boot milestones.
+    pub timings: Timings,
+    /// Directory with the kept console and agent logs of a failed VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs_dir: Option<String>,
+}
+
+/// A VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// No VM has that id.
+    #[error("no VM with id {0:?}")]
+    NotFound(String),
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Too many VMs exist.
+    #[error("at most {0} VMs may exist at once; delete one first")]
+    Capacity(usize),
+    /// The VM cannot take requests in its state.
+    #[error("VM {id} is {state:?}, not ready")]
+    NotReady {
+        /// The VM.
+        id: String,
+        /// Its state.
+        state: VmState,
+    },
+    /// The agent failed the request.
+    #[error("VM {id}: {source}")]
+    Agent {
+        /// The VM.
+        id: String,
+        /// Cause.
+        #[source]
+        source: AgentError,
+    },
+    /// airlockd is shutting down.
+    #[error("airlockd is shutting down")]
+    ShuttingDown,
+}
+
+/// A request to create a VM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateVm {
+    /// What it is for.
+    pub kind: VmKind,
+    /// Memory (MiB); the configured default when absent.
+    pub memory_mib: Option<u32>,
+    /// vCPUs; the configured default when absent.
+    pub vcpus: Option<u32>,
+}
+
+/// One VM as the manager tracks it.
+#[derive(Debug)]
+struct VmHandle {
+    view: watch::Sender<VmView>,
+    agent: Mutex<Option<AgentClient>>,
+    stop: CancellationToken,
+    finished: CancellationToken,
+}
+
+impl VmHandle {
+    fn agent(&self) -> Option<AgentClient> {
+        self.agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_agent(&self, client: Option<AgentClient>) {
+        *self.agent.lock().unwrap_or_else(PoisonError::into_inner) = client;
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<Config>,
+    backend: Arc<dyn VmBackend>,
+    expected: Arc<ExpectedAgent>,
+    vms: Mutex<BTreeMap<String, Arc<VmHandle>>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Creates, tracks and stops VMs.
+#[derive(Debug, Clone)]
+pub struct VmManager {
+    inner: Arc<Inner>,
+}
+
+impl VmManager {
+    /// A manager launching VMs through `backend`.
+    pub fn new(config: Arc<Config>, backend: Arc<dyn VmBackend>, expected: ExpectedAgent) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                backend,
+                expected: Arc::new(expected),
+                vms: Mutex::default(),
+                tracker: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    fn vms(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<VmHandle>>> {
+        self.inner
+            .vms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn handle(&self, id: &str) -> Result<Arc<VmHandle>, VmError> {
+        self.vms()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound(id.to_string()))
+    }
+
+    /// Facts about the backend (for `/health`).
+    pub fn backend_info(&self) -> BackendInfo {
+        self.inner.backend.info()
+    }
+
+    /// Starts a VM; it boots in the background (state `booting`).
+    pub fn create(&self, req: CreateVm) -> Result<VmView, VmError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(VmError::ShuttingDown);
+        }
+        let cfg = &self.inner.config.vm;
+        let memory_mib = req.memory_mib.unwrap_or(cfg.default_memory_mib);
+        let vcpus = req.vcpus.unwrap_or(cfg.default_vcpus);
+        if !(64..=cfg.max_memory_mib).contains(&memory_mib) {
+            return Err(VmError::Invalid(format!(
+                "memoryMib must be between 64 and {}",
+                cfg.max_memory_mib
+            )));
+        }
+        if !(1..=cfg.max_vcpus).contains(&vcpus) {
+            return Err(VmError::Invalid(format!(
+                "vcpus must be between 1 and {}",
+                cfg.max_vcpus
+            )));
+        }
+        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let view = VmView {
+            id: id.clone(),
+            kind: req.kind,
+            state: VmState::Booting,
+            error: None,
+            agent_version: None,
+            agent_build_id: None,
+            memory_mib,
+            vcpus,
+            accel: None,
+            vmm_pid: None,
+            created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            timings: Timings::default(),
+            logs_dir: None,
+        };
+        let handle = Arc::new(VmHandle {
+            view: watch::channel(view.clone()).0,
+            agent: Mutex::default(),
+            stop: self.inner.shutdown.child_token(),
+            finished: CancellationToken::new(),
+        });
+        {
+            let mut vms = self.vms();
+            if vms.len() >= cfg.max_vms {
+                return Err(VmError::Capacity(cfg.max_vms));
+            }
+            vms.insert(id.clone(), handle.clone());
+        }
+        tracing::info!(vm_id = %id, kind = ?req.kind, memory_mib, vcpus, "creating VM");
+        let sv = supervisor::Supervisor::new(self.inner.clone(), handle, Instant::now());
+        self.inner.tracker.spawn(sv.run());
+        Ok(view)
+    }
+
+    /// All VMs, oldest id first.
+    pub fn list(&self) -> Vec<VmView> {
+        self.vms()
+            .values()
+            .map(|h| h.view.borrow().clone())
+            .collect()
+    }
+
+    /// One VM.
+    pub fn get(&self, id: &str) -> Result<VmView, VmError> {
+        Ok(self.handle(id)?.view.borrow().clone())
+    }
+
+    /// Waits up to `timeout` for the VM to leave `booting`, then returns it.
+    pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<VmView, VmError> {
+        let mut rx = self.handle(id)?.view.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| v.state != VmState::Booting)).await;
+        let view = rx.borrow().clone();
+        Ok(view)
+    }
+
+    /// Stops the VM, removes its files and forgets it; returns its last view.
+    pub async fn delete(&self, id: &str) -> Result<VmView, VmError> {
+        let handle = self.handle(id)?;
+        handle.stop.cancel();
+        handle.finished.cancelled().await;
+        self.vms().remove(id);
+        let view = handle.view.borrow().clone();
+        tracing::info!(vm_id = %id, state = ?view.state, "VM deleted");
+        Ok(view)
+    }
+
+    /// Sends an operation to the VM's agent.
+    pub async fn call(&self, id: &str, op: Operation, timeout: Duration) -> Result<Reply, VmError> {
+        let handle = self.handle(id)?;
+        let state = handle.view.borrow().state;
+        let agent = match (state, handle.agent()) {
+            (VmState::Ready, Some(agent)) => agent,
+            (VmState::Ready, None) => {
+                return Err(VmError::Agent {
+                    id: id.to_string(),
+                    source: AgentError::Disconnected,
+                })
+            }
+            (state, _) => {
+                return Err(VmError::NotReady {
+                    id: id.to_string(),
+                    state,
+                })
+            }
+        };
+        agent
+            .call(op, timeout)
+            .await
+            .map_err(|source| VmError::Agent {
+                id: id.to_string(),
+                source,
+            })
+    }
+
+    /// Stops every VM and waits for all supervisors to finish.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+        let n = std::mem::take(&mut *self.vms()).len();
+        tracing::info!(vms = n, "all VMs stopped");
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+}

@@ -1,0 +1,313 @@
+//! The QEMU backend: one `vhost-device-vsock` and one QEMU per VM.
+//!
+//! vhost-device-vsock speaks Firecracker's hybrid vsock protocol on the host
+//! side (guest port P arrives as a connection to `<uds>_P`), so the agent
+//! channel is the same as under Firecracker. QEMU shares guest memory with
+//! it through a memfd, boots the kernel and initramfs directly, and writes
+//! the serial console to a socket airlockd already listens on. Used by the
+//! VM supervisor through [`super::backend::VmBackend`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use inotify::{Inotify, WatchMask};
+use tokio::net::UnixListener;
+use tokio::process::Command;
+use tokio::sync::OnceCell;
+
+use super::accel::{self, Accel, AccelDecision, ProbeInputs};
+use super::backend::{
+    file_tail, BackendError, BackendInfo, BoxFuture, LaunchSpec, RunningVm, VmBackend, VmProcess,
+};
+use super::console::Console;
+use crate::config::{QemuConfig, VmConfig};
+
+/// How long vhost-device-vsock gets to create its socket.
+const VHOST_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs VMs under QEMU.
+#[derive(Debug)]
+pub struct QemuBackend {
+    qemu: QemuConfig,
+    vm: VmConfig,
+    state_dir: PathBuf,
+    accel: Arc<OnceCell<AccelDecision>>,
+}
+
+impl QemuBackend {
+    /// A backend with the given settings; acceleration is decided on first
+    /// use (or by [`QemuBackend::detect_accel`]).
+    pub fn new(qemu: QemuConfig, vm: VmConfig, state_dir: PathBuf) -> Self {
+        Self {
+            qemu,
+            vm,
+            state_dir,
+            accel: Arc::default(),
+        }
+    }
+
+    /// Decides KVM or TCG now (probing if configured `auto`); idempotent.
+    pub async fn detect_accel(&self) -> AccelDecision {
+        self.accel
+            .get_or_init(|| async {
+                let inputs = ProbeInputs {
+                    qemu: &self.qemu,
+                    kernel: &self.vm.kernel,
+                    initramfs: &self.vm.initramfs,
+                    cache_file: self.state_dir.join("accel-probe.json"),
+                };
+                let d = accel::decide(&inputs).await;
+                tracing::info!(accel = d.accel.as_str(), reason = %d.reason, "acceleration chosen");
+                d
+            })
+            .await
+            .clone()
+    }
+
+    fn check_inputs(&self) -> Result<(), BackendError> {
+        for (what, path) in [
+            ("kernel", &self.vm.kernel),
+            ("initramfs", &self.vm.initramfs),
+        ] {
+            if !path.is_file() {
+                return Err(BackendError::Missing {
+                    what,
+                    path: path.display().to_string(),
+                    hint: "build the image with `make image` or fix vm.kernel / vm.initramfs",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn launch_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
+        self.check_inputs()?;
+        let accel = self.detect_accel().await.accel;
+        let dir = &spec.dir;
+        let console = Console::create(&dir.file("console.log"), self.vm.console_max_bytes)
+            .map_err(|source| BackendError::Io {
+                context: "create console.log".into(),
+                source,
+            })?;
+        let console_listener =
+            UnixListener::bind(dir.console_socket()).map_err(|source| BackendError::Io {
+                context: "bind the console socket".into(),
+                source,
+            })?;
+        let mut vm = RunningVm::new(console.clone(), Some(accel.as_str().into()));
+        {
+            let (tracker, cancel) = vm.io();
+            console.serve(console_listener, tracker, cancel);
+        }
+        let vhost = self.start_vhost(spec).await?;
+        let vhost_pid = vhost.id().unwrap_or_default();
+        let args = qemu_args(&self.qemu, &self.vm, spec, accel);
+        let qemu = spawn_logged(&self.qemu.binary, &args, &dir.file("vmm.log"))?;
+        let qemu_pid = qemu.id().unwrap_or_default();
+        vm.processes.push(VmProcess {
+            name: "qemu",
+            child: qemu,
+        });
+        vm.processes.push(VmProcess {
+            name: "vhost-device-vsock",
+            child: vhost,
+        });
+        dir.record_pids(&[("qemu", qemu_pid), ("vhost", vhost_pid)])?;
+        Ok(vm)
+    }
+
+    async fn start_vhost(&self, spec: &LaunchSpec) -> Result<tokio::process::Child, BackendError> {
+        let dir = &spec.dir;
+        let socket = dir.vhost_socket();
+        // Watch before spawning, so the socket's creation cannot be missed.
+        let watch = Inotify::init()
+            .and_then(|i| {
+                i.watches()
+                    .add(dir.root(), WatchMask::CREATE | WatchMask::MOVED_TO)
+                    .map(|_| i)
+            })
+            .map_err(|source| BackendError::Io {
+                context: "watch the VM directory".into(),
+                source,
+            })?;
+        let args: Vec<OsString> = vec![
+            "--guest-cid".into(),
+            "3".into(),
+            "--socket".into(),
+            socket.clone().into(),
+            "--uds-path".into(),
+            dir.vsock_uds().into(),
+        ];
+        let program = &self.qemu.vhost_vsock_binary;
+        let mut child = spawn_logged(program, &args, &dir.file("vhost.log"))?;
+        let mut events =
+            watch
+                .into_event_stream(vec![0u8; 4096])
+                .map_err(|source| BackendError::Io {
+                    context: "watch the VM directory".into(),
+                    source,
+                })?;
+        let wait_socket = async {
+            while !socket.exists() {
+                if events.next().await.is_none() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(VHOST_READY_TIMEOUT, wait_socket) => match r {
+                Ok(()) if socket.exists() => Ok(child),
+                _ => Err(BackendError::NotReady {
+                    program: program.display().to_string(),
+                    what: socket.display().to_string(),
+                    waited: VHOST_READY_TIMEOUT,
+                }),
+            },
+            status = child.wait() => Err(BackendError::EarlyExit {
+                program: program.display().to_string(),
+                status: status.map(super::backend::describe_status).unwrap_or_else(|e| e.to_string()),
+                log_tail: file_tail(&dir.file("vhost.log"), 5),
+            }),
+        }
+    }
+}
+
+impl VmBackend for QemuBackend {
+    fn launch<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+    ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
+        Box::pin(self.launch_inner(spec))
+    }
+
+    fn info(&self) -> BackendInfo {
+        let d = self.accel.get();
+        BackendInfo {
+            backend: "qemu",
+            accel: Some(
+                d.map(|d| d.accel.as_str().to_string())
+                    .unwrap_or_else(|| "detecting".into()),
+            ),
+            accel_reason: d.map(|d| d.reason.clone()),
+        }
+    }
+}
+
+/// Spawns `program` with stdout and stderr appended to `log`.
+fn spawn_logged(
+    program: &Path,
+    args: &[OsString],
+    log: &Path,
+) -> Result<tokio::process::Child, BackendError> {
+    let io_err = |source| BackendError::Io {
+        context: format!("create {}", log.display()),
+        source,
+    };
+    let out = std::fs::File::create(log).map_err(io_err)?;
+    let err = out.try_clone().map_err(io_err)?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| BackendError::Spawn {
+            program: program.display().to_string(),
+            source,
+        })
+}
+
+/// QEMU's command line for one VM.
+pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel) -> Vec<OsString> {
+    let dir = &spec.dir;
+    let mem = spec.memory_mib;
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-name", &format!("airlock-{}", spec.vm_id)]);
+    push(&["-M", &format!("{},memory-backend=mem", q.machine)]);
+    push(&["-accel", accel.as_str(), "-cpu", &q.cpu]);
+    push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
+    // vhost-user devices need guest memory the backend process can map.
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=vhost,path={}", dir.vhost_socket().display()),
+    ]);
+    push(&["-device", "vhost-user-vsock-pci,chardev=vhost"]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=console,path={}", dir.console_socket().display()),
+    ]);
+    push(&["-serial", "chardev:console"]);
+    if let Some(fw) = &q.firmware {
+        push(&["-bios", &fw.display().to_string()]);
+    }
+    push(&[
+        "-kernel",
+        &vm.kernel.display().to_string(),
+        "-initrd",
+        &vm.initramfs.display().to_string(),
+    ]);
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet airlock.port={} {}",
+        spec.agent_port, q.extra_append
+    );
+    args.push("-append".into());
+    args.push(append.trim_end().into());
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::layout::VmDir;
+
+    #[test]
+    fn command_line_has_vsock_console_and_port() {
+        let run = tempfile::tempdir().unwrap();
+        let spec = LaunchSpec {
+            vm_id: "vm-x".into(),
+            dir: VmDir::create(run.path(), "vm-x").unwrap(),
+            memory_mib: 256,
+            vcpus: 2,
+            agent_port: 1024,
+        };
+        let q = QemuConfig {
+            extra_append: "airlock.port=9".into(),
+            ..QemuConfig::default()
+        };
+        let args: Vec<String> = qemu_args(&q, &VmConfig::default(), &spec, Accel::Tcg)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
+        assert!(joined.contains("vhost-user-vsock-pci"));
+        assert!(joined.contains("-smp 2"));
+        assert!(joined.contains("-initrd /var/lib/airlock/image/initramfs.cpio.gz"));
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        // extra_append comes last so that it overrides airlock's own words.
+        assert!(
+            append.ends_with("airlock.port=1024 airlock.port=9"),
+            "{append}"
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! The life of one VM, run as one task per VM by [`super::VmManager`]:
+//! bind the agent socket, launch, wait for the hello (or the VMM's exit, or
+//! the boot deadline, whichever comes first), serve until stopped or
+//! broken, then tear everything down. A failed VM's logs are kept and its
+//! error carries the console's last lines.
+
+use std::future::pending;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_proto::{GuestConfig, Operation};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::backend::{LaunchSpec, RunningVm};
+use super::layout::{prune_failed, VmDir};
+use super::{Inner, VmHandle, VmState, VmView};
+use crate::agent::guestlog::GuestLog;
+use crate::agent::handshake::{Accepted, HandshakeConfig};
+use crate::agent::listener::{spawn_acceptor, AgentEvent};
+
+/// How a VM's life ended.
+#[derive(Debug)]
+enum Outcome {
+    /// Stopped on request (DELETE or daemon shutdown).
+    Stopped,
+    /// Broken; the reason goes into the VM's error.
+    Failed(String),
+}
+
+/// Grace for helper processes (vhost-device-vsock) after SIGTERM.
+const HELPER_GRACE: Duration = Duration::from_millis(500);
+
+/// Runs one VM from launch to teardown.
+pub(super) struct Supervisor {
+    inner: Arc<Inner>,
+    handle: Arc<VmHandle>,
+    requested: Instant,
+    id: String,
+    /// The acceptor and agent connection tasks of this VM.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Supervisor {
+    pub(super) fn new(inner: Arc<Inner>, handle: Arc<VmHandle>, requested: Instant) -> Self {
+        let id = handle.view.borrow().id.clone();
+        Self {
+            inner,
+            handle,
+            requested,
+            id,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut VmView)) {
+        self.handle.view.send_modify(f);
+    }
+
+    pub(super) async fn run(self) {
+        let dir = match VmDir::create(&self.inner.config.paths.run_dir, &self.id) {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.update(|v| {
+                    v.state = VmState::Failed;
+                    v.error = Some(format!("cannot create the VM directory: {e}"));
+                });
+                self.handle.finished.cancel();
+                return;
+            }
+        };
+        let (outcome, vm) = self.boot_and_serve(&dir).await;
+        self.teardown(outcome, vm, &dir).await;
+        self.handle.finished.cancel();
+    }
+
+    fn handshake_config(&self) -> HandshakeConfig {
+        let vm = &self.inner.config.vm;
+        HandshakeConfig {
+            vm_id: self.id.clone(),
+            expected: self.inner.expected.clone(),
+            max_frame: vm.max_frame_bytes,
+            hello_timeout: Duration::from_millis(vm.hello_timeout_ms),
+            ready_timeout: Duration::from_millis(vm.ready_timeout_ms),
+            guest: GuestConfig {
+                heartbeat_interval_ms: vm.heartbeat_interval_ms,
+                log_level: vm.guest_log_level.clone(),
+                hostname: Some(self.id.clone()),
+            },
+        }
+    }
+
+    async fn boot_and_serve(&self, dir: &VmDir) -> (Outcome, Option<RunningVm>) {
+        let cfg = &self.inner.config.vm;
+        let log = match GuestLog::create(
+            &dir.file("agent.log"),
+            &self.id,
+            cfg.agent_log_max_bytes,
+            cfg.guest_log_rate_per_sec,
+        ) {
+            Ok(log) => Arc::new(log),
+            Err(e) => {
+                return (
+                    Outcome::Failed(format!("cannot create agent.log: {e}")),
+                    None,
+                )
+            }
+        };
+        // Listen before the VM starts: the agent dials as soon as it runs.
+        let listener = match UnixListener::bind(dir.agent_listener(cfg.agent_port)) {
+            Ok(l) => l,
+            Err(e) => {
+                return (
+                    Outcome::Failed(format!("cannot listen for the agent: {e}")),
+                    None,
+                )
+            }
+        };
+        let (tx, mut events) = mpsc::channel(4);
+        spawn_acceptor(
+            listener,
+            Arc::new(self.handshake_config()),
+            log,
+            tx,
+            &self.tasks,
+            self.cancel.clone(),
+        );
+        let spec = LaunchSpec {
+            vm_id: self.id.clone(),
+            dir: dir.clone(),
+            memory_mib: self.handle.view.borrow().memory_mib,
+            vcpus: self.handle.view.borrow().vcpus,
+            agent_port: cfg.agent_port,
+        };
+        let mut vm = tokio::select! {
+            r = self.inner.backend.launch(&spec) => match r {
+                Ok(vm) => vm,
+                Err(e) => return (Outcome::Failed(format!("cannot start the VM: {e}")), None),
+            },
+            _ = self.handle.stop.cancelled() => return (Outcome::Stopped, None),
+        };
+        let vmm_started = Instant::now();
+        self.update(|v| {
+            v.vmm_pid = vm.vmm_pid();
+            v.accel = vm.accel.clone();
+            v.timings.request_to_vmm_ms = Some(ms(vmm_started - self.requested));
+        });
+        let outcome = match self.boot(&mut vm, &mut events, vmm_started).await {
+            Ok(()) => self.serve(&mut vm, &mut events).await,
+            Err(outcome) => outcome,
+        };
+        (outcome, Some(vm))
+    }
+
+    async fn boot(
+        &self,
+        vm: &mut RunningVm,
+        events: &mut mpsc::Receiver<AgentEvent>,
+        vmm_started: Instant,
+    ) -> Result<(), Outcome> {
+        let timeout = Duration::from_millis(self.inner.config.vm.boot_timeout_ms);
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(AgentEvent::Connected(acc)) => {
+                    self.ready(*acc, vm, vmm_started);
+                    Ok(())
+                }
+                Some(AgentEvent::Refused(reason)) => Err(Outcome::Failed(reason)),
+                None => Err(Outcome::Failed("the agent listener stopped".into())),
+            },
+            exit = vm.wait_exit() => Err(Outcome::Failed(format!("the VM stopped before its agent said hello: {exit}"))),
+            _ = &mut deadline => Err(Outcome::Failed(format!(
+                "the agent did not say hello within {timeout:?} of the VM starting (is it dialling port {}?)",
+                self.inner.config.vm.agent_port
+            ))),
+            _ = self.handle.stop.cancelled() => Err(Outcome::Stopped),
+        }
+    }
+
+    fn ready(&self, acc: Accepted, vm: &RunningVm, vmm_started: Instant) {
+        let h = &acc.hello;
+        let init_at = vm.console.init_at();
+        self.handle.set_agent(Some(acc.client.clone()));
+        self.update(|v| {
+            v.state = VmState::Ready;
+            v.agent_version = Some(h.agent_version.clone());
+            v.agent_build_id = Some(h.build_id.clone());
+            let t = &mut v.timings;
+            t.vmm_to_init_ms = init_at.map(|i| ms(i.saturating_duration_since(vmm_started)));
+            t.guest_uptime_at_init_ms = Some(h.uptime_at_start_ms);
+            t.init_to_hello_ms = Some(h.uptime_at_hello_ms - h.uptime_at_start_ms);
+            t.hello_to_ready_ms = Some(ms(acc.ready_at - acc.hello_at));
+            t.request_to_ready_ms = Some(ms(acc.ready_at - self.requested));
+        });
+        let t = self.handle.view.borrow().timings.clone();
+        tracing::info!(vm_id = %self.id, agent = %h.agent_version, request_to_ready_ms = ?t.request_to_ready_ms, "VM ready");
+    }
+
+    async fn serve(&self, vm: &mut RunningVm, events: &mut mpsc::Receiver<AgentEvent>) -> Outcome {
+        let reconnect = Duration::from_millis(self.inner.config.vm.reconnect_timeout_ms);
+        let mut lost: Option<Pin<Box<Sleep>>> = None;
+        loop {
+            let agent = self.handle.agent();
+            tokio::select! {
+                exit = vm.wait_exit() => return Outcome::Failed(format!("the VM stopped unexpectedly: {exit}")),
+                _ = async { match &agent { Some(a) => a.closed().await, None => pending().await } } => {
+                    self.handle.set_agent(None);
+                    lost = Some(Box::pin(tokio::time::sleep(reconnect)));
+                    tracing::warn!(vm_id = %self.id, "agent connection lost; waiting for the agent to dial again");
+                }
+                _ = async { match lost.as_mut() { Some(s) => s.await, None => pending().await } } => {
+                    return Outcome::Failed(format!("the agent disconnected and did not reconnect within {reconnect:?}"));
+                }
+                ev = events.recv() => match ev {
+                    Some(AgentEvent::Connected(acc)) => {
+                        if let Some(old) = agent {
+                            old.close();
+                        }
+                        tracing::info!(vm_id = %self.id, seq = acc.hello.connection_seq, "agent reconnected");
+                        self.handle.set_agent(Some(acc.client));
+                        lost = None;
+                    }
+                    Some(AgentEvent::Refused(reason)) => return Outcome::Failed(reason),
+                    None => return Outcome::Failed("the agent listener stopped".into()),
+                },
+                _ = self.handle.stop.cancelled() => return Outcome::Stopped,
+            }
+        }
+    }
+
+    async fn teardown(&self, outcome: Outcome, vm: Option<RunningVm>, dir: &VmDir) {
+        let agent = self.handle.agent();
+        self.handle.set_agent(None);
+        let mut tail = String::new();
+        if let Some(mut vm) = vm {
+            if let (Outcome::Stopped, Some(agent)) = (&outcome, &agent) {
+                // Let the guest power off cleanly (sync disks); kill it if not.
+                let grace = Duration::from_millis(self.inner.config.vm.stop_grace_ms);
+                let _ = agent.call(Operation::Shutdown, grace).await;
+                vm.wait_vmm(grace).await;
+            }
+            vm.stop(HELPER_GRACE).await;
+            tail = vm
+                .console
+                .tail_lines(self.inner.config.vm.console_tail_lines);
+        }
+        if let Some(agent) = agent {
+            agent.close();
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        match outcome {
+            Outcome::Stopped => self.update(|v| {
+                v.state = VmState::Stopped;
+                v.vmm_pid = None;
+            }),
+            Outcome::Failed(reason) => self.fail(&reason, &tail, dir),
+        }
+        if let Err(e) = dir.remove() {
+            tracing::warn!(vm_id = %self.id, error = %e, "cannot remove the VM directory");
+        }
+    }
+
+    fn fail(&self, reason: &str, tail: &str, dir: &VmDir) {
+        let error = if tail.is_empty() {
+            format!("{reason} (the console printed nothing)")
+        } else {
+            format!("{reason}\n--- last console lines ---\n{tail}")
+        };
+        let failed_dir = self.inner.config.paths.state_dir.join("failed-vms");
+        let kept = dir.keep_logs(&failed_dir, &error);
+        if let Err(e) = &kept {
+            tracing::warn!(vm_id = %self.id, error = %e, "cannot keep the logs of a failed VM");
+        }
+        prune_failed(&failed_dir, self.inner.config.vm.failed_logs_keep);
+        tracing::warn!(vm_id = %self.id, reason, "VM failed");
+        self.update(|v| {
+            v.state = VmState::Failed;
+            v.error = Some(error);
+            v.vmm_pid = None;
+            v.logs_dir = kept.ok().map(|p| p.display().to_string());
+        });
+    }
+}
