@@ -1,1 +1,469 @@
+//! Harness for airlock's end-to-end tests and benches.
+//!
+//! It finds the built artifacts (`make build image` puts them in `build/`),
+//! starts a real `airlockd` per test with its own config and directories in
+//! a temp dir, talks to its HTTP API, and cleans up even when a test fails:
+//! dropping a [`Daemon`] sends SIGTERM (airlockd then tears its VMs down),
+//! kills anything still naming the test's directory, and, when the test is
+//! panicking, prints airlockd's log and every VM's console tail.
+//!
+//! Nothing here sleeps to synchronise: it waits for airlockd's "listening"
+//! line, for process exit, or long-polls the API, always with a deadline.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub mod fake_guest;
+pub mod stats;
+
+/// Paths of the artifacts `make build image` produces.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// `build/` in the checkout (or `$AIRLOCK_BUILD_DIR`).
+    pub build_dir: PathBuf,
+    /// The static agent.
+    pub guest_bin: PathBuf,
+    /// The static airlockd.
+    pub airlockd_bin: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Test initramfs.
+    pub initramfs: PathBuf,
+    /// The image script (for variants such as a stale agent).
+    pub image_script: PathBuf,
+    /// The checkout.
+    pub repo: PathBuf,
+}
+
+/// Locates the artifacts; fails with the command that builds them.
+pub fn artifacts() -> Result<Artifacts> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("repo root")?
+        .to_path_buf();
+    let build_dir = std::env::var_os("AIRLOCK_BUILD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("build"));
+    let a = Artifacts {
+        guest_bin: build_dir.join("bin/airlock-guest"),
+        airlockd_bin: build_dir.join("bin/airlockd"),
+        kernel: build_dir.join("image/vmlinuz"),
+        initramfs: build_dir.join("image/initramfs.cpio.gz"),
+        image_script: repo.join("image/build-initramfs.sh"),
+        build_dir,
+        repo,
+    };
+    for p in [&a.guest_bin, &a.airlockd_bin, &a.kernel, &a.initramfs] {
+        if !p.exists() {
+            bail!(
+                "{} is missing: run `make build image` (or `make test`) first",
+                p.display()
+            );
+        }
+    }
+    Ok(a)
+}
+
+/// Settings of one airlockd: TOML sections of raw key = value literals.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    sections: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Settings {
+    /// Defaults for tests: the given backend, quick timeouts, TCG.
+    pub fn new(backend: &str) -> Self {
+        Self::default()
+            .set("vm", "backend", &format!("{backend:?}"))
+            .set("server", "listen", "\"127.0.0.1:0\"")
+            .set("qemu", "accel", "\"tcg\"")
+            .set("vm", "boot_timeout_ms", "60000")
+    }
+
+    /// Sets `key = value` in `[section]`; `value` is a TOML literal.
+    pub fn set(mut self, section: &str, key: &str, value: &str) -> Self {
+        self.sections
+            .entry(section.into())
+            .or_default()
+            .insert(key.into(), value.into());
+        self
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (section, keys) in &self.sections {
+            out.push_str(&format!("[{section}]\n"));
+            for (k, v) in keys {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// A running airlockd and its temp directory.
+#[derive(Debug)]
+pub struct Daemon {
+    pid: i32,
+    exited: mpsc::Receiver<ExitStatus>,
+    exit: Option<ExitStatus>,
+    /// `http://127.0.0.1:PORT` (or https).
+    pub base: String,
+    /// The temp dir holding config, run and state dirs.
+    pub dir: tempfile::TempDir,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    log: PathBuf,
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+impl Daemon {
+    /// Starts airlockd with `settings` (paths filled in from the
+    /// artifacts unless set) and waits for it to listen.
+    pub async fn start(settings: Settings) -> Result<Self> {
+        Self::start_with(settings, reqwest::Client::builder()).await
+    }
+
+    /// As [`Daemon::start`], with a custom HTTP client (TLS roots).
+    pub async fn start_with(settings: Settings, client: reqwest::ClientBuilder) -> Result<Self> {
+        let a = artifacts()?;
+        let dir = tempfile::Builder::new().prefix("al").tempdir_in("/tmp")?;
+        let mut settings = settings
+            .set("paths", "run_dir", &toml_path(&dir.path().join("run")))
+            .set("paths", "state_dir", &toml_path(&dir.path().join("state")));
+        for (key, path) in [
+            ("kernel", &a.kernel),
+            ("initramfs", &a.initramfs),
+            ("agent_binary", &a.guest_bin),
+        ] {
+            if !settings
+                .sections
+                .get("vm")
+                .is_some_and(|s| s.contains_key(key))
+            {
+                settings = settings.set("vm", key, &toml_path(path));
+            }
+        }
+        let config = dir.path().join("airlockd.toml");
+        std::fs::write(&config, settings.render())?;
+        let log = dir.path().join("airlockd.log");
+        let mut child = Command::new(&a.airlockd_bin)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "airlock_host=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("start {}", a.airlockd_bin.display()))?;
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = line_tx.send(line);
+            }
+        });
+        let (exit_tx, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = exit_tx.send(status);
+            }
+        });
+        let mut daemon = Self {
+            pid,
+            exited,
+            exit: None,
+            base: String::new(),
+            dir,
+            http: client.build()?,
+            log,
+        };
+        let first =
+            tokio::task::spawn_blocking(move || line_rx.recv_timeout(Duration::from_secs(30)))
+                .await?;
+        let line = first
+            .map_err(|_| anyhow!("airlockd did not start listening:\n{}", daemon.log_tail(40)))?;
+        daemon.base = line
+            .strip_prefix("airlockd listening on ")
+            .ok_or_else(|| anyhow!("unexpected first line from airlockd: {line}"))?
+            .to_string();
+        Ok(daemon)
+    }
+
+    /// airlockd's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends a request and returns the status and JSON body (or the body
+    /// as a JSON string when it is not JSON).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, value))
+    }
+
+    /// `POST /api/vms` expecting 201; returns the VM id.
+    pub async fn create_vm(&self, body: Value) -> Result<String> {
+        let (status, v) = self
+            .request(reqwest::Method::POST, "/api/vms", Some(body))
+            .await?;
+        if status != 201 {
+            bail!("create VM: {status} {v}");
+        }
+        Ok(v["id"].as_str().context("id")?.to_string())
+    }
+
+    /// Long-polls until the VM is in one of `states` (comma-separated, or
+    /// `settled`); returns its view then.
+    pub async fn wait_state(&self, id: &str, states: &str, timeout: Duration) -> Result<Value> {
+        let path = format!(
+            "/api/vms/{id}?wait={states}&timeoutMs={}",
+            timeout.as_millis()
+        );
+        let (status, v) = self.request(reqwest::Method::GET, &path, None).await?;
+        if status != 200 {
+            bail!("wait for {id}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// Creates a VM and waits for it to be ready; fails with its error.
+    pub async fn ready_vm(&self, body: Value) -> Result<Value> {
+        let id = self.create_vm(body).await?;
+        let v = self
+            .wait_state(&id, "settled", Duration::from_secs(120))
+            .await?;
+        if v["state"] != "ready" {
+            bail!(
+                "VM {id} is {} instead of ready: {}",
+                v["state"],
+                v["error"].as_str().unwrap_or("")
+            );
+        }
+        Ok(v)
+    }
+
+    /// Runs a command in a VM, expecting 200.
+    pub async fn exec(&self, id: &str, argv: &[&str]) -> Result<Value> {
+        let body = serde_json::json!({ "argv": argv, "timeoutMs": 20000 });
+        let (status, v) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/vms/{id}/exec"),
+                Some(body),
+            )
+            .await?;
+        if status != 200 {
+            bail!("exec {argv:?} in {id}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// `DELETE /api/vms/:id`, expecting 200.
+    pub async fn delete_vm(&self, id: &str) -> Result<Value> {
+        let (status, v) = self
+            .request(reqwest::Method::DELETE, &format!("/api/vms/{id}"), None)
+            .await?;
+        if status != 200 {
+            bail!("delete {id}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// airlockd's `run_dir`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// airlockd's `state_dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Processes other than airlockd whose command line names this test's
+    /// directory (VMMs, device helpers, agents).
+    pub fn leftover_processes(&self) -> Vec<String> {
+        processes_naming(self.dir.path(), Some(self.pid))
+    }
+
+    /// Entries left in `run_dir/vms`.
+    pub fn leftover_vm_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.run_dir().join("vms"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The last `n` lines of airlockd's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
+    }
+
+    /// Sends SIGTERM and waits (up to 60 s) for airlockd to exit.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.exit {
+            return Ok(s);
+        }
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
+        let status = self
+            .exited
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow!("airlockd did not exit within 60 s of SIGTERM"))?;
+        self.exit = Some(status);
+        Ok(status)
+    }
+
+    /// Prints airlockd's log and the console tail of every VM (running or
+    /// failed), for a failing test.
+    pub fn print_diagnostics(&self) {
+        eprintln!(
+            "==== airlockd log (last 60 lines) ====\n{}",
+            self.log_tail(60)
+        );
+        for dir in [
+            self.run_dir().join("vms"),
+            self.state_dir().join("failed-vms"),
+        ] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let console = entry.path().join("console.log");
+                if let Ok(text) = std::fs::read(&console) {
+                    eprintln!(
+                        "==== console of {} (last 30 lines) ====\n{}",
+                        entry.path().display(),
+                        tail(&String::from_utf8_lossy(&text), 30)
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_diagnostics();
+        }
+        if self.terminate().is_err() {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+        // Backstop: nothing of this test may outlive it.
+        for line in processes_naming(self.dir.path(), None) {
+            if let Some(pid) = line.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs a test body against a fresh airlockd. When the body fails (an
+/// error or a panic) airlockd's log and the VMs' consoles are printed; in
+/// every case the daemon and its VMs are torn down.
+pub async fn with_daemon(
+    settings: Settings,
+    body: impl AsyncFnOnce(&mut Daemon) -> Result<()>,
+) -> Result<()> {
+    let mut d = Daemon::start(settings).await?;
+    let result = body(&mut d).await;
+    if result.is_err() {
+        d.print_diagnostics();
+    }
+    result
+}
+
+/// `pid cmdline` of every process whose command line contains `needle`.
+pub fn processes_naming(needle: &Path, except: Option<i32>) -> Vec<String> {
+    let needle = needle.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if Some(pid) == except || pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(&needle) {
+            found.push(format!("{pid} {cmd}"));
+        }
+    }
+    found
+}
+
+/// Last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Builds an initramfs whose agent has a different GNU build id than the
+/// current build (as an image built from older agent code would); returns
+/// its path.
+pub fn stale_image(out: &Path) -> Result<PathBuf> {
+    let a = artifacts()?;
+    let mut bytes = std::fs::read(&a.guest_bin)?;
+    let id = airlock_proto::elf::gnu_build_id(&bytes)?;
+    let raw: Vec<u8> = (0..id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&id[i..i + 2], 16))
+        .collect::<Result<_, _>>()?;
+    let at = bytes
+        .windows(raw.len())
+        .position(|w| w == raw)
+        .context("build id bytes not found")?;
+    for b in &mut bytes[at..at + raw.len()] {
+        *b ^= 0xff;
+    }
+    let agent = out.join("stale-agent");
+    std::fs::write(&agent, &bytes)?;
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let status = Command::new(&a.image_script)
+        .args([
+            "--agent",
+            agent.to_str().context("path")?,
+            "--out",
+            out.to_str().context("path")?,
+            "--name",
+            "stale",
+        ])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("image script failed: {status}");
+    }
+    Ok(out.join("stale.cpio.gz"))
+}

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::vm::{CreateVm, VmView};
+use crate::vm::{CreateVm, VmState, VmView};
 
 /// Longest a `GET /api/vms/:id?wait=settled` may block.
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -55,32 +55,47 @@ pub async fn list(State(app): State<AppState>) -> Json<VmList> {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GetQuery {
-    /// `settled`: block until the VM is no longer booting.
+    /// Block until the VM is in one of these comma-separated states
+    /// (`booting`, `ready`, `failed`, `stopped`); `settled` means any state
+    /// but `booting`.
     wait: Option<String>,
-    /// Longest block (ms; default and maximum 300000).
+    /// Longest block (ms; default and maximum 300000). The VM is returned
+    /// as it is when the time is up.
     timeout_ms: Option<u64>,
 }
 
-/// `GET /api/vms/:id[?wait=settled&timeoutMs=N]`
+fn parse_states(list: &str) -> Result<Vec<VmState>, ApiError> {
+    if list == "settled" {
+        return Ok(vec![VmState::Ready, VmState::Failed, VmState::Stopped]);
+    }
+    list.split(',')
+        .map(|s| {
+            serde_json::from_value(serde_json::Value::String(s.trim().to_string())).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "wait: {s:?} is not a state (booting, ready, failed, stopped, or settled)"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `GET /api/vms/:id[?wait=settled|STATE,...&timeoutMs=N]`: a long-poll,
+/// so clients need not poll.
 pub async fn get(
     State(app): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<GetQuery>,
 ) -> ApiResult<Json<VmView>> {
-    match q.wait.as_deref() {
-        None => Ok(Json(app.vms.get(&id)?)),
-        Some("settled") => {
-            let timeout = q
-                .timeout_ms
-                .map(Duration::from_millis)
-                .unwrap_or(MAX_WAIT)
-                .min(MAX_WAIT);
-            Ok(Json(app.vms.wait_settled(&id, timeout).await?))
-        }
-        Some(other) => Err(ApiError::bad_request(format!(
-            "wait={other:?} is not supported; use wait=settled"
-        ))),
-    }
+    let Some(wait) = q.wait.as_deref() else {
+        return Ok(Json(app.vms.get(&id)?));
+    };
+    let states = parse_states(wait)?;
+    let timeout = q
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(MAX_WAIT)
+        .min(MAX_WAIT);
+    Ok(Json(app.vms.wait_for(&id, &states, timeout).await?))
 }
 
 /// `DELETE /api/vms/:id`

@@ -188,8 +188,7 @@ async fn probe(inputs: &ProbeInputs<'_>) -> AccelDecision {
     let _ = child.wait().await;
     let why = stderr
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
+        .rfind(|l| !l.trim().is_empty())
         .unwrap_or("no error output")
         .to_string();
     match found {

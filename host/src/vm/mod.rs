@@ -163,21 +163,19 @@ pub struct CreateVm {
 #[derive(Debug)]
 struct VmHandle {
     view: watch::Sender<VmView>,
-    agent: Mutex<Option<AgentClient>>,
+    /// The connected agent; `None` while booting or reconnecting.
+    agent: watch::Sender<Option<AgentClient>>,
     stop: CancellationToken,
     finished: CancellationToken,
 }
 
 impl VmHandle {
     fn agent(&self) -> Option<AgentClient> {
-        self.agent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.agent.borrow().clone()
     }
 
     fn set_agent(&self, client: Option<AgentClient>) {
-        *self.agent.lock().unwrap_or_else(PoisonError::into_inner) = client;
+        self.agent.send_replace(client);
     }
 }
 
@@ -269,7 +267,7 @@ impl VmManager {
         };
         let handle = Arc::new(VmHandle {
             view: watch::channel(view.clone()).0,
-            agent: Mutex::default(),
+            agent: watch::channel(None).0,
             stop: self.inner.shutdown.child_token(),
             finished: CancellationToken::new(),
         });
@@ -299,10 +297,16 @@ impl VmManager {
         Ok(self.handle(id)?.view.borrow().clone())
     }
 
-    /// Waits up to `timeout` for the VM to leave `booting`, then returns it.
-    pub async fn wait_settled(&self, id: &str, timeout: Duration) -> Result<VmView, VmError> {
+    /// Waits up to `timeout` for the VM to reach one of `states`, then
+    /// returns it (in whatever state it is by then).
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        states: &[VmState],
+        timeout: Duration,
+    ) -> Result<VmView, VmError> {
         let mut rx = self.handle(id)?.view.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| v.state != VmState::Booting)).await;
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| states.contains(&v.state))).await;
         let view = rx.borrow().clone();
         Ok(view)
     }
@@ -322,21 +326,23 @@ impl VmManager {
     pub async fn call(&self, id: &str, op: Operation, timeout: Duration) -> Result<Reply, VmError> {
         let handle = self.handle(id)?;
         let state = handle.view.borrow().state;
-        let agent = match (state, handle.agent()) {
-            (VmState::Ready, Some(agent)) => agent,
-            (VmState::Ready, None) => {
-                return Err(VmError::Agent {
-                    id: id.to_string(),
-                    source: AgentError::Disconnected,
-                })
-            }
-            (state, _) => {
-                return Err(VmError::NotReady {
-                    id: id.to_string(),
-                    state,
-                })
-            }
+        if state != VmState::Ready {
+            return Err(VmError::NotReady {
+                id: id.to_string(),
+                state,
+            });
+        }
+        // While the agent reconnects (a dropped connection, a guest that
+        // re-dials) the request waits for it instead of failing at once.
+        let mut agent_rx = handle.agent.subscribe();
+        let agent = match tokio::time::timeout(timeout, agent_rx.wait_for(|a| a.is_some())).await {
+            Ok(Ok(a)) => a.clone(),
+            _ => None,
         };
+        let agent = agent.ok_or(VmError::Agent {
+            id: id.to_string(),
+            source: AgentError::Disconnected,
+        })?;
         agent
             .call(op, timeout)
             .await

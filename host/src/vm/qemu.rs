@@ -26,6 +26,15 @@ use super::backend::{
 use super::console::Console;
 use crate::config::{QemuConfig, VmConfig};
 
+/// Kernel parameters that shorten boot by about 0.4 s under TCG (measured:
+/// kernel uptime at /init 2.36 s -> 1.95 s) without weakening the guest:
+/// skip the crypto self-tests and the PS/2 and extra UART probes, trust the
+/// CPU's RNG for early entropy (QEMU backs RDRAND with the host's), no soft
+/// lockup watchdog (a slow TCG vCPU trips it). CPU vulnerability
+/// mitigations stay on: browser VMs run untrusted pages.
+const BOOT_SPEEDUPS: &str =
+    "cryptomgr.notests i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 random.trust_cpu=on nowatchdog";
+
 /// How long vhost-device-vsock gets to create its socket.
 const VHOST_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -266,7 +275,7 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
         &vm.initramfs.display().to_string(),
     ]);
     let append = format!(
-        "console=ttyS0 panic=-1 quiet airlock.port={} {}",
+        "console=ttyS0 panic=-1 quiet {BOOT_SPEEDUPS} airlock.port={} {}",
         spec.agent_port, q.extra_append
     );
     args.push("-append".into());

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything airlock needs on Debian 12, and only what is missing:
+# Debian packages, the musl Rust target, and vhost-device-vsock. Run by
+# `make setup` (and so by `make run`, `make test`, `make bench`); quick
+# when everything is already there.
+#
+# usage: scripts/setup.sh [bench]     (bench: also Node.js for the comparison)
+set -euo pipefail
+
+VHOST_VSOCK_VERSION=0.3.0
+packages=(
+    qemu-system-x86          # the VMM (and qemu-system-data: qboot.rom)
+    linux-image-cloud-amd64  # the guest kernel and its virtio/vsock modules
+    busybox-static           # commands inside the test initramfs
+    musl-tools               # C toolchain for the static musl builds (ring)
+    cpio gzip xz-utils zstd  # the initramfs script
+    file                     # tests check static linking with it
+    systemd                  # systemd-analyze verifies the units
+    gcc make curl ca-certificates pkg-config
+)
+[ "${1:-}" = bench ] && packages+=(nodejs)
+
+sudo_if_needed() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+    echo "setup: adding the x86_64-unknown-linux-musl target"
+    rustup target add x86_64-unknown-linux-musl
+fi
+if ! vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_VSOCK_VERSION"; then
+    echo "setup: installing vhost-device-vsock $VHOST_VSOCK_VERSION"
+    cargo install --locked --version "$VHOST_VSOCK_VERSION" vhost-device-vsock
+fi

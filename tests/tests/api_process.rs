@@ -1,0 +1,307 @@
+//! API behaviour that does not need a microVM, exercised with the process
+//! backend: the real static agent runs as a host process and speaks the
+//! same protocol over the same `<uds>_<port>` socket. Errors, limits, TLS,
+//! exec deadlines and output caps, and the agent dying under a VM.
+
+use std::time::Duration;
+
+use airlock_tests::{with_daemon, Daemon, Settings};
+use anyhow::{Context, Result};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn process() -> Settings {
+    Settings::new("process")
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_are_json_with_a_message_a_person_can_act_on() -> Result<()> {
+    with_daemon(process().set("vm", "max_vms", "1"), async |d| {
+        let cases: Vec<(Method, &str, Option<Value>, u16, &str)> = vec![
+            (Method::GET, "/api/vms/vm-nope", None, 404, "no VM with id"),
+            (
+                Method::GET,
+                "/no/such/route",
+                None,
+                404,
+                "no route for /no/such/route",
+            ),
+            (
+                Method::POST,
+                "/api/vms",
+                Some(json!({"kind": "toaster"})),
+                422,
+                "unknown variant `toaster`",
+            ),
+            (
+                Method::POST,
+                "/api/vms",
+                Some(json!({"kind": "cli", "memoryMib": 1})),
+                400,
+                "memoryMib must be between 64",
+            ),
+            (
+                Method::POST,
+                "/api/vms",
+                Some(json!({"kind": "cli", "vcpus": 99})),
+                400,
+                "vcpus must be between 1",
+            ),
+            (
+                Method::POST,
+                "/api/vms",
+                Some(json!({"kind": "cli", "colour": "red"})),
+                422,
+                "unknown field `colour`",
+            ),
+            (Method::PATCH, "/api/vms", None, 405, "method not allowed"),
+            (
+                Method::GET,
+                "/api/vms/x?wait=soon",
+                None,
+                400,
+                "not a state",
+            ),
+        ];
+        for (method, path, body, status, needle) in cases {
+            let (got, v) = d.request(method.clone(), path, body).await?;
+            assert_eq!(got, status, "{method} {path}: {v}");
+            assert!(str_of(&v, "error").contains(needle), "{method} {path}: {v}");
+        }
+        let raw = d
+            .http
+            .post(format!("{}/api/vms", d.base))
+            .header("content-type", "application/json")
+            .body("{not json")
+            .send()
+            .await?;
+        assert_eq!(raw.status(), 400);
+        let v: Value = raw.json().await?;
+        assert!(
+            str_of(&v, "error").contains("Failed to parse the request body as JSON"),
+            "{v}"
+        );
+
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let id = str_of(&vm, "id");
+        let (status, v) = d
+            .request(Method::POST, "/api/vms", Some(json!({"kind": "cli"})))
+            .await?;
+        assert_eq!(status, 503);
+        assert!(str_of(&v, "error").contains("at most 1 VMs"), "{v}");
+        let (status, v) = d
+            .request(
+                Method::POST,
+                &format!("/api/vms/{id}/exec"),
+                Some(json!({"argv": []})),
+            )
+            .await?;
+        assert_eq!(status, 400);
+        assert!(str_of(&v, "error").contains("must name a program"), "{v}");
+        let (status, v) = d
+            .request(
+                Method::POST,
+                &format!("/api/vms/{id}/exec"),
+                Some(json!({"argv": ["/no/such/tool"]})),
+            )
+            .await?;
+        assert_eq!(status, 404, "{v}");
+        assert!(
+            str_of(&v, "error").contains("cannot start \"/no/such/tool\""),
+            "{v}"
+        );
+        let (status, v) = d
+            .request(
+                Method::GET,
+                &format!("/api/vms/{id}/files?path=relative"),
+                None,
+            )
+            .await?;
+        assert_eq!(status, 400);
+        assert!(str_of(&v, "error").contains("absolute path"), "{v}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_as_a_host_process_serves_the_same_protocol() -> Result<()> {
+    with_daemon(process(), async |d| {
+        let vm = d.ready_vm(json!({"kind": "browser"})).await?;
+        let id = str_of(&vm, "id");
+        assert!(vm["timings"]["requestToReadyMs"].is_u64());
+        let out = d
+            .exec(id, &["sh", "-c", "echo out; echo err >&2; exit 7"])
+            .await?;
+        assert_eq!(
+            (
+                out["exitCode"].as_i64(),
+                str_of(&out, "stdout"),
+                str_of(&out, "stderr")
+            ),
+            (Some(7), "out\n", "err\n")
+        );
+
+        let path = d.dir.path().join("written.txt");
+        let url = format!(
+            "{}/api/vms/{id}/files?path={}&mode=640",
+            d.base,
+            path.display()
+        );
+        let put = d.http.put(&url).body("hello").send().await?;
+        assert_eq!(put.status(), 200);
+        assert_eq!(std::fs::read_to_string(&path)?, "hello");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path)?.permissions().mode() & 0o777,
+            0o640
+        );
+
+        let (status, report) = d
+            .request(Method::GET, &format!("/api/vms/{id}/status"), None)
+            .await?;
+        assert_eq!(status, 200, "{report}");
+        assert!(report["agentRssKib"].as_u64().unwrap_or(0) > 0, "{report}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_enforces_the_deadline_and_the_output_cap() -> Result<()> {
+    with_daemon(process(), async |d| {
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let exec = format!("/api/vms/{}/exec", str_of(&vm, "id"));
+        let (status, v) = d
+            .request(
+                Method::POST,
+                &exec,
+                Some(json!({"argv": ["sleep", "30"], "timeoutMs": 300})),
+            )
+            .await?;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            (v["timedOut"].as_bool(), v["signal"].as_i64()),
+            (Some(true), Some(9)),
+            "{v}"
+        );
+        assert!(v["durationMs"].as_u64().context("duration")? < 5000, "{v}");
+
+        let body = json!({"argv": ["head", "-c", "5000", "/dev/zero"], "maxOutputBytes": 100});
+        let (_, v) = d.request(Method::POST, &exec, Some(body)).await?;
+        assert_eq!(str_of(&v, "stdout").len(), 100, "{v}");
+        assert_eq!(v["stdoutDroppedBytes"], 4900);
+
+        let (status, v) = d
+            .request(
+                Method::POST,
+                &exec,
+                Some(json!({"argv": ["true"], "maxOutputBytes": 99_999_999})),
+            )
+            .await?;
+        assert_eq!(status, 400, "{v}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_agent_process_fails_the_vm_with_its_output() -> Result<()> {
+    with_daemon(process(), async |d| {
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let id = str_of(&vm, "id");
+        let pid = vm["vmmPid"].as_i64().context("pid")? as i32;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let v = d.wait_state(id, "failed", Duration::from_secs(10)).await?;
+        let error = str_of(&v, "error");
+        assert!(
+            error.contains("agent exited (killed by SIGKILL)"),
+            "{error}"
+        );
+        assert!(
+            error.contains("connected to host"),
+            "its output is the console: {error}"
+        );
+        let (status, _) = d
+            .request(
+                Method::POST,
+                &format!("/api/vms/{id}/exec"),
+                Some(json!({"argv": ["true"]})),
+            )
+            .await?;
+        assert_eq!(status, 409, "a failed VM takes no requests");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_id_mismatch_is_refused_at_the_hello() -> Result<()> {
+    with_daemon(
+        process().set("vm", "expected_build_id", "\"00ff00ff\""),
+        async |d| {
+            let id = d.create_vm(json!({"kind": "cli"})).await?;
+            let v = d
+                .wait_state(&id, "settled", Duration::from_secs(30))
+                .await?;
+            assert_eq!(v["state"], "failed");
+            let error = str_of(&v, "error");
+            assert!(
+                error.contains("stale image") && error.contains("expects build 00ff00ff"),
+                "{error}"
+            );
+            assert!(
+                error.contains("host refused this agent"),
+                "the agent was told why: {error}"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serves_https_with_the_configured_certificate() -> Result<()> {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let dir = tempfile::tempdir()?;
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem())?;
+    std::fs::write(&key_path, cert.key_pair.serialize_pem())?;
+    let settings = process()
+        .set(
+            "server",
+            "tls_cert",
+            &format!("{:?}", cert_path.display().to_string()),
+        )
+        .set(
+            "server",
+            "tls_key",
+            &format!("{:?}", key_path.display().to_string()),
+        );
+    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes())?;
+    let d = Daemon::start_with(
+        settings,
+        reqwest::Client::builder()
+            .add_root_certificate(root)
+            .https_only(true),
+    )
+    .await?;
+    assert!(d.base.starts_with("https://"), "{}", d.base);
+    let (status, v) = d.request(Method::GET, "/health", None).await?;
+    assert_eq!((status, str_of(&v, "status")), (200, "ok"));
+    // Plain HTTP to the TLS port is not served.
+    let plain = reqwest::Client::new()
+        .get(d.base.replace("https://", "http://") + "/health")
+        .send()
+        .await;
+    assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
+    Ok(())
+}
