@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
@@ -134,11 +133,11 @@ pub fn setup_console() -> Result<(), InitError> {
         .write(true)
         .open("/dev/console")
     {
-        for fd in 0..=2 {
-            // dup2 onto the standard descriptors; the console File is
-            // dropped afterwards, the duplicates stay open.
-            let _ = nix::unistd::dup2(console.as_raw_fd(), fd);
-        }
+        // Duplicates onto 0, 1 and 2; the console File itself is dropped
+        // afterwards, the duplicates stay open.
+        let _ = nix::unistd::dup2_stdin(&console);
+        let _ = nix::unistd::dup2_stdout(&console);
+        let _ = nix::unistd::dup2_stderr(&console);
     }
     Ok(())
 }

@@ -91,7 +91,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             config.vm.console_max_bytes,
         )),
     };
-    let vms = VmManager::new(config.clone(), backend, expected);
+    let vms = VmManager::new(config.clone(), backend, expected, shutdown.child_token());
     let app = router(
         AppState {
             vms: vms.clone(),
@@ -108,8 +108,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!(%addr, backend = ?config.vm.backend, "airlockd ready");
     // A stable line on stdout that scripts and tests wait for.
     println!("airlockd listening on {}://{addr}", server.scheme());
+    // On SIGTERM the VMs start tearing down while requests drain.
     server.run(app, shutdown.clone()).await;
-    tracing::info!("stopping: tearing down VMs");
+    tracing::info!("stopping: waiting for VM teardown");
     vms.shutdown().await;
     background.close();
     background.wait().await;

@@ -243,6 +243,33 @@ async fn a_dead_agent_process_fails_the_vm_with_its_output() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_hung_agent_is_noticed_by_its_silence_and_the_vm_fails() -> Result<()> {
+    let settings = process().set("vm", "heartbeat_interval_ms", "200").set(
+        "vm",
+        "reconnect_timeout_ms",
+        "1500",
+    );
+    with_daemon(settings, async |d| {
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let id = str_of(&vm, "id");
+        let pid = nix::unistd::Pid::from_raw(vm["vmmPid"].as_i64().context("pid")? as i32);
+        // Alive but frozen: its socket stays open, its heartbeats stop.
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+        let v = d.wait_state(id, "failed", Duration::from_secs(20)).await?;
+        assert_eq!(v["state"], "failed", "{v}");
+        assert!(
+            str_of(&v, "error").contains("did not reconnect within 1.5s"),
+            "{v}"
+        );
+        let log =
+            std::fs::read_to_string(std::path::Path::new(str_of(&v, "logsDir")).join("agent.log"))?;
+        assert!(log.contains("not even a heartbeat"), "{log}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_build_id_mismatch_is_refused_at_the_hello() -> Result<()> {
     with_daemon(
         process().set("vm", "expected_build_id", "\"00ff00ff\""),

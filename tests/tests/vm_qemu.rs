@@ -109,6 +109,34 @@ async fn boots_a_vm_runs_uname_and_round_trips_a_file() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn acceleration_is_chosen_by_a_probe_boot_not_assumed() -> Result<()> {
+    with_daemon(qemu().set("qemu", "accel", "\"auto\""), async |d| {
+        // The first VM waits for the probe's verdict.
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let (_, health) = d.request(Method::GET, "/health", None).await?;
+        let accel = str_of(&health, "accel");
+        assert!(accel == "kvm" || accel == "tcg", "{health}");
+        assert_eq!(
+            vm["accel"], accel,
+            "the VM runs with the chosen acceleration"
+        );
+        let reason = str_of(&health, "accelReason");
+        if std::path::Path::new("/dev/kvm").exists() {
+            // Here /dev/kvm exists, so only a probe boot may decide.
+            assert!(reason.contains("probe VM"), "{reason}");
+            assert!(
+                d.state_dir().join("accel-probe.json").exists(),
+                "the verdict is cached"
+            );
+        } else {
+            assert!(reason.contains("/dev/kvm is not usable"), "{reason}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn serves_on_a_baseline_cpu_without_sse42_or_avx() -> Result<()> {
     // The old system's Node.js died on exactly such vCPUs.
     let cpu = "\"qemu64,-sse4.1,-sse4.2,-ssse3,-popcnt,-avx,-avx2\"";

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use airlock_proto::limits::MAX_EXEC_OUTPUT_BYTES;
 use airlock_proto::{
@@ -49,7 +49,6 @@ struct Inner {
     next_id: AtomicU64,
     closed: CancellationToken,
     hello: Hello,
-    last_heartbeat: Mutex<Option<Instant>>,
 }
 
 /// A connected agent; clones share the connection.
@@ -63,7 +62,10 @@ type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>;
 
 impl AgentClient {
     /// Starts the connection's tasks on `tracker`; they end when the
-    /// connection fails or `closed` is cancelled.
+    /// connection fails, `closed` is cancelled, or (with `silence_limit`)
+    /// the agent sends nothing, not even a heartbeat, for that long: a hung
+    /// agent with its socket still open is then noticed and the VM waits for
+    /// it to dial again.
     pub(crate) fn start(
         reader: Reader,
         writer: Writer,
@@ -71,6 +73,7 @@ impl AgentClient {
         log: Arc<GuestLog>,
         tracker: &TaskTracker,
         closed: CancellationToken,
+        silence_limit: Option<Duration>,
     ) -> Self {
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let inner = Arc::new(Inner {
@@ -79,25 +82,15 @@ impl AgentClient {
             next_id: AtomicU64::new(1),
             closed,
             hello,
-            last_heartbeat: Mutex::default(),
         });
         tracker.spawn(write_loop(writer, rx, inner.closed.clone()));
-        tracker.spawn(read_loop(reader, inner.clone(), log));
+        tracker.spawn(read_loop(reader, inner.clone(), log, silence_limit));
         Self { inner }
     }
 
     /// What the agent said in its hello.
     pub fn hello(&self) -> &Hello {
         &self.inner.hello
-    }
-
-    /// When the last heartbeat arrived.
-    pub fn last_heartbeat(&self) -> Option<Instant> {
-        *self
-            .inner
-            .last_heartbeat
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Resolves when the connection has ended.
@@ -173,11 +166,26 @@ async fn write_loop(
     closed.cancel();
 }
 
-async fn read_loop(mut reader: Reader, inner: Arc<Inner>, log: Arc<GuestLog>) {
+async fn read_loop(
+    mut reader: Reader,
+    inner: Arc<Inner>,
+    log: Arc<GuestLog>,
+    silence_limit: Option<Duration>,
+) {
     let why = loop {
+        let silence = async {
+            match silence_limit {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             _ = inner.closed.cancelled() => break None,
             f = reader.next() => f,
+            _ = silence => break Some(format!(
+                "dropped the agent connection: nothing from the agent for {:?}, not even a heartbeat",
+                silence_limit.unwrap_or_default()
+            )),
         };
         let payload = match next {
             None => break Some("the agent closed the connection".to_string()),
@@ -229,12 +237,8 @@ fn handle(inner: &Inner, log: &GuestLog, msg: GuestMessage) -> Result<(), String
             line.validate().map_err(|e| e.to_string())?;
             log.line(&line);
         }
-        GuestMessage::Event(Event::Heartbeat(_)) => {
-            *inner
-                .last_heartbeat
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-        }
+        // Any frame resets the silence deadline; heartbeats exist for that.
+        GuestMessage::Event(Event::Heartbeat(_)) => {}
         GuestMessage::Event(Event::ProcessExit(p)) => {
             log.note(&format!(
                 "guest process {} exited (code {:?}, signal {:?})",

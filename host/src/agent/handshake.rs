@@ -37,6 +37,8 @@ pub struct HandshakeConfig {
     pub ready_timeout: Duration,
     /// Config sent in the welcome.
     pub guest: GuestConfig,
+    /// A connection silent for this long (no heartbeat) is dropped.
+    pub silence_limit: Option<Duration>,
 }
 
 /// An agent that completed the handshake.
@@ -142,6 +144,7 @@ pub async fn handshake(
         log,
         tracker,
         cancel.child_token(),
+        cfg.silence_limit,
     );
     Ok(Accepted {
         client,

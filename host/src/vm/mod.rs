@@ -196,8 +196,15 @@ pub struct VmManager {
 }
 
 impl VmManager {
-    /// A manager launching VMs through `backend`.
-    pub fn new(config: Arc<Config>, backend: Arc<dyn VmBackend>, expected: ExpectedAgent) -> Self {
+    /// A manager launching VMs through `backend`. Cancelling `shutdown`
+    /// starts tearing every VM down and ends long-polls; [`VmManager::shutdown`]
+    /// then waits for the teardown to finish.
+    pub fn new(
+        config: Arc<Config>,
+        backend: Arc<dyn VmBackend>,
+        expected: ExpectedAgent,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -205,7 +212,7 @@ impl VmManager {
                 expected: Arc::new(expected),
                 vms: Mutex::default(),
                 tracker: TaskTracker::new(),
-                shutdown: CancellationToken::new(),
+                shutdown,
             }),
         }
     }
@@ -306,7 +313,11 @@ impl VmManager {
         timeout: Duration,
     ) -> Result<VmView, VmError> {
         let mut rx = self.handle(id)?.view.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|v| states.contains(&v.state))).await;
+        // Shutdown ends the wait early so it cannot hold up the drain.
+        tokio::select! {
+            _ = tokio::time::timeout(timeout, rx.wait_for(|v| states.contains(&v.state))) => {}
+            _ = self.inner.shutdown.cancelled() => {}
+        }
         let view = rx.borrow().clone();
         Ok(view)
     }

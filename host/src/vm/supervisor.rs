@@ -92,6 +92,9 @@ impl Supervisor {
             max_frame: vm.max_frame_bytes,
             hello_timeout: Duration::from_millis(vm.hello_timeout_ms),
             ready_timeout: Duration::from_millis(vm.ready_timeout_ms),
+            // Four missed heartbeats: generous for a vCPU starved under TCG.
+            silence_limit: (vm.heartbeat_interval_ms > 0)
+                .then(|| Duration::from_millis(vm.heartbeat_interval_ms * 4)),
             guest: GuestConfig {
                 heartbeat_interval_ms: vm.heartbeat_interval_ms,
                 log_level: vm.guest_log_level.clone(),
@@ -130,7 +133,7 @@ impl Supervisor {
         spawn_acceptor(
             listener,
             Arc::new(self.handshake_config()),
-            log,
+            log.clone(),
             tx,
             &self.tasks,
             self.cancel.clone(),
@@ -156,7 +159,7 @@ impl Supervisor {
             v.timings.request_to_vmm_ms = Some(ms(vmm_started - self.requested));
         });
         let outcome = match self.boot(&mut vm, &mut events, vmm_started).await {
-            Ok(()) => self.serve(&mut vm, &mut events).await,
+            Ok(()) => self.serve(&mut vm, &mut events, &log).await,
             Err(outcome) => outcome,
         };
         (outcome, Some(vm))
@@ -208,7 +211,15 @@ impl Supervisor {
         tracing::info!(vm_id = %self.id, agent = %h.agent_version, request_to_ready_ms = ?t.request_to_ready_ms, "VM ready");
     }
 
-    async fn serve(&self, vm: &mut RunningVm, events: &mut mpsc::Receiver<AgentEvent>) -> Outcome {
+    /// Serves until the VM breaks or is stopped. Connection losses and
+    /// reconnections are guest-triggered, so they go to the rate-limited
+    /// agent log rather than straight into airlockd's.
+    async fn serve(
+        &self,
+        vm: &mut RunningVm,
+        events: &mut mpsc::Receiver<AgentEvent>,
+        log: &GuestLog,
+    ) -> Outcome {
         let reconnect = Duration::from_millis(self.inner.config.vm.reconnect_timeout_ms);
         let mut lost: Option<Pin<Box<Sleep>>> = None;
         loop {
@@ -218,7 +229,7 @@ impl Supervisor {
                 _ = async { match &agent { Some(a) => a.closed().await, None => pending().await } } => {
                     self.handle.set_agent(None);
                     lost = Some(Box::pin(tokio::time::sleep(reconnect)));
-                    tracing::warn!(vm_id = %self.id, "agent connection lost; waiting for the agent to dial again");
+                    log.note("agent connection lost; waiting for the agent to dial again");
                 }
                 _ = async { match lost.as_mut() { Some(s) => s.await, None => pending().await } } => {
                     return Outcome::Failed(format!("the agent disconnected and did not reconnect within {reconnect:?}"));
@@ -228,7 +239,7 @@ impl Supervisor {
                         if let Some(old) = agent {
                             old.close();
                         }
-                        tracing::info!(vm_id = %self.id, seq = acc.hello.connection_seq, "agent reconnected");
+                        log.note(&format!("agent reconnected (connection {})", acc.hello.connection_seq));
                         self.handle.set_agent(Some(acc.client));
                         lost = None;
                     }
