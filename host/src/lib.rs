@@ -13,5 +13,6 @@ pub mod config;
 pub mod daemon;
 pub mod image;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod vm;

@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 pub mod fake_guest;
+pub mod postgres;
 pub mod stats;
 
 /// Paths of the artifacts `make build image` produces.

@@ -1,0 +1,1 @@
+//! Encrypted credential store (placeholder, being written).
