@@ -21,9 +21,10 @@ setup:
 	@scripts/setup.sh
 
 build: setup
-	cargo build --release --locked --target $(MUSL) -p airlock-guest -p airlock-host
+	cargo build --profile guest --locked --target $(MUSL) -p airlock-guest
+	cargo build --release --locked --target $(MUSL) -p airlock-host
 	@mkdir -p $(BUILD)/bin
-	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlock-guest $(BUILD)/bin/airlock-guest
+	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/guest/airlock-guest $(BUILD)/bin/airlock-guest
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlockd $(BUILD)/bin/airlockd
 
 image: build

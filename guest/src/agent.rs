@@ -1,18 +1,23 @@
 //! The agent's state shared by its connections: identity for the hello,
-//! the reaper, forwarded logs, and the operations it performs. Built by
-//! [`crate::run`], used by [`crate::channel`].
+//! the reaper, the browser role and its logins, forwarded logs and events,
+//! and the operations it performs. Built by [`crate::run`], used by
+//! [`crate::channel`].
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use airlock_proto::{
     capability, AgentMode, ErrorCode, ErrorReply, Event, GuestConfig, GuestMessage, Hello,
-    LogLevel, Operation, ProcessExit, Reply, StatusReport, PROTOCOL_VERSION,
+    LogLevel, Operation, Reply, StatusReport, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::browser::BrowserRole;
 use crate::logging::{parse_level, LogReceiver};
+use crate::login::{LoginCtx, Logins};
 use crate::process::Reaper;
 use crate::sysinfo;
 
@@ -24,36 +29,80 @@ pub struct Agent {
     boot_id: String,
     started_uptime_ms: u64,
     reaper: Reaper,
+    browser: Arc<BrowserRole>,
+    logins: Logins,
     /// Handed to each connection's log forwarder and taken back after.
     logs: Mutex<Option<LogReceiver>>,
-    orphans: Mutex<Option<mpsc::Receiver<ProcessExit>>>,
-    dropped_logs: Arc<std::sync::atomic::AtomicU64>,
+    /// Events for the host (process exits, logins, credentials, browser
+    /// state); handed to each connection like the logs.
+    events: Mutex<Option<mpsc::Receiver<Event>>>,
+    unsent: Mutex<VecDeque<Event>>,
+    dropped_logs: Arc<AtomicU64>,
     forward_level: AtomicU8,
     /// Cancelled when the agent should stop (shutdown request or signal).
     pub shutdown: CancellationToken,
 }
 
+/// Where the agent keeps runtime files (Chromium's profile, login homes):
+/// tmpfs in a VM; `/dev/shm` (tmpfs too) as a host process.
+pub fn state_dir(mode: AgentMode) -> PathBuf {
+    match mode {
+        AgentMode::Pid1 | AgentMode::Service => PathBuf::from("/run/airlock/agent"),
+        AgentMode::Process if Path::new("/dev/shm").is_dir() => {
+            PathBuf::from(format!("/dev/shm/airlock-agent-{}", std::process::id()))
+        }
+        AgentMode::Process => {
+            std::env::temp_dir().join(format!("airlock-agent-{}", std::process::id()))
+        }
+    }
+}
+
+/// What [`Agent::new`] needs.
+#[derive(Debug)]
+pub struct AgentParts {
+    /// How the agent runs.
+    pub mode: AgentMode,
+    /// Kernel uptime when `main` began.
+    pub started_uptime_ms: u64,
+    /// The reaper.
+    pub reaper: Reaper,
+    /// Forwarded log lines.
+    pub logs: LogReceiver,
+    /// Sender and receiver of events for the host.
+    pub events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+    /// The agent's shutdown token.
+    pub shutdown: CancellationToken,
+}
+
 impl Agent {
-    /// Assembles the agent; `started_uptime_ms` is when `main` began.
-    pub fn new(
-        mode: AgentMode,
-        started_uptime_ms: u64,
-        reaper: Reaper,
-        logs: LogReceiver,
-        orphans: mpsc::Receiver<ProcessExit>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// Assembles the agent.
+    pub fn new(p: AgentParts) -> Self {
+        let state = state_dir(p.mode);
+        let browser = Arc::new(BrowserRole::new(
+            p.reaper.clone(),
+            p.events.0.clone(),
+            state.clone(),
+        ));
+        let logins = Logins::new(LoginCtx {
+            reaper: p.reaper.clone(),
+            browser: browser.clone(),
+            events: p.events.0,
+            state_dir: state,
+        });
         Self {
-            mode,
+            mode: p.mode,
             build_id: sysinfo::own_build_id(),
             boot_id: sysinfo::boot_id(),
-            started_uptime_ms,
-            reaper,
-            dropped_logs: logs.dropped.clone(),
-            logs: Mutex::new(Some(logs)),
-            orphans: Mutex::new(Some(orphans)),
+            started_uptime_ms: p.started_uptime_ms,
+            reaper: p.reaper,
+            browser,
+            logins,
+            dropped_logs: p.logs.dropped.clone(),
+            logs: Mutex::new(Some(p.logs)),
+            events: Mutex::new(Some(p.events.1)),
+            unsent: Mutex::default(),
             forward_level: AtomicU8::new(LogLevel::Info as u8),
-            shutdown,
+            shutdown: p.shutdown,
         }
     }
 
@@ -64,6 +113,14 @@ impl Agent {
 
     /// The hello for connection number `seq`.
     pub fn hello(&self, seq: u32) -> Hello {
+        let caps = [
+            capability::EXEC,
+            capability::FILES,
+            capability::STATUS,
+            capability::SHUTDOWN,
+            capability::LOGS,
+            capability::BROWSER,
+        ];
         Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -73,15 +130,7 @@ impl Agent {
             uptime_at_start_ms: self.started_uptime_ms,
             uptime_at_hello_ms: sysinfo::uptime_ms(),
             connection_seq: seq,
-            capabilities: [
-                capability::EXEC,
-                capability::FILES,
-                capability::STATUS,
-                capability::SHUTDOWN,
-                capability::LOGS,
-            ]
-            .map(String::from)
-            .to_vec(),
+            capabilities: caps.map(String::from).to_vec(),
         }
     }
 
@@ -113,6 +162,32 @@ impl Agent {
                 tracing::info!("shutdown requested by the host");
                 Ok(Reply::ShuttingDown)
             }
+            Operation::StartBrowser(spec) => {
+                self.browser.start(spec).await.map(Reply::BrowserStarted)
+            }
+            Operation::StopBrowser => {
+                self.browser.stop().await;
+                Ok(Reply::Done)
+            }
+            Operation::StartLogin(spec) => self.logins.start(spec).map(|()| Reply::LoginStarted),
+            Operation::CancelLogin { session_id } => match self.logins.cancel(&session_id) {
+                true => Ok(Reply::Done),
+                false => Err(ErrorReply::new(
+                    ErrorCode::NotFound,
+                    format!("no login {session_id} is running"),
+                )),
+            },
+            Operation::Input(batch) => self.browser.input(batch).await.map(|()| Reply::Done),
+            Operation::Screenshot => self.browser.screenshot().await.map(Reply::Screenshot),
+        }
+    }
+
+    /// Stops logins and the browser (before the agent exits).
+    pub async fn stop_roles(&self) {
+        self.logins.shutdown().await;
+        self.browser.stop().await;
+        if self.mode == AgentMode::Process {
+            let _ = std::fs::remove_dir_all(state_dir(self.mode));
         }
     }
 
@@ -160,14 +235,16 @@ impl Agent {
         *self.logs.lock().unwrap_or_else(PoisonError::into_inner) = Some(logs);
     }
 
-    /// Reports exits of processes the agent did not start until `cancel`.
-    pub async fn forward_orphans(
+    /// Forwards events until `cancel`. An event taken from the channel but
+    /// not handed to the connection when it ends waits in `unsent` for the
+    /// next one, so a credential is not lost to a reconnection.
+    pub async fn forward_events(
         self: Arc<Self>,
         outbox: mpsc::Sender<GuestMessage>,
         cancel: CancellationToken,
     ) {
         let Some(mut rx) = self
-            .orphans
+            .events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
@@ -175,18 +252,31 @@ impl Agent {
             return;
         };
         loop {
-            let exit = tokio::select! {
-                e = rx.recv() => match e { Some(e) => e, None => break },
-                _ = cancel.cancelled() => break,
+            let queued = self
+                .unsent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
+            let event = match queued {
+                Some(e) => e,
+                None => tokio::select! {
+                    e = rx.recv() => match e { Some(e) => e, None => break },
+                    _ = cancel.cancelled() => break,
+                },
             };
-            if outbox
-                .try_send(GuestMessage::Event(Event::ProcessExit(exit)))
-                .is_err()
-            {
-                tracing::debug!("outbox full; process exit not reported");
+            let sent = tokio::select! {
+                r = outbox.send(GuestMessage::Event(event.clone())) => r.is_ok(),
+                _ = cancel.cancelled() => false,
+            };
+            if !sent {
+                self.unsent
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push_front(event);
+                break;
             }
         }
-        *self.orphans.lock().unwrap_or_else(PoisonError::into_inner) = Some(rx);
+        *self.events.lock().unwrap_or_else(PoisonError::into_inner) = Some(rx);
     }
 }
 

@@ -173,7 +173,7 @@ impl Connection {
         conn.tasks.spawn(
             agent
                 .clone()
-                .forward_orphans(conn.outbox.clone(), conn.cancel.clone()),
+                .forward_events(conn.outbox.clone(), conn.cancel.clone()),
         );
         conn
     }

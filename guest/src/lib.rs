@@ -7,10 +7,12 @@
 //! reaps orphans and powers the VM off. `main.rs` calls [`main_entry`].
 
 pub mod agent;
+pub mod browser;
 pub mod channel;
 pub mod files;
 pub mod init;
 pub mod logging;
+pub mod login;
 pub mod options;
 pub mod process;
 pub mod sysinfo;
@@ -24,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, AgentParts};
 use crate::channel::{ChannelError, End};
 use crate::logging::LogReceiver;
 use crate::options::Options;
@@ -46,6 +48,10 @@ pub enum AgentError {
 /// Entry point: as PID 1 never returns (powers off); otherwise returns the
 /// process exit code.
 pub fn main_entry() -> ExitCode {
+    // Started as the BROWSER / xdg-open shim of a login: forward and exit.
+    if let Some(code) = login::opener::run_if_shim() {
+        return code;
+    }
     let started_ms = sysinfo::uptime_ms();
     if std::process::id() == 1 {
         init::install_panic_hook();
@@ -119,21 +125,26 @@ async fn serve_forever(
     logs: LogReceiver,
 ) -> Result<(), AgentError> {
     let shutdown = CancellationToken::new();
+    // The reaper outlives the shutdown signal: stopping the browser and
+    // logins still waits for their processes to exit.
+    let reaper_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (orphan_tx, orphan_rx) = mpsc::channel(64);
-    let reaper = process::Reaper::start(&tracker, shutdown.clone(), orphan_tx)
+    let (event_tx, event_rx) = mpsc::channel(256);
+    let reaper = process::Reaper::start(&tracker, reaper_stop.clone(), event_tx.clone())
         .map_err(AgentError::Startup)?;
     watch_signals(&tracker, &shutdown, opts.mode).map_err(AgentError::Startup)?;
-    let agent = Arc::new(Agent::new(
-        opts.mode,
-        started_ms,
+    let agent = Arc::new(Agent::new(AgentParts {
+        mode: opts.mode,
+        started_uptime_ms: started_ms,
         reaper,
         logs,
-        orphan_rx,
-        shutdown.clone(),
-    ));
+        events: (event_tx, event_rx),
+        shutdown: shutdown.clone(),
+    }));
     let result = connect_loop(&agent, opts).await;
     shutdown.cancel();
+    agent.stop_roles().await;
+    reaper_stop.cancel();
     tracker.close();
     tracker.wait().await;
     result

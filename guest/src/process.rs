@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use airlock_proto::{ErrorCode, ErrorReply, ExecRequest, ExecResult, ProcessExit};
+use airlock_proto::{ErrorCode, ErrorReply, Event, ExecRequest, ExecResult, ProcessExit};
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -56,11 +56,11 @@ pub struct Reaper {
 impl Reaper {
     /// Installs the SIGCHLD handler and starts the reaping task on
     /// `tracker`; it stops when `cancel` fires. Exits of processes nobody
-    /// registered go to `orphans` (dropped when that channel is full).
+    /// registered go to `orphans` as events (dropped when it is full).
     pub fn start(
         tracker: &TaskTracker,
         cancel: CancellationToken,
-        orphans: mpsc::Sender<ProcessExit>,
+        orphans: mpsc::Sender<Event>,
     ) -> std::io::Result<Self> {
         let mut sigchld = signal(SignalKind::child())?;
         let reaper = Self {
@@ -82,7 +82,7 @@ impl Reaper {
         Ok(reaper)
     }
 
-    fn reap_all(&self, orphans: &mpsc::Sender<ProcessExit>) {
+    fn reap_all(&self, orphans: &mpsc::Sender<Event>) {
         let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -116,11 +116,11 @@ impl Reaper {
                     let _ = tx.send(info);
                 }
                 None => {
-                    let _ = orphans.try_send(ProcessExit {
+                    let _ = orphans.try_send(Event::ProcessExit(ProcessExit {
                         pid: pid.as_raw(),
                         exit_code: info.exit_code,
                         signal: info.signal,
-                    });
+                    }));
                 }
             }
         }

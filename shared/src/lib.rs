@@ -18,10 +18,12 @@ pub mod b64;
 pub mod elf;
 pub mod frame;
 pub mod limits;
+pub mod login;
 pub mod message;
 pub mod secret;
 
 pub use frame::{FrameDecoder, FrameError};
+pub use login::*;
 pub use message::*;
 pub use secret::SecretBytes;
 

@@ -9,6 +9,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::limits::*;
+use crate::login::{
+    BrowserEvent, BrowserInfo, BrowserSpec, CapturedCredential, InputBatch, LoginEvent, LoginSpec,
+};
 use crate::SecretBytes;
 
 // ---------------------------------------------------------------- envelopes
@@ -88,6 +91,8 @@ pub mod capability {
     pub const SHUTDOWN: &str = "shutdown";
     /// Forwards its own log lines as [`crate::Event::Log`].
     pub const LOGS: &str = "logs";
+    /// Runs Xvfb and Chromium, logins, input and screenshots.
+    pub const BROWSER: &str = "browser";
 }
 
 /// The host's acceptance of an agent.
@@ -147,6 +152,21 @@ pub enum Operation {
     Status,
     /// Stop the VM (PID 1 / service) or the agent (process mode).
     Shutdown,
+    /// Start the virtual display and Chromium.
+    StartBrowser(BrowserSpec),
+    /// Stop Chromium and the display.
+    StopBrowser,
+    /// Run a CLI's login; progress comes as events.
+    StartLogin(LoginSpec),
+    /// Stop a running login (kills the CLI).
+    CancelLogin {
+        /// The session whose login to stop.
+        session_id: String,
+    },
+    /// Inject input into the display.
+    Input(InputBatch),
+    /// Take a PNG of the display.
+    Screenshot,
 }
 
 /// Run `argv` with a deadline and bounded output capture.
@@ -233,6 +253,26 @@ pub enum Reply {
     Status(StatusReport),
     /// Shutdown has begun; the connection will close.
     ShuttingDown,
+    /// The display and Chromium run.
+    BrowserStarted(BrowserInfo),
+    /// The operation was carried out (stop, cancel, input).
+    Done,
+    /// The login runs.
+    LoginStarted,
+    /// A screenshot.
+    Screenshot(Screenshot),
+}
+
+/// A PNG of the display.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Screenshot {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// The PNG (redacted in `Debug`: it may show personal data).
+    pub png: SecretBytes,
 }
 
 /// How a command ended and what it printed.
@@ -343,6 +383,12 @@ pub enum Event {
     Heartbeat(Heartbeat),
     /// A process the agent did not start under `exec` was reaped (PID 1).
     ProcessExit(ProcessExit),
+    /// Progress of a login.
+    Login(LoginEvent),
+    /// The credential a login produced.
+    Credential(CapturedCredential),
+    /// The display or browser changed state.
+    Browser(BrowserEvent),
 }
 
 /// Sent once per connection after the config is applied.

@@ -1,0 +1,176 @@
+//! The DevTools connection to Chromium (chromiumoxide, pinned to the CDP
+//! revision that matches the image's Chromium). It opens URLs in the
+//! browser's one tab, reports main-frame navigations (how a vendor's OAuth
+//! error redirect is noticed), and reads text from a page as soon as an
+//! element appears (how a paste-code flow gets its code). Messages the
+//! crate cannot parse (events newer than its CDP revision) are logged and
+//! skipped: the handler keeps running, so they never break the connection.
+//! Used by [`super::BrowserRole`] and the login session.
+
+use std::time::Duration;
+
+use chromiumoxide::cdp::browser_protocol::page::{EventFrameNavigated, NavigateParams};
+use chromiumoxide::handler::HandlerConfig;
+use chromiumoxide::{Browser, Page};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// A DevTools operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CdpError {
+    /// The connection or a command failed.
+    #[error("DevTools: {0}")]
+    Protocol(String),
+    /// Chromium has no page to show.
+    #[error("Chromium has no open tab")]
+    NoPage,
+}
+
+fn proto<E: std::fmt::Display>(e: E) -> CdpError {
+    CdpError::Protocol(e.to_string())
+}
+
+/// A live DevTools connection and the tab it drives.
+#[derive(Debug)]
+pub struct Cdp {
+    browser: Browser,
+    page: Page,
+    version: String,
+    closed: CancellationToken,
+}
+
+impl Cdp {
+    /// Connects to the browser WebSocket `ws_url` and takes its first tab.
+    /// The connection's handler runs until the socket closes; `closed`
+    /// fires then.
+    pub async fn connect(ws_url: &str) -> Result<Self, CdpError> {
+        let config = HandlerConfig {
+            ignore_invalid_messages: true,
+            // Keep the real window size: no device-metrics emulation.
+            viewport: None,
+            request_timeout: Duration::from_secs(20),
+            ..HandlerConfig::default()
+        };
+        let (mut browser, mut handler) = Browser::connect_with_config(ws_url, config)
+            .await
+            .map_err(proto)?;
+        let closed = CancellationToken::new();
+        let done = closed.clone();
+        // Owned by the connection: the stream ends when the socket closes.
+        tokio::spawn(async move {
+            while let Some(item) = handler.next().await {
+                if let Err(e) = item {
+                    tracing::debug!(error = %e, "DevTools message skipped");
+                }
+            }
+            done.cancel();
+        });
+        let version = browser.version().await.map_err(proto)?.product;
+        let page = first_page(&mut browser).await?;
+        Ok(Self {
+            browser,
+            page,
+            version,
+            closed,
+        })
+    }
+
+    /// Chromium's product string.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Resolves when the DevTools connection has gone (Chromium died).
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Navigates the tab to `url` and brings it to the front. Returns when
+    /// the navigation is committed, not when the page has loaded.
+    pub async fn open(&self, url: &str) -> Result<(), CdpError> {
+        self.page
+            .execute(NavigateParams::new(url))
+            .await
+            .map_err(proto)?;
+        let _ = self.page.bring_to_front().await;
+        Ok(())
+    }
+
+    /// URLs the tab's main frame navigates to, from now on.
+    pub async fn navigations(&self) -> Result<BoxStream<'static, String>, CdpError> {
+        let events = self
+            .page
+            .event_listener::<EventFrameNavigated>()
+            .await
+            .map_err(proto)?;
+        Ok(events
+            .filter_map(|e| async move { e.frame.parent_id.is_none().then(|| e.frame.url.clone()) })
+            .boxed())
+    }
+
+    /// The trimmed text of the first element matching `selector`, as soon
+    /// as one exists in the tab (across navigations), or `None` at `cancel`.
+    pub async fn wait_for_text(
+        &self,
+        selector: &str,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        let script = wait_script(selector);
+        loop {
+            let attempt = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = self.page.evaluate_expression(script.as_str()) => r,
+            };
+            if let Ok(result) = attempt {
+                if let Ok(Some(text)) = result.into_value::<Option<String>>() {
+                    if !text.is_empty() {
+                        return Some(text);
+                    }
+                }
+            }
+            // The page navigated (context destroyed) or the wait timed out
+            // inside the page: try again in the new document.
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = self.closed() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Closes the DevTools connection (Chromium keeps running).
+    pub async fn disconnect(mut self) {
+        let _ = self.browser.close().await;
+    }
+}
+
+/// A promise that resolves with the element's text once it appears (a
+/// MutationObserver, so no polling inside the page), or null after 20 s.
+fn wait_script(selector: &str) -> String {
+    let sel = serde_json::to_string(selector).unwrap_or_else(|_| "\"\"".into());
+    format!(
+        r#"new Promise((resolve) => {{
+  const read = () => {{ const el = document.querySelector({sel}); return el ? el.textContent.trim() : null; }};
+  const now = read();
+  if (now) {{ resolve(now); return; }}
+  const obs = new MutationObserver(() => {{ const t = read(); if (t) {{ obs.disconnect(); resolve(t); }} }});
+  obs.observe(document, {{ childList: true, subtree: true, characterData: true }});
+  setTimeout(() => {{ obs.disconnect(); resolve(null); }}, 20000);
+}})"#
+    )
+}
+
+/// The browser's existing tab (it starts with one on about:blank).
+async fn first_page(browser: &mut Browser) -> Result<Page, CdpError> {
+    let targets = browser.fetch_targets().await.map_err(proto)?;
+    if let Some(t) = targets.into_iter().find(|t| t.r#type == "page") {
+        if let Ok(page) = browser.get_page(t.target_id).await {
+            return Ok(page);
+        }
+    }
+    browser
+        .new_page("about:blank")
+        .await
+        .map_err(|_| CdpError::NoPage)
+}

@@ -1,0 +1,373 @@
+//! The browser role of the agent: a virtual display (Xvfb) and a headful
+//! Chromium on it, started when the host asks, restarted with backoff when
+//! either crashes (each crash reported to the host), plus input injection
+//! and screenshots of that display. Owned by [`crate::agent::Agent`];
+//! logins use its DevTools connection.
+
+pub mod cdp;
+pub mod procs;
+pub mod x11;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use airlock_proto::{
+    BrowserEvent, BrowserInfo, BrowserSpec, ErrorCode, ErrorReply, Event, InputBatch, Screenshot,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::cdp::Cdp;
+use self::procs::{start_chromium, start_xvfb, Supervised};
+use self::x11::Display;
+use crate::process::Reaper;
+
+/// Longest the first start may take (both processes and DevTools).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// State shared between the role's handle and its supervisor task.
+#[derive(Debug)]
+struct Shared {
+    cdp: watch::Sender<Option<Arc<Cdp>>>,
+    display: Mutex<Option<Arc<Mutex<Display>>>>,
+    /// Reopened after Chromium restarts, so the user keeps their page.
+    last_url: Mutex<Option<String>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    info: BrowserInfo,
+    cancel: CancellationToken,
+}
+
+/// The display and browser of this VM.
+#[derive(Debug)]
+pub struct BrowserRole {
+    reaper: Reaper,
+    events: mpsc::Sender<Event>,
+    profile_dir: PathBuf,
+    shared: Arc<Shared>,
+    running: Mutex<Option<Running>>,
+    tracker: TaskTracker,
+}
+
+fn unavailable(message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(ErrorCode::Io, message)
+}
+
+impl BrowserRole {
+    /// A stopped role; `state_dir` (tmpfs) holds Chromium's profile.
+    pub fn new(reaper: Reaper, events: mpsc::Sender<Event>, state_dir: PathBuf) -> Self {
+        Self {
+            reaper,
+            events,
+            profile_dir: state_dir.join("chromium-profile"),
+            shared: Arc::new(Shared {
+                cdp: watch::channel(None).0,
+                display: Mutex::new(None),
+                last_url: Mutex::new(None),
+            }),
+            running: Mutex::new(None),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Starts Xvfb and Chromium (once; later calls return the same info).
+    pub async fn start(&self, spec: BrowserSpec) -> Result<BrowserInfo, ErrorReply> {
+        if let Some(r) = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            return Ok(r.info.clone());
+        }
+        if spec.width < 320 || spec.height < 240 || spec.width > 7680 || spec.height > 4320 {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "screen size must be 320x240 to 7680x4320",
+            ));
+        }
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let cancel = CancellationToken::new();
+        let sup = Supervisor {
+            reaper: self.reaper.clone(),
+            events: self.events.clone(),
+            profile: self.profile_dir.clone(),
+            shared: self.shared.clone(),
+            spec,
+            cancel: cancel.clone(),
+        };
+        self.tracker.spawn(sup.run(ready_tx));
+        let info = match tokio::time::timeout(START_TIMEOUT, ready_rx).await {
+            Ok(Ok(Ok(info))) => info,
+            Ok(Ok(Err(why))) => return Err(unavailable(why)),
+            _ => {
+                cancel.cancel();
+                return Err(unavailable(format!(
+                    "the browser did not start within {START_TIMEOUT:?}"
+                )));
+            }
+        };
+        *self.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(Running {
+            info: info.clone(),
+            cancel,
+        });
+        Ok(info)
+    }
+
+    /// The display (`:N`) while the role runs.
+    pub fn display_name(&self) -> Option<String> {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|r| r.info.display.clone())
+    }
+
+    /// Stops Chromium and Xvfb and waits for them.
+    pub async fn stop(&self) {
+        if let Some(r) = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            r.cancel.cancel();
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.tracker.reopen();
+    }
+
+    /// The live DevTools connection, waiting up to `wait` for one (after a
+    /// crash Chromium takes a moment to come back).
+    pub async fn cdp(&self, wait: Duration) -> Result<Arc<Cdp>, ErrorReply> {
+        let mut rx = self.shared.cdp.subscribe();
+        let found = tokio::time::timeout(wait, rx.wait_for(|c| c.is_some())).await;
+        let cdp = match found {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        };
+        cdp.ok_or_else(|| unavailable("the browser is not running (start it first)"))
+    }
+
+    /// Opens `url` and remembers it for after a restart.
+    pub async fn open(&self, url: &str) -> Result<(), ErrorReply> {
+        *self
+            .shared
+            .last_url
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(url.to_string());
+        let cdp = self.cdp(Duration::from_secs(30)).await?;
+        cdp.open(url).await.map_err(|e| unavailable(e.to_string()))
+    }
+
+    fn display(&self) -> Result<Arc<Mutex<Display>>, ErrorReply> {
+        self.shared
+            .display
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| unavailable("the display is not running (start the browser first)"))
+    }
+
+    /// Injects input events into the display.
+    pub async fn input(&self, batch: InputBatch) -> Result<(), ErrorReply> {
+        batch
+            .validate()
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+        let display = self.display()?;
+        // X round trips block: keep them off the runtime thread.
+        tokio::task::spawn_blocking(move || {
+            display
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .apply(&batch.events)
+        })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| unavailable(e.to_string()))
+    }
+
+    /// A PNG of the display.
+    pub async fn screenshot(&self) -> Result<Screenshot, ErrorReply> {
+        let display = self.display()?;
+        let (width, height, png) = tokio::task::spawn_blocking(move || {
+            display
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .screenshot()
+        })
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| unavailable(e.to_string()))?;
+        Ok(Screenshot { width, height, png })
+    }
+}
+
+/// The task that keeps Xvfb and Chromium running.
+struct Supervisor {
+    reaper: Reaper,
+    events: mpsc::Sender<Event>,
+    profile: PathBuf,
+    shared: Arc<Shared>,
+    spec: BrowserSpec,
+    cancel: CancellationToken,
+}
+
+/// Why a generation of the browser ended.
+enum Ended {
+    Chromium(String),
+    Display(String),
+    Stopped,
+}
+
+impl Supervisor {
+    async fn report(&self, e: BrowserEvent) {
+        let _ = self.events.send(Event::Browser(e)).await;
+    }
+
+    async fn run(self, ready: oneshot::Sender<Result<BrowserInfo, String>>) {
+        let mut ready = Some(ready);
+        let mut number = None;
+        let mut restarts = 0u32;
+        while !self.cancel.is_cancelled() {
+            let (mut xvfb, n) = match start_xvfb(&self.reaper, &self.spec, number).await {
+                Ok(v) => v,
+                Err(e) => match ready.take() {
+                    Some(tx) => return drop(tx.send(Err(e.to_string()))),
+                    None => {
+                        self.backoff(&mut restarts, "xvfb", e.to_string()).await;
+                        continue;
+                    }
+                },
+            };
+            number = Some(n);
+            let display = format!(":{n}");
+            self.report(BrowserEvent::DisplayUp {
+                display: display.clone(),
+            })
+            .await;
+            match Display::connect(&display) {
+                Ok(d) => {
+                    *self
+                        .shared
+                        .display
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Mutex::new(d)))
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot connect to the display for input"),
+            }
+            let ended = self
+                .run_chromium(&mut xvfb, n, &mut ready, &mut restarts)
+                .await;
+            *self
+                .shared
+                .display
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+            xvfb.kill().await;
+            match ended {
+                Ended::Display(status) => self.backoff(&mut restarts, "xvfb", status).await,
+                Ended::Stopped | Ended::Chromium(_) => break,
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+
+    /// Runs Chromium generations on display `n` until the display dies or
+    /// the role stops.
+    async fn run_chromium(
+        &self,
+        xvfb: &mut Supervised,
+        n: u32,
+        ready: &mut Option<oneshot::Sender<Result<BrowserInfo, String>>>,
+        restarts: &mut u32,
+    ) -> Ended {
+        loop {
+            let started = start_chromium(&self.reaper, &self.spec, n, &self.profile).await;
+            let connected = match started {
+                Ok((chrome, ws)) => match Cdp::connect(&ws).await {
+                    Ok(cdp) => Ok((chrome, cdp)),
+                    Err(e) => {
+                        chrome.kill().await;
+                        Err(e.to_string())
+                    }
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            let (mut chrome, cdp) = match connected {
+                Ok(v) => v,
+                Err(why) => match ready.take() {
+                    Some(tx) => {
+                        let _ = tx.send(Err(why));
+                        return Ended::Chromium("failed to start".into());
+                    }
+                    None => {
+                        self.backoff(restarts, "chromium", why).await;
+                        if self.cancel.is_cancelled() {
+                            return Ended::Stopped;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let info = BrowserInfo {
+                display: format!(":{n}"),
+                chromium_version: cdp.version().to_string(),
+            };
+            let cdp = Arc::new(cdp);
+            self.shared.cdp.send_replace(Some(cdp.clone()));
+            self.report(BrowserEvent::BrowserUp).await;
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(Ok(info));
+            } else {
+                let last = self
+                    .shared
+                    .last_url
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                if let Some(url) = last {
+                    let _ = cdp.open(&url).await;
+                }
+            }
+            let ended = tokio::select! {
+                s = chrome.wait() => Ended::Chromium(format!("{s:?} {}", chrome.last_error_line())),
+                s = xvfb.wait() => Ended::Display(format!("{s:?} {}", xvfb.last_error_line())),
+                _ = self.cancel.cancelled() => Ended::Stopped,
+            };
+            self.shared.cdp.send_replace(None);
+            chrome.kill().await;
+            match ended {
+                Ended::Chromium(status) => self.backoff(restarts, "chromium", status).await,
+                other => return other,
+            }
+            if self.cancel.is_cancelled() {
+                return Ended::Stopped;
+            }
+        }
+    }
+
+    /// Reports a crash and waits before the next start (0.5 s doubling to
+    /// 10 s), unless the role is stopping.
+    async fn backoff(&self, restarts: &mut u32, process: &str, status: String) {
+        *restarts += 1;
+        tracing::warn!(process, status = %status, restarts = *restarts, "browser process died; restarting");
+        self.report(BrowserEvent::Crashed {
+            process: process.into(),
+            status,
+            restarts: *restarts,
+        })
+        .await;
+        let delay = Duration::from_millis(500 * 2u64.pow((*restarts - 1).min(5)))
+            .min(Duration::from_secs(10));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.cancel.cancelled() => {}
+        }
+    }
+}

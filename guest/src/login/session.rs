@@ -1,0 +1,396 @@
+//! One CLI login, from start to captured credential. The CLI runs in a PTY
+//! with a fresh home in tmpfs and a `BROWSER`/`xdg-open` shim first on its
+//! `PATH`; its authorization URL (from the shim, or else from its output)
+//! opens in Chromium; a paste-code flow gets its code from the vendor's
+//! page and types it into the PTY; an OAuth error redirect is reported as a
+//! denial; the credential files are captured once they are new, complete
+//! and confirmed, and sent to the host. Every step is reported as a
+//! [`LoginStep`]. Run by [`super::Logins`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_proto::{
+    CapturedCredential, CapturedFile, Confirm, Event, ExecRequest, LoginEvent, LoginFlow,
+    LoginSpec, LoginStep,
+};
+use futures_util::{Future, StreamExt};
+use nix::sys::signal::{killpg, Signal};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::opener::{install_shims, OpenerListener, SOCKET_ENV};
+use super::pty::{self, PtyChild};
+use super::text::{expand, find_auth_url, location, strip_ansi};
+use super::watch::{CredentialWatch, WatchSpec};
+use crate::browser::BrowserRole;
+use crate::process::{ExitInfo, Reaper};
+
+/// How long a URL seen in the output waits for the shim to deliver the
+/// same login (the shim is preferred: it is exactly what the CLI opens).
+const SHIM_GRACE: Duration = Duration::from_secs(1);
+/// Output kept for the `CliExited` report.
+const TAIL_BYTES: usize = 4096;
+
+/// What a login needs from the agent.
+#[derive(Debug, Clone)]
+pub struct LoginCtx {
+    /// Spawns and reaps the CLI.
+    pub reaper: Reaper,
+    /// Chromium.
+    pub browser: Arc<BrowserRole>,
+    /// Where reports go.
+    pub events: mpsc::Sender<Event>,
+    /// tmpfs directory for login homes.
+    pub state_dir: PathBuf,
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Runs the login until it ends or `cancel` fires; reports its steps and
+/// removes its directory (with any credential copy) at the end.
+pub async fn run(spec: LoginSpec, ctx: LoginCtx, cancel: CancellationToken) {
+    let dir = ctx.state_dir.join("logins").join(&spec.session_id);
+    let mut login = Login {
+        spec,
+        ctx,
+        sent: false,
+        tail: String::new(),
+    };
+    if let Err(reason) = login.drive(&dir, &cancel).await {
+        if !cancel.is_cancelled() {
+            login.report(LoginStep::Failed { reason }).await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct Login {
+    spec: LoginSpec,
+    ctx: LoginCtx,
+    sent: bool,
+    tail: String,
+}
+
+/// The environment and paths of one login.
+struct Prepared {
+    env: Vec<(String, String)>,
+    home: PathBuf,
+    opener: OpenerListener,
+    watch: CredentialWatch,
+}
+
+impl Login {
+    async fn report(&self, step: LoginStep) {
+        let event = LoginEvent {
+            session_id: self.spec.session_id.clone(),
+            step,
+        };
+        let _ = self.ctx.events.send(Event::Login(event)).await;
+    }
+
+    fn prepare(&self, dir: &Path, display: &str) -> Result<Prepared, String> {
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).map_err(|e| format!("cannot create the login home: {e}"))?;
+        let shim = install_shims(&dir.join("bin"))
+            .map_err(|e| format!("cannot install the browser shim: {e}"))?;
+        let socket = dir.join("opener.sock");
+        let opener = OpenerListener::bind(&socket)
+            .map_err(|e| format!("cannot listen for the shim: {e}"))?;
+        let mut vars: BTreeMap<String, String> = BTreeMap::new();
+        let base_path =
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+        for (k, v) in [
+            ("HOME", home.display().to_string()),
+            ("DISPLAY", display.to_string()),
+            ("BROWSER", shim.display().to_string()),
+            ("PATH", format!("{}:{base_path}", dir.join("bin").display())),
+            ("TERM", "xterm-256color".into()),
+            ("LANG", "C.UTF-8".into()),
+            (SOCKET_ENV, socket.display().to_string()),
+        ] {
+            vars.insert(k.into(), v);
+        }
+        for entry in &self.spec.env {
+            let (name, template) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("bad environment entry {entry:?}"))?;
+            let value = expand(template, &vars).map_err(|e| e.to_string())?;
+            vars.insert(name.into(), value);
+        }
+        let mut specs = Vec::new();
+        for c in &self.spec.credentials {
+            let path = expand(&c.path, &vars).map_err(|e| e.to_string())?;
+            if !path.starts_with('/') {
+                return Err(format!("credential path {path:?} is not absolute"));
+            }
+            specs.push(WatchSpec {
+                path: path.into(),
+                required: c.required.clone(),
+            });
+        }
+        let watch = CredentialWatch::start(specs)
+            .map_err(|e| format!("cannot watch the credential files: {e}"))?;
+        Ok(Prepared {
+            env: vars.into_iter().collect(),
+            home,
+            opener,
+            watch,
+        })
+    }
+
+    async fn drive(&mut self, dir: &Path, cancel: &CancellationToken) -> Result<(), String> {
+        let cdp = self
+            .ctx
+            .browser
+            .cdp(Duration::from_secs(30))
+            .await
+            .map_err(|e| e.message)?;
+        let display = self
+            .ctx
+            .browser
+            .display_name()
+            .ok_or("the display is not running")?;
+        let mut p = self.prepare(dir, &display)?;
+        let mut navigations = cdp.navigations().await.map_err(|e| e.to_string())?;
+        let mut child = pty::spawn(&self.ctx.reaper, &self.spec.argv, &p.env, &p.home)
+            .map_err(|e| format!("cannot start {:?}: {e}", self.spec.argv[0]))?;
+        self.report(LoginStep::Started).await;
+        let result = self
+            .event_loop(&mut p, &mut child, &mut navigations, cancel)
+            .await;
+        let _ = killpg(child.pid, Signal::SIGKILL);
+        result
+    }
+
+    /// The login's select loop: one branch per thing that can happen.
+    async fn event_loop(
+        &mut self,
+        p: &mut Prepared,
+        child: &mut PtyChild,
+        navigations: &mut (impl futures_util::Stream<Item = String> + Unpin),
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; 8192];
+        let mut opened = false;
+        let mut output_url: Option<(String, BoxFut<()>)> = None;
+        let mut code: Option<BoxFut<Option<String>>> = None;
+        let mut denied = false;
+        let mut pty_open = true;
+        let url_deadline = tokio::time::sleep(Duration::from_millis(self.spec.url_timeout_ms));
+        tokio::pin!(url_deadline);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                url = p.opener.next_url() => {
+                    if let (Ok(url), false) = (url, opened) {
+                        opened = true;
+                        output_url = None;
+                        code = self.open(&url, "shim", cancel).await?;
+                    }
+                }
+                n = child.pty.read(&mut buf), if pty_open => match n {
+                    Ok(n) if n > 0 => {
+                        self.keep_tail(&buf[..n]);
+                        if !opened && output_url.is_none() {
+                            if let Some(url) = find_auth_url(&self.tail) {
+                                output_url = Some((url, Box::pin(tokio::time::sleep(SHIM_GRACE))));
+                            }
+                        }
+                    }
+                    _ => pty_open = false,
+                },
+                _ = async { output_url.as_mut().map(|(_, t)| t).expect("guarded").await }, if output_url.is_some() => {
+                    let (url, _) = output_url.take().expect("guarded");
+                    opened = true;
+                    code = self.open(&url, "output", cancel).await?;
+                }
+                text = async { code.as_mut().expect("guarded").await }, if code.is_some() => {
+                    code = None;
+                    if let Some(text) = text {
+                        child.pty.write_all(format!("{text}\r").as_bytes()).await.map_err(|e| format!("cannot type the code: {e}"))?;
+                        self.report(LoginStep::CodeEntered).await;
+                    }
+                }
+                Some(url) = navigations.next(), if !denied => {
+                    if let Some((error, description)) = oauth_error(&url) {
+                        denied = true;
+                        self.report(LoginStep::Denied { error, description }).await;
+                    }
+                }
+                _ = p.watch.changed(), if !self.sent => self.try_capture(&p.watch, &p.env, &p.home, None).await?,
+                exit = &mut child.exit => {
+                    let exit = exit.unwrap_or_default();
+                    self.drain_pty(child).await;
+                    if !self.sent {
+                        self.try_capture(&p.watch, &p.env, &p.home, Some(exit)).await?;
+                    }
+                    self.report(LoginStep::CliExited {
+                        exit_code: exit.exit_code,
+                        signal: exit.signal,
+                        output_tail: self.tail.clone(),
+                    }).await;
+                    return Ok(());
+                }
+                _ = &mut url_deadline, if !opened => {
+                    return Err(format!(
+                        "{} printed no login URL within {} s; its output ends with: {}",
+                        self.spec.argv[0], self.spec.url_timeout_ms / 1000, last_line(&self.tail)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Opens the URL, reports it, and for paste-code flows returns the
+    /// future that reads the code from the vendor's page (through whatever
+    /// Chromium is current, should it restart meanwhile).
+    async fn open(
+        &self,
+        url: &str,
+        via: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<BoxFut<Option<String>>>, String> {
+        self.ctx
+            .browser
+            .open(url)
+            .await
+            .map_err(|e| format!("cannot open the login page: {}", e.message))?;
+        self.report(LoginStep::UrlOpened {
+            location: location(url),
+            via: via.into(),
+        })
+        .await;
+        self.report(LoginStep::WaitingForUser).await;
+        let LoginFlow::PasteCode { code_selector } = &self.spec.flow else {
+            return Ok(None);
+        };
+        let (selector, cancel, role) = (
+            code_selector.clone(),
+            cancel.clone(),
+            self.ctx.browser.clone(),
+        );
+        Ok(Some(Box::pin(async move {
+            let cdp = role.cdp(Duration::from_secs(30)).await.ok()?;
+            cdp.wait_for_text(&selector, &cancel).await
+        })))
+    }
+
+    fn keep_tail(&mut self, bytes: &[u8]) {
+        self.tail
+            .push_str(&strip_ansi(&String::from_utf8_lossy(bytes)));
+        if self.tail.len() > TAIL_BYTES {
+            let mut cut = self.tail.len() - TAIL_BYTES;
+            while !self.tail.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.tail.drain(..cut);
+        }
+    }
+
+    /// Reads what the CLI printed last (it may still be in the PTY buffer).
+    async fn drain_pty(&mut self, child: &mut PtyChild) {
+        let mut buf = vec![0u8; 8192];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(100), child.pty.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            self.keep_tail(&buf[..n]);
+        }
+    }
+
+    /// Captures the files if they hold a new credential and the profile's
+    /// confirmation passes. `exit` is the CLI's exit once it has ended.
+    async fn try_capture(
+        &mut self,
+        watch: &CredentialWatch,
+        env: &[(String, String)],
+        home: &Path,
+        exit: Option<ExitInfo>,
+    ) -> Result<(), String> {
+        let Ok(files) = watch.check() else {
+            return Ok(());
+        };
+        let confirmed = match &self.spec.confirm {
+            Confirm::File => true,
+            Confirm::ExitCode => match exit {
+                None => return Ok(()),
+                Some(e) => e.exit_code == Some(0),
+            },
+            Confirm::StatusCommand { argv } => self.status_ok(argv, env, home).await,
+        };
+        if confirmed {
+            self.send(files).await;
+        }
+        Ok(())
+    }
+
+    async fn status_ok(&self, argv: &[String], env: &[(String, String)], home: &Path) -> bool {
+        let req = ExecRequest {
+            argv: argv.to_vec(),
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: Some(home.display().to_string()),
+            timeout_ms: self.spec.confirm_timeout_ms,
+            max_output_bytes: 4096,
+        };
+        match self.ctx.reaper.exec(&req, &CancellationToken::new()).await {
+            Ok(r) => r.exit_code == Some(0),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "status command failed to run");
+                false
+            }
+        }
+    }
+
+    async fn send(&mut self, files: Vec<CapturedFile>) {
+        self.sent = true;
+        let credential = CapturedCredential {
+            session_id: self.spec.session_id.clone(),
+            files,
+        };
+        // Awaited, not dropped when busy: a credential must reach the host.
+        let _ = self.ctx.events.send(Event::Credential(credential)).await;
+        self.report(LoginStep::CredentialCaptured).await;
+    }
+}
+
+/// `(error, description)` when `url` carries an OAuth error response.
+pub fn oauth_error(url: &str) -> Option<(String, Option<String>)> {
+    let u = url::Url::parse(url).ok()?;
+    let pairs: BTreeMap<String, String> = u.query_pairs().into_owned().collect();
+    let error = pairs.get("error")?.chars().take(64).collect();
+    let description = pairs
+        .get("error_description")
+        .map(|d| d.chars().take(512).collect());
+    Some((error, description))
+}
+
+fn last_line(text: &str) -> &str {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("(nothing)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oauth_errors_are_read_from_the_redirect() {
+        let (e, d) = oauth_error("http://localhost:1455/auth/callback?error=access_denied&error_description=User+said+no&state=x").unwrap();
+        assert_eq!(
+            (e.as_str(), d.as_deref()),
+            ("access_denied", Some("User said no"))
+        );
+        assert_eq!(
+            oauth_error("http://localhost:1455/auth/callback?code=abc&state=x"),
+            None
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! Text handling for logins: stripping terminal escape sequences from a
+//! CLI's PTY output, finding the authorization URL in it, and expanding
+//! `${VAR}` in the provider's environment and paths. Pure functions, used
+//! by [`super::session`].
+
+use std::collections::BTreeMap;
+
+/// Removes ANSI/VT escape sequences (CSI, OSC, two-byte escapes) and
+/// carriage returns, keeping newlines and tabs.
+pub fn strip_ansi(input: &str) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut chars = input.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters and intermediates up to a final byte.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: up to BEL or ESC \ (hyperlinks carry URLs here,
+                // but the visible text repeats them).
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' || (c == '\u{1b}' && chars.peek() == Some(&'\\')) {
+                            if c == '\u{1b}' {
+                                chars.next();
+                            }
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            },
+            '\r' => {}
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The first URL in `text` that looks like an authorization or device
+/// verification page on a remote host. URLs of the CLI's own loopback
+/// server are never returned: opening one would be a stray request, which
+/// some CLIs (Gemini) treat as fatal.
+pub fn find_auth_url(text: &str) -> Option<String> {
+    text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+        .filter(|w| w.starts_with("https://") || w.starts_with("http://"))
+        .map(|w| w.trim_end_matches(['.', ',', ')', ']', ';']))
+        .filter_map(|w| url::Url::parse(w).ok())
+        .filter(|u| !is_loopback(u))
+        .find(|u| {
+            let q = u.query().unwrap_or("");
+            q.contains("client_id=")
+                || u.path().contains("authorize")
+                || u.path().contains("device")
+        })
+        .map(|u| u.to_string())
+}
+
+/// True for URLs on this machine (localhost, 127.0.0.0/8, ::1).
+pub fn is_loopback(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost" || d.ends_with(".localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `scheme://host[:port]/path` of a URL: where it points without its query
+/// (which carries state and PKCE values), for events and logs.
+pub fn location(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.path()
+        ),
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// An unknown variable in a template.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown variable ${{{0}}} in {1:?}")]
+pub struct ExpandError(pub String, pub String);
+
+/// Expands `${NAME}` from `vars`; `$` not followed by `{` stays literal.
+pub fn expand(template: &str, vars: &BTreeMap<String, String>) -> Result<String, ExpandError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[at..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        let value = vars
+            .get(name)
+            .ok_or_else(|| ExpandError(name.into(), template.into()))?;
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_colours_cursor_moves_and_hyperlinks() {
+        let raw =
+            "\u{1b}[1;32mOpen\u{1b}[0m \u{1b}]8;;https://x\u{7}link\u{1b}]8;;\u{1b}\\ now\r\n";
+        assert_eq!(strip_ansi(raw), "Open link now\n");
+    }
+
+    #[test]
+    fn finds_the_authorize_url_not_the_local_server() {
+        let out = "Starting local login server on http://localhost:1455.\n\
+                   If your browser did not open, navigate to this URL:\n\n\
+                   https://auth.example.com/oauth/authorize?response_type=code&client_id=abc&state=xyz.\n";
+        assert_eq!(
+            find_auth_url(out).as_deref(),
+            Some("https://auth.example.com/oauth/authorize?response_type=code&client_id=abc&state=xyz")
+        );
+        assert_eq!(
+            find_auth_url("see http://127.0.0.1:8080/authorize?client_id=1"),
+            None
+        );
+        assert_eq!(find_auth_url("docs at https://example.com/help"), None);
+    }
+
+    #[test]
+    fn location_drops_the_query() {
+        assert_eq!(
+            location("https://a.b/oauth/authorize?state=secret"),
+            "https://a.b/oauth/authorize"
+        );
+    }
+
+    #[test]
+    fn expands_variables_and_rejects_unknown_ones() {
+        let vars: BTreeMap<String, String> = [("HOME".to_string(), "/h".to_string())].into();
+        assert_eq!(
+            expand("${HOME}/.codex/auth.json", &vars).unwrap(),
+            "/h/.codex/auth.json"
+        );
+        assert_eq!(expand("cost $5", &vars).unwrap(), "cost $5");
+        assert_eq!(
+            expand("${NOPE}/x", &vars),
+            Err(ExpandError("NOPE".into(), "${NOPE}/x".into()))
+        );
+    }
+}

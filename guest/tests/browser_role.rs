@@ -1,0 +1,138 @@
+//! The browser role against the real parts: Xvfb, headful Chromium over
+//! DevTools, XTest input and GetImage screenshots. One test function,
+//! because the agent's reaper waits on every child of the process and two
+//! reapers in one test binary would steal each other's children.
+//!
+//! Needs `Xvfb` and `chromium` (installed by `make test`'s setup).
+
+use std::time::Duration;
+
+use airlock_guest::browser::BrowserRole;
+use airlock_guest::process::Reaper;
+use airlock_proto::{BrowserEvent, BrowserSpec, Event, InputBatch, InputEvent, SecretText};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const PAGE: &str = "data:text/html,<title>t</title><input id=f autofocus><p id=code>abc%23xyz</p>";
+
+async fn next_browser_event(rx: &mut mpsc::Receiver<Event>) -> BrowserEvent {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(Event::Browser(e))) => return e,
+            Ok(Some(_)) => continue,
+            other => panic!("no browser event: {other:?}"),
+        }
+    }
+}
+
+async fn field_value(role: &BrowserRole) -> String {
+    let cdp = role.cdp(Duration::from_secs(30)).await.expect("cdp");
+    let cancel = CancellationToken::new();
+    // The input's value, exposed as text so wait_for_text can read it.
+    cdp.open("javascript:void(document.getElementById('code').textContent=document.getElementById('f').value)").await.ok();
+    cdp.wait_for_text("#code", &cancel)
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn display_browser_input_screenshot_and_restart() {
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let (tx, mut rx) = mpsc::channel(64);
+    let reaper = Reaper::start(&tracker, stop.clone(), tx.clone()).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let role = BrowserRole::new(reaper, tx, state.path().to_path_buf());
+    let spec = BrowserSpec {
+        width: 1024,
+        height: 768,
+        proxy: None,
+        chromium: None,
+        extra_args: vec![],
+    };
+
+    let info = role.start(spec).await.expect("browser starts");
+    assert!(info.display.starts_with(':'), "{info:?}");
+    assert!(info.chromium_version.contains("Chrome/"), "{info:?}");
+    assert!(matches!(
+        next_browser_event(&mut rx).await,
+        BrowserEvent::DisplayUp { .. }
+    ));
+    assert!(matches!(
+        next_browser_event(&mut rx).await,
+        BrowserEvent::BrowserUp
+    ));
+
+    // The paste-code read: text of an element, as soon as it exists.
+    role.open(PAGE).await.expect("open");
+    let cdp = role.cdp(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        cdp.wait_for_text("#code", &CancellationToken::new())
+            .await
+            .as_deref(),
+        Some("abc#xyz")
+    );
+
+    // Typing through XTest reaches the focused field of the page.
+    let text = InputEvent::Text {
+        text: SecretText("Hello, X!".into()),
+    };
+    role.input(InputBatch { events: vec![text] })
+        .await
+        .expect("input");
+    assert_eq!(field_value(&role).await, "Hello, X!");
+
+    let shot = role.screenshot().await.expect("screenshot");
+    assert_eq!((shot.width, shot.height), (1024, 768));
+    let decoder = png::Decoder::new(std::io::Cursor::new(shot.png.expose().to_vec()));
+    let reader = decoder.read_info().expect("a valid PNG");
+    assert_eq!((reader.info().width, reader.info().height), (1024, 768));
+
+    // Chromium crashes: it is reported, restarted, and the page comes back.
+    let pid = chromium_pid(state.path());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        matches!(next_browser_event(&mut rx).await, BrowserEvent::Crashed { ref process, .. } if process == "chromium")
+    );
+    assert!(matches!(
+        next_browser_event(&mut rx).await,
+        BrowserEvent::BrowserUp
+    ));
+    let cdp = role.cdp(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        cdp.wait_for_text("#code", &CancellationToken::new())
+            .await
+            .as_deref(),
+        Some("abc#xyz"),
+        "last page reopened"
+    );
+
+    role.stop().await;
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// The pid of the Chromium browser process using this profile.
+fn chromium_pid(state: &std::path::Path) -> i32 {
+    let needle = format!(
+        "--user-data-dir={}",
+        state.join("chromium-profile").display()
+    );
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains(&needle) && !cmd.contains("--type=") {
+            return pid;
+        }
+    }
+    panic!("no chromium process found");
+}

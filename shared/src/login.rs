@@ -1,0 +1,428 @@
+//! Messages of the browser role: starting the virtual display and Chromium,
+//! running a CLI's login in it, injecting input and taking screenshots, and
+//! the events the agent reports while a login runs (including the captured
+//! credential). Produced by `airlockd`'s session manager and the agent's
+//! `login` and `browser` modules.
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{MAX_PATH_BYTES, MAX_SHORT_STRING};
+use crate::message::InvalidMessage;
+use crate::SecretBytes;
+
+/// Most input events in one batch.
+pub const MAX_INPUT_EVENTS: usize = 512;
+/// Longest `text` input event (characters).
+pub const MAX_INPUT_TEXT: usize = 4096;
+/// Largest credential file the agent captures (bytes).
+pub const MAX_CREDENTIAL_BYTES: usize = 256 << 10;
+/// Most credential files one login may produce.
+pub const MAX_CREDENTIAL_FILES: usize = 8;
+/// Largest screenshot (bytes of PNG).
+pub const MAX_SCREENSHOT_BYTES: usize = 3 << 20;
+
+/// Start Xvfb and a headful Chromium on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrowserSpec {
+    /// Screen width in pixels.
+    pub width: u32,
+    /// Screen height in pixels.
+    pub height: u32,
+    /// Egress proxy for Chromium (`--proxy-server`), if any.
+    pub proxy: Option<String>,
+    /// Chromium binary; `chromium` on `PATH` when absent.
+    pub chromium: Option<String>,
+    /// Extra Chromium flags (operator-configured).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+/// What the agent started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrowserInfo {
+    /// The X display, e.g. `:5`.
+    pub display: String,
+    /// Chromium's product string, e.g. `Chrome/156.0.8078.79`.
+    pub chromium_version: String,
+}
+
+/// How a CLI's login reaches the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum LoginFlow {
+    /// The CLI listens on loopback; the vendor redirects the browser there.
+    Loopback,
+    /// The vendor shows a code on a hosted page; the CLI asks for it.
+    PasteCode {
+        /// CSS selector of the element that holds the code on that page.
+        code_selector: String,
+    },
+    /// The CLI prints a verification URL and a user code (RFC 8628).
+    DeviceCode,
+}
+
+/// How the agent confirms a captured credential works.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Confirm {
+    /// The login command exits 0.
+    ExitCode,
+    /// This command exits 0 (run with the login's environment).
+    StatusCommand {
+        /// Program and arguments.
+        argv: Vec<String>,
+    },
+    /// A valid file is enough.
+    File,
+}
+
+/// A credential file a login writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialSpec {
+    /// Path template, `${VAR}` expanded with the login's environment.
+    pub path: String,
+    /// JSON pointers (RFC 6901) that must exist with a non-empty value.
+    pub required: Vec<String>,
+}
+
+/// Run one provider's login.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginSpec {
+    /// The host's session id (names the login in events).
+    pub session_id: String,
+    /// Provider name, for messages.
+    pub provider: String,
+    /// The login command.
+    pub argv: Vec<String>,
+    /// Environment, in order, `NAME=value` with `${VAR}` expanded against
+    /// what precedes it (the agent sets `HOME`, `DISPLAY`, `BROWSER`,
+    /// `PATH`, `TERM` first).
+    pub env: Vec<String>,
+    /// How the user is reached.
+    pub flow: LoginFlow,
+    /// Files that together are the credential.
+    pub credentials: Vec<CredentialSpec>,
+    /// How the capture is confirmed.
+    pub confirm: Confirm,
+    /// Deadline for the CLI to produce its URL (ms).
+    pub url_timeout_ms: u64,
+    /// Deadline for a status command (ms).
+    pub confirm_timeout_ms: u64,
+}
+
+/// One input event for the X display (XTest), in screen pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum InputEvent {
+    /// Move the pointer.
+    MouseMove {
+        /// X.
+        x: i32,
+        /// Y.
+        y: i32,
+    },
+    /// Press a button (1 left, 2 middle, 3 right).
+    MouseDown {
+        /// Button.
+        button: u8,
+    },
+    /// Release a button.
+    MouseUp {
+        /// Button.
+        button: u8,
+    },
+    /// Scroll by wheel steps (positive: down / right).
+    Scroll {
+        /// Horizontal steps.
+        dx: i32,
+        /// Vertical steps.
+        dy: i32,
+    },
+    /// Press a key by X keysym.
+    KeyDown {
+        /// The keysym (e.g. 0xff0d Return).
+        keysym: u32,
+    },
+    /// Release a key by X keysym.
+    KeyUp {
+        /// The keysym.
+        keysym: u32,
+    },
+    /// Type text (each character pressed and released).
+    Text {
+        /// The text (redacted in `Debug`: it may be a password).
+        text: SecretText,
+    },
+}
+
+/// Text whose `Debug` shows only its length (typed passwords).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretText(<{} chars redacted>)", self.0.chars().count())
+    }
+}
+
+/// A batch of input events, applied in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InputBatch {
+    /// The events.
+    pub events: Vec<InputEvent>,
+}
+
+/// A captured credential file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapturedFile {
+    /// Index into [`LoginSpec::credentials`].
+    pub index: u32,
+    /// The file's permission bits.
+    pub mode: u32,
+    /// Its bytes (redacted in `Debug`).
+    pub contents: SecretBytes,
+}
+
+/// Steps of a login, reported as [`crate::Event::Login`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "camelCase")]
+pub enum LoginStep {
+    /// The CLI was started in a PTY.
+    Started,
+    /// Its authorization URL was opened in Chromium (origin and path only).
+    UrlOpened {
+        /// `scheme://host/path` of the URL.
+        location: String,
+        /// `shim` (BROWSER / xdg-open) or `output` (found in its output).
+        via: String,
+    },
+    /// The page is in front of the user; nothing to do until they act.
+    WaitingForUser,
+    /// A code was read from the vendor's page and typed into the CLI.
+    CodeEntered,
+    /// The vendor redirected with an OAuth error (e.g. `access_denied`).
+    Denied {
+        /// The OAuth error code.
+        error: String,
+        /// Its description, if the vendor gave one.
+        description: Option<String>,
+    },
+    /// All credential files were written and valid.
+    CredentialCaptured,
+    /// The CLI process ended.
+    CliExited {
+        /// Exit code, when it exited.
+        exit_code: Option<i32>,
+        /// Signal, when killed.
+        signal: Option<i32>,
+        /// The last lines it printed (escape sequences removed).
+        output_tail: String,
+    },
+    /// The login cannot continue.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A login progress report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginEvent {
+    /// The session.
+    pub session_id: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub step: LoginStep,
+}
+
+/// The credential of a login, sent once it is captured and confirmed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapturedCredential {
+    /// The session.
+    pub session_id: String,
+    /// The files, one per [`CredentialSpec`].
+    pub files: Vec<CapturedFile>,
+}
+
+/// State changes of the display and the browser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum BrowserEvent {
+    /// Xvfb is serving the display.
+    DisplayUp {
+        /// E.g. `:5`.
+        display: String,
+    },
+    /// Chromium is up and its DevTools connection works.
+    BrowserUp,
+    /// A process of the browser role died and is being restarted.
+    Crashed {
+        /// `xvfb` or `chromium`.
+        process: String,
+        /// How it ended.
+        status: String,
+        /// Restarts so far.
+        restarts: u32,
+    },
+}
+
+impl InputBatch {
+    /// Checks the batch's bounds.
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        let bad = |problem: String| InvalidMessage {
+            field: "events",
+            problem,
+        };
+        if self.events.len() > MAX_INPUT_EVENTS {
+            return Err(bad(format!(
+                "{} events, at most {MAX_INPUT_EVENTS}",
+                self.events.len()
+            )));
+        }
+        for e in &self.events {
+            match e {
+                InputEvent::MouseDown { button } | InputEvent::MouseUp { button }
+                    if !(1..=9).contains(button) =>
+                {
+                    return Err(bad(format!("button {button} is not 1-9")));
+                }
+                InputEvent::Scroll { dx, dy } if dx.abs() > 100 || dy.abs() > 100 => {
+                    return Err(bad("scroll steps must be within -100..100".into()));
+                }
+                InputEvent::Text { text } if text.0.chars().count() > MAX_INPUT_TEXT => {
+                    return Err(bad(format!("text longer than {MAX_INPUT_TEXT} characters")));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CapturedCredential {
+    /// Checks what a guest sends as a credential (the host's side).
+    pub fn validate(&self, expected_files: usize) -> Result<(), InvalidMessage> {
+        let bad = |problem: String| InvalidMessage {
+            field: "files",
+            problem,
+        };
+        if self.files.is_empty() || self.files.len() > MAX_CREDENTIAL_FILES.min(expected_files) {
+            return Err(bad(format!(
+                "{} files, expected {expected_files}",
+                self.files.len()
+            )));
+        }
+        for f in &self.files {
+            if f.index as usize >= expected_files
+                || f.contents.len() > MAX_CREDENTIAL_BYTES
+                || f.mode > 0o7777
+            {
+                return Err(bad("index, size or mode out of bounds".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LoginEvent {
+    /// Checks the bounds of a login event from a guest.
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        let long = |field: &'static str, s: &str, max: usize| {
+            if s.len() > max {
+                Err(InvalidMessage {
+                    field,
+                    problem: format!("{} bytes, at most {max}", s.len()),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        long("sessionId", &self.session_id, MAX_SHORT_STRING)?;
+        match &self.step {
+            LoginStep::UrlOpened { location, via } => {
+                long("location", location, MAX_PATH_BYTES)?;
+                long("via", via, MAX_SHORT_STRING)
+            }
+            LoginStep::Denied { error, description } => {
+                long("error", error, MAX_SHORT_STRING)?;
+                long("description", description.as_deref().unwrap_or(""), 1024)
+            }
+            LoginStep::CliExited { output_tail, .. } => long("outputTail", output_tail, 8192),
+            LoginStep::Failed { reason } => long("reason", reason, 4096),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl LoginSpec {
+    /// Checks a login request (both sides).
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        if self.argv.is_empty()
+            || self.credentials.is_empty()
+            || self.credentials.len() > MAX_CREDENTIAL_FILES
+        {
+            return Err(InvalidMessage {
+                field: "login",
+                problem: "needs a command and 1 to 8 credential files".into(),
+            });
+        }
+        for c in &self.credentials {
+            if c.path.len() > MAX_PATH_BYTES || c.path.contains('\0') {
+                return Err(InvalidMessage {
+                    field: "credentials",
+                    problem: "bad path template".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_text_is_redacted_in_debug() {
+        let e = InputEvent::Text {
+            text: SecretText("hunter2".into()),
+        };
+        assert!(!format!("{e:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn input_bounds() {
+        let ok = InputBatch {
+            events: vec![InputEvent::MouseDown { button: 1 }],
+        };
+        assert!(ok.validate().is_ok());
+        let bad = InputBatch {
+            events: vec![InputEvent::MouseDown { button: 0 }],
+        };
+        assert!(bad.validate().is_err());
+        let many = InputBatch {
+            events: vec![InputEvent::KeyDown { keysym: 0x61 }; MAX_INPUT_EVENTS + 1],
+        };
+        assert!(many.validate().is_err());
+    }
+
+    #[test]
+    fn login_event_json_is_flat() {
+        let e = LoginEvent {
+            session_id: "s1".into(),
+            step: LoginStep::WaitingForUser,
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["step"], "waitingForUser");
+        assert_eq!(v["sessionId"], "s1");
+    }
+}
