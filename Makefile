@@ -20,12 +20,16 @@ all: image
 setup:
 	@scripts/setup.sh
 
+# Static binaries: the agent (its own size profile), airlockd, and the fake
+# vendor CLI, linked under the real CLIs' names in build/fakes.
 build: setup
 	cargo build --profile guest --locked --target $(MUSL) -p airlock-guest
-	cargo build --release --locked --target $(MUSL) -p airlock-host
-	@mkdir -p $(BUILD)/bin
+	cargo build --release --locked --target $(MUSL) -p airlock-host -p airlock-fakes --bins
+	@mkdir -p $(BUILD)/bin $(BUILD)/fakes
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/guest/airlock-guest $(BUILD)/bin/airlock-guest
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlockd $(BUILD)/bin/airlockd
+	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/fake-cli $(BUILD)/bin/fake-cli
+	@for cli in codex claude gemini airlock-demo-cli; do ln -sfn ../bin/fake-cli $(BUILD)/fakes/$$cli; done
 
 image: build
 	image/build-initramfs.sh --agent $(BUILD)/bin/airlock-guest --out $(BUILD)/image

@@ -16,6 +16,8 @@ packages=(
     cpio gzip xz-utils zstd  # the initramfs script
     file                     # tests check static linking with it
     systemd                  # systemd-analyze verifies the units
+    chromium xvfb fonts-dejavu-core  # the browser role (a host process until the golden image)
+    postgresql               # the store's tests run on a real PostgreSQL too
     gcc make curl ca-certificates pkg-config
 )
 [ "${1:-}" = bench ] && packages+=(nodejs)

@@ -16,9 +16,10 @@ use airlock_proto::{LogLevel, LogLine};
 use tokio::sync::mpsc;
 use tracing::field::{Field, Visit};
 use tracing::{Level, Subscriber};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{filter::LevelFilter, Layer};
+use tracing_subscriber::Layer;
 
 /// Lines buffered for the host while it is not reading.
 const FORWARD_CAPACITY: usize = 512;
@@ -70,11 +71,19 @@ fn to_proto_level(level: &Level) -> LogLevel {
 pub fn install(console_level: &str) -> LogReceiver {
     let (tx, rx) = mpsc::channel(FORWARD_CAPACITY);
     let dropped = Arc::new(AtomicU64::new(0));
+    // Only the agent's own lines reach the console at the chosen level:
+    // dependencies' logs can quote protocol messages (chromiumoxide logs a
+    // DevTools message it cannot parse, URLs with tokens included), and the
+    // console is kept on disk by the host.
+    let targets = Targets::new()
+        .with_target("airlock_guest", level_filter(parse_level(console_level)))
+        .with_target("chromiumoxide", LevelFilter::OFF)
+        .with_default(LevelFilter::ERROR);
     let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .without_time()
-        .with_filter(level_filter(parse_level(console_level)));
+        .with_filter(targets);
     let forward = ForwardLayer {
         tx,
         dropped: dropped.clone(),

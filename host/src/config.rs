@@ -48,6 +48,10 @@ pub struct Config {
     pub vm: VmConfig,
     /// The QEMU backend.
     pub qemu: QemuConfig,
+    /// Login sessions.
+    pub auth: AuthConfig,
+    /// The encrypted credential store.
+    pub store: crate::store::StoreConfig,
     /// Logging of airlockd itself.
     pub log: LogConfig,
 }
@@ -120,6 +124,10 @@ pub enum BackendKind {
 pub struct VmConfig {
     /// Backend: `qemu` or `process`.
     pub backend: BackendKind,
+    /// Backend of browser VMs, when it differs from `backend` (`process`
+    /// runs the browser role on this host: development and CI, until the
+    /// golden image carries Chromium).
+    pub browser_backend: Option<BackendKind>,
     /// Guest kernel (a Debian cloud kernel; `make image` copies one here).
     pub kernel: PathBuf,
     /// Initramfs with the agent as `/init` (`make image`).
@@ -181,6 +189,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         Self {
             backend: BackendKind::Qemu,
+            browser_backend: None,
             kernel: "/var/lib/airlock/image/vmlinuz".into(),
             initramfs: "/var/lib/airlock/image/initramfs.cpio.gz".into(),
             agent_binary: "/usr/local/lib/airlock/airlock-guest".into(),
@@ -262,6 +271,71 @@ impl Default for QemuConfig {
     }
 }
 
+/// Login sessions: providers, the browser, and every wait's deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Provider profiles (see `config/providers.toml`).
+    pub providers_file: PathBuf,
+    /// Serve the built-in demo OAuth server at `/demo/oauth` and offer the
+    /// `demo` provider (development only).
+    pub demo: bool,
+    /// Screen of the browser VM (pixels).
+    pub screen_width: u32,
+    /// Screen of the browser VM (pixels).
+    pub screen_height: u32,
+    /// Chromium binary in the browser VM.
+    pub chromium: String,
+    /// Extra Chromium flags.
+    pub chromium_args: Vec<String>,
+    /// Egress proxy for Chromium (`--proxy-server`), if any.
+    pub proxy: Option<String>,
+    /// Browser VM boot plus Chromium start (ms).
+    pub browser_timeout_ms: u64,
+    /// For the CLI to print or open its login URL (ms).
+    pub url_timeout_ms: u64,
+    /// For the person to finish the login; past it the session expires (ms).
+    pub user_timeout_ms: u64,
+    /// For a provider's status command (ms).
+    pub confirm_timeout_ms: u64,
+    /// For the user's CLI VM to be ready and take the credential (ms);
+    /// past it the credential stays stored and is delivered when the VM
+    /// comes up.
+    pub delivery_timeout_ms: u64,
+    /// Directories appended to the login's `PATH` inside the browser VM
+    /// (development: the fake CLIs; relative entries follow this file).
+    pub login_path_append: Vec<String>,
+    /// Extra environment for every login (development: the fakes' OAuth URL).
+    pub login_env: std::collections::BTreeMap<String, String>,
+    /// Sessions running at once.
+    pub max_sessions: usize,
+    /// Ended sessions remembered for `GET /api/auth/session/:id`.
+    pub ended_sessions_keep: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            providers_file: "/etc/airlock/providers.toml".into(),
+            demo: false,
+            screen_width: 1280,
+            screen_height: 720,
+            chromium: "chromium".into(),
+            chromium_args: Vec::new(),
+            proxy: None,
+            browser_timeout_ms: 120_000,
+            url_timeout_ms: 30_000,
+            user_timeout_ms: 600_000,
+            confirm_timeout_ms: 15_000,
+            delivery_timeout_ms: 180_000,
+            login_path_append: Vec::new(),
+            login_env: Default::default(),
+            max_sessions: 8,
+            ended_sessions_keep: 500,
+        }
+    }
+}
+
 /// Logging of airlockd.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -297,8 +371,16 @@ impl Config {
             path: path.to_path_buf(),
             source: Box::new(source),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
+        // Absolute, so every resolved path (and the SQLite URL) is too.
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(parent).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.resolve_paths(&base);
         config.validate()?;
         Ok(config)
     }
@@ -314,6 +396,21 @@ impl Config {
         fix(&mut self.vm.kernel);
         fix(&mut self.vm.initramfs);
         fix(&mut self.vm.agent_binary);
+        fix(&mut self.auth.providers_file);
+        // Relative entries are development paths on this host (the fake
+        // CLIs for a browser role running as a host process).
+        for dir in &mut self.auth.login_path_append {
+            if Path::new(dir).is_relative() {
+                *dir = base.join(&*dir).display().to_string();
+            }
+        }
+        fix(&mut self.store.key_file);
+        // A relative SQLite path follows the config file like every path.
+        if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
+            if !rest.starts_with('/') && !rest.is_empty() {
+                self.store.url = format!("sqlite://{}", base.join(rest).display());
+            }
+        }
         for p in [
             &mut self.server.tls_cert,
             &mut self.server.tls_key,
@@ -353,15 +450,25 @@ impl Config {
         if vm.boot_timeout_ms == 0 || vm.hello_timeout_ms == 0 || vm.ready_timeout_ms == 0 {
             return bad("vm timeouts must be positive".into());
         }
+        let a = &self.auth;
+        if a.screen_width < 320 || a.screen_height < 240 {
+            return bad("auth.screen_width/height must be at least 320x240".into());
+        }
+        if a.user_timeout_ms == 0 || a.url_timeout_ms == 0 || a.browser_timeout_ms == 0 {
+            return bad("auth timeouts must be positive".into());
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json".into());
         }
         Ok(())
     }
 
-    /// The effective configuration as TOML (for `--print-config`).
+    /// The effective configuration as TOML (for `--print-config`), with
+    /// any password in the store URL replaced.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        shown.store.url = crate::store::redact_url(&shown.store.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 

@@ -12,12 +12,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::config::{BackendKind, Config};
+use crate::providers::Providers;
 use crate::server::{Server, ServerError};
+use crate::session::Sessions;
+use crate::store::CredentialStore;
 use crate::vm::backend::VmBackend;
 use crate::vm::layout::reconcile;
 use crate::vm::process::ProcessBackend;
 use crate::vm::qemu::QemuBackend;
 use crate::vm::VmManager;
+use airlock_fakes::oauth::{FakeOAuth, FakeOAuthConfig};
 
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,15 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// The provider profiles are unusable.
+    #[error(transparent)]
+    Providers(#[from] crate::providers::ProviderError),
+    /// The credential store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The demo OAuth server cannot be set up.
+    #[error("demo OAuth server: {0}")]
+    Demo(String),
 }
 
 fn make_dir(path: &std::path::Path) -> Result<(), DaemonError> {
@@ -53,7 +66,8 @@ fn make_dir(path: &std::path::Path) -> Result<(), DaemonError> {
         })
 }
 
-/// Runs until SIGTERM or SIGINT; returns after every VM is torn down.
+/// Runs until SIGTERM or SIGINT; returns after every session and VM is
+/// torn down.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let started = Instant::now();
     let config = Arc::new(config);
@@ -69,9 +83,88 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let expected = crate::image::expected_agent(&config.vm)?;
     crate::image::warn_if_stale(&expected);
+    let providers = Providers::load(&config.auth.providers_file, config.auth.demo)?;
+    let store = CredentialStore::open(&config.store).await?;
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
-    let backend: Arc<dyn VmBackend> = match config.vm.backend {
+    let backend = make_backend(config.vm.backend, &config, &background, &shutdown);
+    let browser_backend = config
+        .vm
+        .browser_backend
+        .filter(|k| *k != config.vm.backend)
+        .map(|k| make_backend(k, &config, &background, &shutdown));
+    let vms = VmManager::new(
+        config.clone(),
+        (backend, browser_backend),
+        expected,
+        shutdown.child_token(),
+    );
+    let server = Server::bind(&config.server).await?;
+    let addr = server.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+    let mut auth = config.auth.clone();
+    let demo = demo_oauth(&mut auth, server.scheme(), addr)?;
+    let sessions = Sessions::new(vms.clone(), store, providers, auth, shutdown.child_token());
+    let state = AppState {
+        vms: vms.clone(),
+        sessions: sessions.clone(),
+        started,
+    };
+    let app = router(
+        state,
+        config.server.max_body_bytes,
+        demo.as_ref().map(|r| (DEMO_PATH, r.clone())),
+    );
+    watch_signals(&background, shutdown.clone())?;
+    tracing::info!(%addr, backend = ?config.vm.backend, demo = config.auth.demo, "airlockd ready");
+    // A stable line on stdout that scripts and tests wait for.
+    println!("airlockd listening on {}://{addr}", server.scheme());
+    // On SIGTERM sessions and VMs start tearing down while requests drain.
+    server.run(app, shutdown.clone()).await;
+    tracing::info!("stopping: waiting for sessions and VMs");
+    sessions.shutdown().await;
+    vms.shutdown().await;
+    background.close();
+    background.wait().await;
+    tracing::info!("airlockd stopped");
+    Ok(())
+}
+
+/// Where the demo OAuth server is mounted.
+pub const DEMO_PATH: &str = "/demo/oauth";
+
+/// The demo OAuth server, when `auth.demo` is on; also points the logins'
+/// fake CLIs at it unless the config names another server.
+fn demo_oauth(
+    auth: &mut crate::config::AuthConfig,
+    scheme: &str,
+    addr: std::net::SocketAddr,
+) -> Result<Option<axum::Router>, DaemonError> {
+    if !auth.demo {
+        return Ok(None);
+    }
+    let base_url = format!("{scheme}://{addr}{DEMO_PATH}");
+    let fake = FakeOAuth::new(FakeOAuthConfig {
+        base_url: base_url.clone(),
+        ..FakeOAuthConfig::default()
+    })
+    .map_err(|e| DaemonError::Demo(e.to_string()))?;
+    auth.login_env
+        .entry("AIRLOCK_FAKE_OAUTH_URL".into())
+        .or_insert(base_url.clone());
+    tracing::warn!(%base_url, "the demo OAuth server is on (development only)");
+    Ok(Some(fake.router()))
+}
+
+fn make_backend(
+    kind: BackendKind,
+    config: &Arc<Config>,
+    background: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Arc<dyn VmBackend> {
+    match kind {
         BackendKind::Qemu => {
             let qemu = Arc::new(QemuBackend::new(
                 config.qemu.clone(),
@@ -79,8 +172,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 config.paths.state_dir.clone(),
             ));
             // Decide KVM/TCG now, so the first VM does not pay for the probe.
-            let probe = qemu.clone();
-            let stop = shutdown.clone();
+            let (probe, stop) = (qemu.clone(), shutdown.clone());
             background.spawn(async move {
                 tokio::select! { _ = probe.detect_accel() => {}, _ = stop.cancelled() => {} }
             });
@@ -90,32 +182,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             config.vm.agent_binary.clone(),
             config.vm.console_max_bytes,
         )),
-    };
-    let vms = VmManager::new(config.clone(), backend, expected, shutdown.child_token());
-    let app = router(
-        AppState {
-            vms: vms.clone(),
-            started,
-        },
-        config.server.max_body_bytes,
-    );
-    let server = Server::bind(&config.server).await?;
-    let addr = server.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.server.listen,
-        source,
-    })?;
-    watch_signals(&background, shutdown.clone())?;
-    tracing::info!(%addr, backend = ?config.vm.backend, "airlockd ready");
-    // A stable line on stdout that scripts and tests wait for.
-    println!("airlockd listening on {}://{addr}", server.scheme());
-    // On SIGTERM the VMs start tearing down while requests drain.
-    server.run(app, shutdown.clone()).await;
-    tracing::info!("stopping: waiting for VM teardown");
-    vms.shutdown().await;
-    background.close();
-    background.wait().await;
-    tracing::info!("airlockd stopped");
-    Ok(())
+    }
 }
 
 fn watch_signals(tracker: &TaskTracker, shutdown: CancellationToken) -> Result<(), DaemonError> {

@@ -50,7 +50,11 @@ pub struct BrowserInfo {
 
 /// How a CLI's login reaches the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum LoginFlow {
     /// The CLI listens on loopback; the vendor redirects the browser there.
     Loopback,
@@ -65,7 +69,11 @@ pub enum LoginFlow {
 
 /// How the agent confirms a captured credential works.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum Confirm {
     /// The login command exits 0.
     ExitCode,
@@ -88,6 +96,17 @@ pub struct CredentialSpec {
     pub required: Vec<String>,
 }
 
+/// Text to type when the CLI prints a prompt (a consent question before it
+/// opens the browser, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromptAnswer {
+    /// Substring of the CLI's output (escape sequences removed) to wait for.
+    pub when: String,
+    /// What to type, once.
+    pub send: String,
+}
+
 /// Run one provider's login.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -104,6 +123,9 @@ pub struct LoginSpec {
     pub env: Vec<String>,
     /// How the user is reached.
     pub flow: LoginFlow,
+    /// Prompts of the CLI to answer.
+    #[serde(default)]
+    pub answers: Vec<PromptAnswer>,
     /// Files that together are the credential.
     pub credentials: Vec<CredentialSpec>,
     /// How the capture is confirmed.
@@ -116,7 +138,11 @@ pub struct LoginSpec {
 
 /// One input event for the X display (XTest), in screen pixels.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum InputEvent {
     /// Move the pointer.
     MouseMove {
@@ -192,7 +218,11 @@ pub struct CapturedFile {
 
 /// Steps of a login, reported as [`crate::Event::Login`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "step", rename_all = "camelCase")]
+#[serde(
+    tag = "step",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum LoginStep {
     /// The CLI was started in a PTY.
     Started,
@@ -205,6 +235,12 @@ pub enum LoginStep {
     },
     /// The page is in front of the user; nothing to do until they act.
     WaitingForUser,
+    /// A page finished loading and rendering in the browser, its autofocus
+    /// applied: ready for the person's input (origin and path only).
+    PageLoaded {
+        /// `scheme://host/path` of the page.
+        location: String,
+    },
     /// A code was read from the vendor's page and typed into the CLI.
     CodeEntered,
     /// The vendor redirected with an OAuth error (e.g. `access_denied`).
@@ -348,6 +384,7 @@ impl LoginEvent {
         };
         long("sessionId", &self.session_id, MAX_SHORT_STRING)?;
         match &self.step {
+            LoginStep::PageLoaded { location } => long("location", location, MAX_PATH_BYTES),
             LoginStep::UrlOpened { location, via } => {
                 long("location", location, MAX_PATH_BYTES)?;
                 long("via", via, MAX_SHORT_STRING)
@@ -413,6 +450,23 @@ mod tests {
             events: vec![InputEvent::KeyDown { keysym: 0x61 }; MAX_INPUT_EVENTS + 1],
         };
         assert!(many.validate().is_err());
+    }
+
+    #[test]
+    fn struct_variant_fields_are_camel_case_too() {
+        let flow = LoginFlow::PasteCode {
+            code_selector: "#c".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&flow).unwrap(),
+            serde_json::json!({"type": "pasteCode", "codeSelector": "#c"})
+        );
+        let exit = LoginStep::CliExited {
+            exit_code: Some(1),
+            signal: None,
+            output_tail: String::new(),
+        };
+        assert_eq!(serde_json::to_value(&exit).unwrap()["exitCode"], 1);
     }
 
     #[test]

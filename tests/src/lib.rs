@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 pub mod fake_guest;
+pub mod login;
 pub mod postgres;
 pub mod stats;
 
@@ -41,6 +42,8 @@ pub struct Artifacts {
     pub initramfs: PathBuf,
     /// The image script (for variants such as a stale agent).
     pub image_script: PathBuf,
+    /// The fake vendor CLIs (`codex`, `claude`, `gemini`, ...).
+    pub fakes_dir: PathBuf,
     /// The checkout.
     pub repo: PathBuf,
 }
@@ -60,6 +63,7 @@ pub fn artifacts() -> Result<Artifacts> {
         kernel: build_dir.join("image/vmlinuz"),
         initramfs: build_dir.join("image/initramfs.cpio.gz"),
         image_script: repo.join("image/build-initramfs.sh"),
+        fakes_dir: build_dir.join("fakes"),
         build_dir,
         repo,
     };
@@ -124,6 +128,8 @@ pub struct Daemon {
     /// HTTP client.
     pub http: reqwest::Client,
     log: PathBuf,
+    /// Login sessions started through this harness (printed on failure).
+    pub sessions: std::sync::Mutex<Vec<String>>,
 }
 
 fn toml_path(p: &Path) -> String {
@@ -144,18 +150,34 @@ impl Daemon {
         let mut settings = settings
             .set("paths", "run_dir", &toml_path(&dir.path().join("run")))
             .set("paths", "state_dir", &toml_path(&dir.path().join("state")));
-        for (key, path) in [
-            ("kernel", &a.kernel),
-            ("initramfs", &a.initramfs),
-            ("agent_binary", &a.guest_bin),
-        ] {
+        let state = dir.path().join("state");
+        let defaults = [
+            ("vm", "kernel", a.kernel.clone()),
+            ("vm", "initramfs", a.initramfs.clone()),
+            ("vm", "agent_binary", a.guest_bin.clone()),
+            (
+                "auth",
+                "providers_file",
+                a.repo.join("config/providers.toml"),
+            ),
+            ("store", "key_file", state.join("store.keys")),
+        ];
+        for (section, key, path) in defaults {
             if !settings
                 .sections
-                .get("vm")
+                .get(section)
                 .is_some_and(|s| s.contains_key(key))
             {
-                settings = settings.set("vm", key, &toml_path(path));
+                settings = settings.set(section, key, &toml_path(&path));
             }
+        }
+        if !settings
+            .sections
+            .get("store")
+            .is_some_and(|s| s.contains_key("url"))
+        {
+            let db = state.join("airlock.db");
+            settings = settings.set("store", "url", &format!("\"sqlite://{}\"", db.display()));
         }
         let config = dir.path().join("airlockd.toml");
         std::fs::write(&config, settings.render())?;
@@ -184,6 +206,7 @@ impl Daemon {
             }
         });
         let mut daemon = Self {
+            sessions: std::sync::Mutex::default(),
             pid,
             exited,
             exit: None,

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use chromiumoxide::cdp::browser_protocol::page::{EventFrameNavigated, NavigateParams};
+use chromiumoxide::cdp::browser_protocol::page::{
+    EventFrameNavigated, EventLoadEventFired, NavigateParams,
+};
 use chromiumoxide::handler::HandlerConfig;
 use chromiumoxide::{Browser, Page};
 use futures_util::stream::BoxStream;
@@ -60,8 +62,10 @@ impl Cdp {
         // Owned by the connection: the stream ends when the socket closes.
         tokio::spawn(async move {
             while let Some(item) = handler.next().await {
-                if let Err(e) = item {
-                    tracing::debug!(error = %e, "DevTools message skipped");
+                // Not the error itself: it can quote the message, and
+                // messages carry URLs with tokens in them.
+                if item.is_err() {
+                    tracing::debug!("a DevTools message could not be parsed and was skipped");
                 }
             }
             done.cancel();
@@ -107,6 +111,35 @@ impl Cdp {
         Ok(events
             .filter_map(|e| async move { e.frame.parent_id.is_none().then(|| e.frame.url.clone()) })
             .boxed())
+    }
+
+    /// Fires each time the tab finishes loading a page (its load event).
+    pub async fn loads(&self) -> Result<BoxStream<'static, ()>, CdpError> {
+        let events = self
+            .page
+            .event_listener::<EventLoadEventFired>()
+            .await
+            .map_err(proto)?;
+        Ok(events.map(|_| ()).boxed())
+    }
+
+    /// Waits until the page has rendered twice after its load event, by
+    /// which time `autofocus` has been applied (Chromium applies it in a
+    /// rendering update, which can come after `load`): keys typed from then
+    /// on reach the focused field. Bounded: gives up after 2 s.
+    pub async fn settle(&self) {
+        let frames =
+            "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))";
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.page.evaluate_expression(frames),
+        )
+        .await;
+    }
+
+    /// The tab's current URL.
+    pub async fn current_url(&self) -> Option<String> {
+        self.page.url().await.ok().flatten()
     }
 
     /// The trimmed text of the first element matching `selector`, as soon
@@ -161,14 +194,9 @@ fn wait_script(selector: &str) -> String {
     )
 }
 
-/// The browser's existing tab (it starts with one on about:blank).
+/// The one tab the person sees. Chromium starts without a window
+/// (`--no-startup-window`), so this creates it and nothing else is open.
 async fn first_page(browser: &mut Browser) -> Result<Page, CdpError> {
-    let targets = browser.fetch_targets().await.map_err(proto)?;
-    if let Some(t) = targets.into_iter().find(|t| t.r#type == "page") {
-        if let Ok(page) = browser.get_page(t.target_id).await {
-            return Ok(page);
-        }
-    }
     browser
         .new_page("about:blank")
         .await

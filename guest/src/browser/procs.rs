@@ -114,6 +114,18 @@ fn spawn(
     cmd.stdin(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: runs in the forked child before exec; prctl is
+    // async-signal-safe. If the agent dies (as a host process it can be
+    // killed on its own), the kernel kills this child instead of leaving
+    // an orphaned browser or display behind.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let (mut child, exit) = reaper.spawn(cmd).map_err(|source| ProcError::Spawn {
         program: name.into(),
         source,
@@ -211,6 +223,8 @@ pub fn chromium_args(spec: &BrowserSpec, profile: &Path, as_root: bool) -> Vec<S
         "--remote-debugging-port=0",
         "--window-position=0,0",
         "--lang=en-US",
+        // The one window is opened over DevTools: no stray startup tab.
+        "--no-startup-window",
     ]
     .map(String::from)
     .to_vec();
@@ -225,7 +239,6 @@ pub fn chromium_args(spec: &BrowserSpec, profile: &Path, as_root: bool) -> Vec<S
         args.push(format!("--proxy-server={proxy}"));
     }
     args.extend(spec.extra_args.iter().cloned());
-    args.push("about:blank".into());
     args
 }
 
@@ -244,6 +257,8 @@ pub async fn start_chromium(
     let _ = std::fs::remove_dir_all(profile);
     std::fs::create_dir_all(profile)
         .map_err(|e| not_ready(format!("cannot create its profile: {e}")))?;
+    write_preferences(profile)
+        .map_err(|e| not_ready(format!("cannot write its preferences: {e}")))?;
     // Watch before starting so the port file cannot be missed.
     let watch = Inotify::init()
         .and_then(|i| {
@@ -284,6 +299,20 @@ pub async fn start_chromium(
         },
         status = sup.wait() => Err(not_ready(format!("it exited ({status:?}): {}", sup.last_error_line()))),
     }
+}
+
+/// A throwaway browser offers to save nothing: no password manager or
+/// autofill bubbles (they would also take keyboard focus from the page).
+fn write_preferences(profile: &Path) -> std::io::Result<()> {
+    let prefs = serde_json::json!({
+        "credentials_enable_service": false,
+        "profile": { "password_manager_enabled": false, "exit_type": "Normal" },
+        "autofill": { "profile_enabled": false, "credit_card_enabled": false },
+        "translate": { "enabled": false },
+    });
+    let dir = profile.join("Default");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("Preferences"), prefs.to_string())
 }
 
 /// `ws://127.0.0.1:<port><path>` from a complete `DevToolsActivePort`.

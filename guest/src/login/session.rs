@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::opener::{install_shims, OpenerListener, SOCKET_ENV};
 use super::pty::{self, PtyChild};
-use super::text::{expand, find_auth_url, location, strip_ansi};
+use super::text::{auth_urls, expand, location, redirects_to_hosted_page, strip_ansi};
 use super::watch::{CredentialWatch, WatchSpec};
 use crate::browser::BrowserRole;
 use crate::process::{ExitInfo, Reaper};
@@ -54,11 +54,13 @@ type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// removes its directory (with any credential copy) at the end.
 pub async fn run(spec: LoginSpec, ctx: LoginCtx, cancel: CancellationToken) {
     let dir = ctx.state_dir.join("logins").join(&spec.session_id);
+    let answered = vec![false; spec.answers.len()];
     let mut login = Login {
         spec,
         ctx,
         sent: false,
         tail: String::new(),
+        answered,
     };
     if let Err(reason) = login.drive(&dir, &cancel).await {
         if !cancel.is_cancelled() {
@@ -73,6 +75,17 @@ struct Login {
     ctx: LoginCtx,
     sent: bool,
     tail: String,
+    /// Which of the spec's prompt answers were typed.
+    answered: Vec<bool>,
+}
+
+/// What the login watches in the browser's tab.
+struct Pages {
+    cdp: Arc<crate::browser::cdp::Cdp>,
+    /// Main-frame URLs (OAuth error redirects).
+    navigations: futures_util::stream::BoxStream<'static, String>,
+    /// Page loads (progress the person can see).
+    loads: futures_util::stream::BoxStream<'static, ()>,
 }
 
 /// The environment and paths of one login.
@@ -155,12 +168,16 @@ impl Login {
             .display_name()
             .ok_or("the display is not running")?;
         let mut p = self.prepare(dir, &display)?;
-        let mut navigations = cdp.navigations().await.map_err(|e| e.to_string())?;
+        let mut pages = Pages {
+            navigations: cdp.navigations().await.map_err(|e| e.to_string())?,
+            loads: cdp.loads().await.map_err(|e| e.to_string())?,
+            cdp,
+        };
         let mut child = pty::spawn(&self.ctx.reaper, &self.spec.argv, &p.env, &p.home)
             .map_err(|e| format!("cannot start {:?}: {e}", self.spec.argv[0]))?;
         self.report(LoginStep::Started).await;
         let result = self
-            .event_loop(&mut p, &mut child, &mut navigations, cancel)
+            .event_loop(&mut p, &mut child, &mut pages, cancel)
             .await;
         let _ = killpg(child.pid, Signal::SIGKILL);
         result
@@ -171,7 +188,7 @@ impl Login {
         &mut self,
         p: &mut Prepared,
         child: &mut PtyChild,
-        navigations: &mut (impl futures_util::Stream<Item = String> + Unpin),
+        pages: &mut Pages,
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let mut buf = vec![0u8; 8192];
@@ -186,17 +203,20 @@ impl Login {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 url = p.opener.next_url() => {
-                    if let (Ok(url), false) = (url, opened) {
-                        opened = true;
-                        output_url = None;
-                        code = self.open(&url, "shim", cancel).await?;
+                    if let Ok(url) = url {
+                        if !opened && self.acceptable(&url) {
+                            opened = true;
+                            output_url = None;
+                            code = self.open(&url, "shim", cancel).await?;
+                        }
                     }
                 }
                 n = child.pty.read(&mut buf), if pty_open => match n {
                     Ok(n) if n > 0 => {
                         self.keep_tail(&buf[..n]);
+                        self.answer_prompts(child).await?;
                         if !opened && output_url.is_none() {
-                            if let Some(url) = find_auth_url(&self.tail) {
+                            if let Some(url) = auth_urls(&self.tail).into_iter().find(|u| self.acceptable(u)) {
                                 output_url = Some((url, Box::pin(tokio::time::sleep(SHIM_GRACE))));
                             }
                         }
@@ -215,7 +235,13 @@ impl Login {
                         self.report(LoginStep::CodeEntered).await;
                     }
                 }
-                Some(url) = navigations.next(), if !denied => {
+                Some(()) = pages.loads.next() => {
+                    pages.cdp.settle().await;
+                    if let Some(url) = pages.cdp.current_url().await {
+                        self.report(LoginStep::PageLoaded { location: location(&url) }).await;
+                    }
+                }
+                Some(url) = pages.navigations.next(), if !denied => {
                     if let Some((error, description)) = oauth_error(&url) {
                         denied = true;
                         self.report(LoginStep::Denied { error, description }).await;
@@ -277,6 +303,32 @@ impl Login {
             let cdp = role.cdp(Duration::from_secs(30)).await.ok()?;
             cdp.wait_for_text(&selector, &cancel).await
         })))
+    }
+
+    /// Whether to open `url`. A paste-code flow opens only the URL that
+    /// leads to the vendor's page showing the code (its `redirect_uri` is
+    /// not the CLI's loopback server): some CLIs hand the browser a loopback
+    /// URL first and keep the hosted page as their fallback.
+    fn acceptable(&self, url: &str) -> bool {
+        match self.spec.flow {
+            LoginFlow::PasteCode { .. } => redirects_to_hosted_page(url),
+            _ => true,
+        }
+    }
+
+    /// Types the answer to each configured prompt the CLI has printed.
+    async fn answer_prompts(&mut self, child: &mut PtyChild) -> Result<(), String> {
+        for (i, a) in self.spec.answers.iter().enumerate() {
+            if !self.answered[i] && self.tail.contains(&a.when) {
+                self.answered[i] = true;
+                child
+                    .pty
+                    .write_all(a.send.as_bytes())
+                    .await
+                    .map_err(|e| format!("cannot answer the CLI's prompt: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     fn keep_tail(&mut self, bytes: &[u8]) {

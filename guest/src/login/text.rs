@@ -44,23 +44,42 @@ pub fn strip_ansi(input: &str) -> String {
     out
 }
 
-/// The first URL in `text` that looks like an authorization or device
-/// verification page on a remote host. URLs of the CLI's own loopback
-/// server are never returned: opening one would be a stray request, which
-/// some CLIs (Gemini) treat as fatal.
-pub fn find_auth_url(text: &str) -> Option<String> {
+/// URLs in `text` that look like an authorization or device verification
+/// page on a remote host, in order. URLs of the CLI's own loopback server
+/// are never returned: opening one would be a stray request, which some
+/// CLIs (Gemini) treat as fatal.
+pub fn auth_urls(text: &str) -> Vec<String> {
     text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
         .filter(|w| w.starts_with("https://") || w.starts_with("http://"))
         .map(|w| w.trim_end_matches(['.', ',', ')', ']', ';']))
         .filter_map(|w| url::Url::parse(w).ok())
         .filter(|u| !is_loopback(u))
-        .find(|u| {
+        .filter(|u| {
             let q = u.query().unwrap_or("");
             q.contains("client_id=")
                 || u.path().contains("authorize")
                 || u.path().contains("device")
         })
         .map(|u| u.to_string())
+        .collect()
+}
+
+/// True when the URL's `redirect_uri` points at a hosted page (the page
+/// that shows a paste-code flow's code) rather than at the CLI's own
+/// loopback server: the redirect goes to the authorization server's own
+/// origin, or anywhere off this machine.
+pub fn redirects_to_hosted_page(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    let redirect = u
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned());
+    let Some(r) = redirect.and_then(|r| url::Url::parse(&r).ok()) else {
+        return false;
+    };
+    r.origin() == u.origin() || !is_loopback(&r)
 }
 
 /// True for URLs on this machine (localhost, 127.0.0.0/8, ::1).
@@ -77,12 +96,15 @@ pub fn is_loopback(u: &url::Url) -> bool {
 /// (which carries state and PKCE values), for events and logs.
 pub fn location(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(u) => format!(
-            "{}://{}{}",
-            u.scheme(),
-            u.host_str().unwrap_or(""),
-            u.path()
-        ),
+        Ok(u) => {
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!(
+                "{}://{}{port}{}",
+                u.scheme(),
+                u.host_str().unwrap_or(""),
+                u.path()
+            )
+        }
         Err(_) => "<unparsable URL>".into(),
     }
 }
@@ -131,14 +153,24 @@ mod tests {
                    If your browser did not open, navigate to this URL:\n\n\
                    https://auth.example.com/oauth/authorize?response_type=code&client_id=abc&state=xyz.\n";
         assert_eq!(
-            find_auth_url(out).as_deref(),
-            Some("https://auth.example.com/oauth/authorize?response_type=code&client_id=abc&state=xyz")
+            auth_urls(out),
+            vec!["https://auth.example.com/oauth/authorize?response_type=code&client_id=abc&state=xyz".to_string()]
         );
-        assert_eq!(
-            find_auth_url("see http://127.0.0.1:8080/authorize?client_id=1"),
-            None
-        );
-        assert_eq!(find_auth_url("docs at https://example.com/help"), None);
+        assert!(auth_urls("see http://127.0.0.1:8080/authorize?client_id=1").is_empty());
+        assert!(auth_urls("docs at https://example.com/help").is_empty());
+    }
+
+    #[test]
+    fn hosted_page_redirects_are_told_from_loopback_ones() {
+        let hosted =
+            "https://a.b/authorize?client_id=c&redirect_uri=https%3A%2F%2Fa.b%2Fcode%2Fcallback";
+        let loopback =
+            "https://a.b/authorize?client_id=c&redirect_uri=http%3A%2F%2Flocalhost%3A5%2Fcallback";
+        assert!(redirects_to_hosted_page(hosted));
+        assert!(!redirects_to_hosted_page(loopback));
+        assert!(!redirects_to_hosted_page(
+            "https://a.b/authorize?client_id=c"
+        ));
     }
 
     #[test]
@@ -146,6 +178,10 @@ mod tests {
         assert_eq!(
             location("https://a.b/oauth/authorize?state=secret"),
             "https://a.b/oauth/authorize"
+        );
+        assert_eq!(
+            location("http://127.0.0.1:4000/x?code=1"),
+            "http://127.0.0.1:4000/x"
         );
     }
 

@@ -28,6 +28,17 @@ use super::guestlog::GuestLog;
 /// Requests waiting for the writer.
 const OUTBOX: usize = 64;
 
+/// How a connection behaves beyond request/response.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// A connection silent for this long (no heartbeat) is dropped, so a
+    /// hung agent with its socket still open is noticed.
+    pub silence_limit: Option<Duration>,
+    /// Where login, credential and browser events go (the session that owns
+    /// the VM); without one they are dropped.
+    pub events: Option<mpsc::Sender<Event>>,
+}
+
 /// A request to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -62,18 +73,15 @@ type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>;
 
 impl AgentClient {
     /// Starts the connection's tasks on `tracker`; they end when the
-    /// connection fails, `closed` is cancelled, or (with `silence_limit`)
-    /// the agent sends nothing, not even a heartbeat, for that long: a hung
-    /// agent with its socket still open is then noticed and the VM waits for
-    /// it to dial again.
+    /// connection fails, `closed` is cancelled, or the agent is silent past
+    /// `opts.silence_limit` (the VM then waits for it to dial again).
     pub(crate) fn start(
-        reader: Reader,
-        writer: Writer,
+        (reader, writer): (Reader, Writer),
         hello: Hello,
         log: Arc<GuestLog>,
         tracker: &TaskTracker,
         closed: CancellationToken,
-        silence_limit: Option<Duration>,
+        opts: &ClientOptions,
     ) -> Self {
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let inner = Arc::new(Inner {
@@ -84,7 +92,7 @@ impl AgentClient {
             hello,
         });
         tracker.spawn(write_loop(writer, rx, inner.closed.clone()));
-        tracker.spawn(read_loop(reader, inner.clone(), log, silence_limit));
+        tracker.spawn(read_loop(reader, inner.clone(), log, opts.clone()));
         Self { inner }
     }
 
@@ -166,12 +174,8 @@ async fn write_loop(
     closed.cancel();
 }
 
-async fn read_loop(
-    mut reader: Reader,
-    inner: Arc<Inner>,
-    log: Arc<GuestLog>,
-    silence_limit: Option<Duration>,
-) {
+async fn read_loop(mut reader: Reader, inner: Arc<Inner>, log: Arc<GuestLog>, opts: ClientOptions) {
+    let silence_limit = opts.silence_limit;
     let why = loop {
         let silence = async {
             match silence_limit {
@@ -196,8 +200,10 @@ async fn read_loop(
             Ok(m) => m,
             Err(e) => break Some(format!("dropped the agent connection: {e}")),
         };
-        if let Err(violation) = handle(&inner, &log, msg) {
-            break Some(format!("dropped the agent connection: {violation}"));
+        match handle(&inner, &log, msg) {
+            Err(violation) => break Some(format!("dropped the agent connection: {violation}")),
+            Ok(Some(event)) => forward(&opts, &log, event).await,
+            Ok(None) => {}
         }
     };
     if let Some(why) = why {
@@ -212,8 +218,22 @@ async fn read_loop(
         .clear();
 }
 
-/// Routes one message; an `Err` is a protocol violation.
-fn handle(inner: &Inner, log: &GuestLog, msg: GuestMessage) -> Result<(), String> {
+/// Hands a session event to the VM's owner. Awaited: a slow owner slows
+/// the guest down rather than losing a credential.
+async fn forward(opts: &ClientOptions, log: &GuestLog, event: Event) {
+    match &opts.events {
+        Some(sink) => {
+            if sink.send(event).await.is_err() {
+                log.note("a session event arrived after its session ended; dropped");
+            }
+        }
+        None => log.note("a session event arrived for a VM without a session; dropped"),
+    }
+}
+
+/// Routes one message: `Ok(Some(event))` for events the VM's owner takes,
+/// `Err` for a protocol violation.
+fn handle(inner: &Inner, log: &GuestLog, msg: GuestMessage) -> Result<Option<Event>, String> {
     match msg {
         GuestMessage::Response(Response { id, result }) => {
             if let Outcome::Ok(Reply::Exec(r)) = &result {
@@ -246,7 +266,19 @@ fn handle(inner: &Inner, log: &GuestLog, msg: GuestMessage) -> Result<(), String
             ));
         }
         GuestMessage::Event(Event::Ready(_)) => {}
+        GuestMessage::Event(Event::Login(e)) => {
+            e.validate().map_err(|e| e.to_string())?;
+            return Ok(Some(Event::Login(e)));
+        }
+        // Bounds per file are checked here; the owner checks them against
+        // its provider's file list.
+        GuestMessage::Event(Event::Credential(c)) => {
+            c.validate(airlock_proto::MAX_CREDENTIAL_FILES)
+                .map_err(|e| e.to_string())?;
+            return Ok(Some(Event::Credential(c)));
+        }
+        GuestMessage::Event(e @ Event::Browser(_)) => return Ok(Some(e)),
         GuestMessage::Hello(_) => return Err("a second hello on a live connection".into()),
     }
-    Ok(())
+    Ok(None)
 }

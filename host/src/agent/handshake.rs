@@ -17,7 +17,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::client::AgentClient;
+use super::client::{AgentClient, ClientOptions};
 use super::codec::{CodecError, FrameCodec};
 use super::guestlog::GuestLog;
 use crate::image::ExpectedAgent;
@@ -37,8 +37,8 @@ pub struct HandshakeConfig {
     pub ready_timeout: Duration,
     /// Config sent in the welcome.
     pub guest: GuestConfig,
-    /// A connection silent for this long (no heartbeat) is dropped.
-    pub silence_limit: Option<Duration>,
+    /// Silence limit and event sink of the connection.
+    pub client: ClientOptions,
 }
 
 /// An agent that completed the handshake.
@@ -138,13 +138,12 @@ pub async fn handshake(
         })??;
     let ready_at = Instant::now();
     let client = AgentClient::start(
-        reader,
-        writer,
+        (reader, writer),
         hello.clone(),
         log,
         tracker,
         cancel.child_token(),
-        cfg.silence_limit,
+        &cfg.client,
     );
     Ok(Accepted {
         client,

@@ -69,6 +69,23 @@ fn agent_status(e: &AgentError) -> StatusCode {
     }
 }
 
+impl From<crate::session::SessionError> for ApiError {
+    fn from(e: crate::session::SessionError) -> Self {
+        use crate::session::SessionError as E;
+        let status = match &e {
+            E::NotFound(_) => StatusCode::NOT_FOUND,
+            E::UnknownProvider { .. } | E::Invalid(_) => StatusCode::BAD_REQUEST,
+            E::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::NoBrowser { .. } => StatusCode::CONFLICT,
+            E::Vm(vm) => vm_status(vm),
+        };
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         Self {
@@ -92,11 +109,15 @@ impl IntoResponse for ApiError {
 /// `{"error": "..."}`, keeping their status.
 pub async fn json_errors(response: Response) -> Response {
     let status = response.status();
-    let is_json = response
+    // JSON is already in shape; HTML is a page meant for a browser (the
+    // demo OAuth server's error pages).
+    let keep = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
+    if !(status.is_client_error() || status.is_server_error()) || keep {
         return response;
     }
     let (mut parts, body) = response.into_parts();

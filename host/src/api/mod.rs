@@ -3,6 +3,7 @@
 //! `{"error": "..."}` (see [`error`]). Built by the daemon and served by
 //! [`crate::server`].
 
+pub mod auth;
 pub mod error;
 pub mod vms;
 
@@ -21,19 +22,33 @@ use crate::vm::VmManager;
 pub struct AppState {
     /// The VMs.
     pub vms: VmManager,
+    /// Login sessions.
+    pub sessions: crate::session::Sessions,
     /// When the daemon started.
     pub started: Instant,
 }
 
-/// Builds the router.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+/// Builds the router; `extra` is mounted beside the API (the demo OAuth
+/// server, when on).
+pub fn router(state: AppState, max_body_bytes: usize, extra: Option<(&str, Router)>) -> Router {
+    let mut router = Router::new();
+    if let Some((path, service)) = extra {
+        router = router.nest_service(path, service);
+    }
+    router
         .route("/health", get(health))
         .route("/api/vms", post(vms::create).get(vms::list))
         .route("/api/vms/{id}", get(vms::get).delete(vms::delete))
         .route("/api/vms/{id}/exec", post(vms::exec))
         .route("/api/vms/{id}/files", get(vms::get_file).put(vms::put_file))
         .route("/api/vms/{id}/status", get(vms::status))
+        .route("/api/auth/start", post(auth::start))
+        .route("/api/auth/providers", get(auth::providers))
+        .route("/api/auth/session/{id}", get(auth::get))
+        .route("/api/auth/session/{id}/events", get(auth::events))
+        .route("/api/auth/session/{id}/cancel", post(auth::cancel))
+        .route("/api/auth/session/{id}/input", post(auth::input))
+        .route("/api/auth/session/{id}/screenshot", get(auth::screenshot))
         .fallback(not_found)
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -57,6 +72,8 @@ pub struct Health {
     vms: usize,
     #[serde(flatten)]
     backend: BackendInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    browser_backend: Option<BackendInfo>,
 }
 
 async fn health(State(app): State<AppState>) -> Json<Health> {
@@ -66,5 +83,6 @@ async fn health(State(app): State<AppState>) -> Json<Health> {
         uptime_ms: app.started.elapsed().as_millis() as u64,
         vms: app.vms.list().len(),
         backend: app.vms.backend_info(),
+        browser_backend: app.vms.browser_backend_info(),
     })
 }

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use airlock_proto::{Operation, Reply};
+use airlock_proto::{Event, Operation, Reply};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,6 +88,9 @@ pub struct VmView {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The user it belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The agent's version, once it said hello.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
@@ -153,6 +156,9 @@ pub enum VmError {
 pub struct CreateVm {
     /// What it is for.
     pub kind: VmKind,
+    /// The user the VM belongs to (a CLI VM receives that user's
+    /// credentials).
+    pub user_id: Option<String>,
     /// Memory (MiB); the configured default when absent.
     pub memory_mib: Option<u32>,
     /// vCPUs; the configured default when absent.
@@ -165,8 +171,22 @@ struct VmHandle {
     view: watch::Sender<VmView>,
     /// The connected agent; `None` while booting or reconnecting.
     agent: watch::Sender<Option<AgentClient>>,
+    /// Where the agent's session events go (the session that owns it).
+    events: Option<mpsc::Sender<Event>>,
+    /// Set by [`VmManager::delete_keeping_logs`]: keep the logs of this
+    /// stopped VM, with this reason.
+    keep_logs: Mutex<Option<String>>,
     stop: CancellationToken,
     finished: CancellationToken,
+}
+
+impl Inner {
+    fn backend_for(&self, kind: VmKind) -> &Arc<dyn VmBackend> {
+        match (kind, &self.browser_backend) {
+            (VmKind::Browser, Some(b)) => b,
+            _ => &self.backend,
+        }
+    }
 }
 
 impl VmHandle {
@@ -183,6 +203,11 @@ impl VmHandle {
 struct Inner {
     config: Arc<Config>,
     backend: Arc<dyn VmBackend>,
+    /// Backend of browser VMs when it differs (the browser role as a host
+    /// process while CLI VMs are QEMU, in development and CI).
+    browser_backend: Option<Arc<dyn VmBackend>>,
+    /// Every change of every VM, for whoever needs to react to one.
+    states: broadcast::Sender<VmView>,
     expected: Arc<ExpectedAgent>,
     vms: Mutex<BTreeMap<String, Arc<VmHandle>>>,
     tracker: TaskTracker,
@@ -201,14 +226,16 @@ impl VmManager {
     /// then waits for the teardown to finish.
     pub fn new(
         config: Arc<Config>,
-        backend: Arc<dyn VmBackend>,
+        backends: (Arc<dyn VmBackend>, Option<Arc<dyn VmBackend>>),
         expected: ExpectedAgent,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
-                backend,
+                backend: backends.0,
+                browser_backend: backends.1,
+                states: broadcast::channel(256).0,
                 expected: Arc::new(expected),
                 vms: Mutex::default(),
                 tracker: TaskTracker::new(),
@@ -236,10 +263,32 @@ impl VmManager {
         self.inner.backend.info()
     }
 
+    /// Facts about the browser VMs' backend, when it differs.
+    pub fn browser_backend_info(&self) -> Option<BackendInfo> {
+        self.inner.browser_backend.as_ref().map(|b| b.info())
+    }
+
     /// Starts a VM; it boots in the background (state `booting`).
     pub fn create(&self, req: CreateVm) -> Result<VmView, VmError> {
+        self.create_with(req, None)
+    }
+
+    /// Starts a VM whose agent's session events (logins, credentials,
+    /// browser state) go to `events`.
+    pub fn create_with(
+        &self,
+        req: CreateVm,
+        events: Option<mpsc::Sender<Event>>,
+    ) -> Result<VmView, VmError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(VmError::ShuttingDown);
+        }
+        if let Some(user) = &req.user_id {
+            if user.is_empty() || user.len() > 128 || user.chars().any(char::is_control) {
+                return Err(VmError::Invalid(
+                    "userId must be 1 to 128 printable characters".into(),
+                ));
+            }
         }
         let cfg = &self.inner.config.vm;
         let memory_mib = req.memory_mib.unwrap_or(cfg.default_memory_mib);
@@ -262,6 +311,7 @@ impl VmManager {
             kind: req.kind,
             state: VmState::Booting,
             error: None,
+            owner: req.user_id.clone(),
             agent_version: None,
             agent_build_id: None,
             memory_mib,
@@ -275,6 +325,8 @@ impl VmManager {
         let handle = Arc::new(VmHandle {
             view: watch::channel(view.clone()).0,
             agent: watch::channel(None).0,
+            events,
+            keep_logs: Mutex::new(None),
             stop: self.inner.shutdown.child_token(),
             finished: CancellationToken::new(),
         });
@@ -320,6 +372,33 @@ impl VmManager {
         }
         let view = rx.borrow().clone();
         Ok(view)
+    }
+
+    /// Like [`VmManager::delete`], but keeps the VM's console and agent
+    /// logs (with `reason`), for a VM whose work failed although the VM
+    /// itself did not.
+    pub async fn delete_keeping_logs(&self, id: &str, reason: &str) -> Result<VmView, VmError> {
+        let handle = self.handle(id)?;
+        *handle
+            .keep_logs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason.to_string());
+        self.delete(id).await
+    }
+
+    /// The newest booting or ready VM of `kind` that belongs to `owner`.
+    pub fn find_owned(&self, kind: VmKind, owner: &str) -> Option<VmView> {
+        self.vms()
+            .values()
+            .map(|h| h.view.borrow().clone())
+            .filter(|v| v.kind == kind && v.owner.as_deref() == Some(owner))
+            .filter(|v| matches!(v.state, VmState::Booting | VmState::Ready))
+            .max_by(|a, b| a.created_at.cmp(&b.created_at))
+    }
+
+    /// Every later change of every VM.
+    pub fn subscribe_states(&self) -> broadcast::Receiver<VmView> {
+        self.inner.states.subscribe()
     }
 
     /// Stops the VM, removes its files and forgets it; returns its last view.

@@ -6,7 +6,7 @@
 
 use std::future::pending;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use airlock_proto::{GuestConfig, Operation};
@@ -22,6 +22,7 @@ use super::{Inner, VmHandle, VmState, VmView};
 use crate::agent::guestlog::GuestLog;
 use crate::agent::handshake::{Accepted, HandshakeConfig};
 use crate::agent::listener::{spawn_acceptor, AgentEvent};
+use crate::agent::ClientOptions;
 
 /// How a VM's life ended.
 #[derive(Debug)]
@@ -65,6 +66,7 @@ impl Supervisor {
 
     fn update(&self, f: impl FnOnce(&mut VmView)) {
         self.handle.view.send_modify(f);
+        let _ = self.inner.states.send(self.handle.view.borrow().clone());
     }
 
     pub(super) async fn run(self) {
@@ -93,8 +95,11 @@ impl Supervisor {
             hello_timeout: Duration::from_millis(vm.hello_timeout_ms),
             ready_timeout: Duration::from_millis(vm.ready_timeout_ms),
             // Four missed heartbeats: generous for a vCPU starved under TCG.
-            silence_limit: (vm.heartbeat_interval_ms > 0)
-                .then(|| Duration::from_millis(vm.heartbeat_interval_ms * 4)),
+            client: ClientOptions {
+                silence_limit: (vm.heartbeat_interval_ms > 0)
+                    .then(|| Duration::from_millis(vm.heartbeat_interval_ms * 4)),
+                events: self.handle.events.clone(),
+            },
             guest: GuestConfig {
                 heartbeat_interval_ms: vm.heartbeat_interval_ms,
                 log_level: vm.guest_log_level.clone(),
@@ -146,7 +151,7 @@ impl Supervisor {
             agent_port: cfg.agent_port,
         };
         let mut vm = tokio::select! {
-            r = self.inner.backend.launch(&spec) => match r {
+            r = self.inner.backend_for(self.handle.view.borrow().kind).launch(&spec) => match r {
                 Ok(vm) => vm,
                 Err(e) => return (Outcome::Failed(format!("cannot start the VM: {e}")), None),
             },
@@ -273,12 +278,26 @@ impl Supervisor {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        match outcome {
-            Outcome::Stopped => self.update(|v| {
+        let keep = self
+            .handle
+            .keep_logs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        match (outcome, keep) {
+            (Outcome::Stopped, None) => self.update(|v| {
                 v.state = VmState::Stopped;
                 v.vmm_pid = None;
             }),
-            Outcome::Failed(reason) => self.fail(&reason, &tail, dir),
+            (Outcome::Stopped, Some(reason)) => {
+                let kept = self.keep_logs(dir, &format!("{reason} (VM stopped on request)"));
+                self.update(|v| {
+                    v.state = VmState::Stopped;
+                    v.vmm_pid = None;
+                    v.logs_dir = kept;
+                });
+            }
+            (Outcome::Failed(reason), _) => self.fail(&reason, &tail, dir),
         }
         if let Err(e) = dir.remove() {
             tracing::warn!(vm_id = %self.id, error = %e, "cannot remove the VM directory");
@@ -291,18 +310,24 @@ impl Supervisor {
         } else {
             format!("{reason}\n--- last console lines ---\n{tail}")
         };
-        let failed_dir = self.inner.config.paths.state_dir.join("failed-vms");
-        let kept = dir.keep_logs(&failed_dir, &error);
-        if let Err(e) = &kept {
-            tracing::warn!(vm_id = %self.id, error = %e, "cannot keep the logs of a failed VM");
-        }
-        prune_failed(&failed_dir, self.inner.config.vm.failed_logs_keep);
+        let kept = self.keep_logs(dir, &error);
         tracing::warn!(vm_id = %self.id, reason, "VM failed");
         self.update(|v| {
             v.state = VmState::Failed;
             v.error = Some(error);
             v.vmm_pid = None;
-            v.logs_dir = kept.ok().map(|p| p.display().to_string());
+            v.logs_dir = kept;
         });
+    }
+
+    /// Moves the VM's logs to `<state_dir>/failed-vms/<id>/`.
+    fn keep_logs(&self, dir: &VmDir, why: &str) -> Option<String> {
+        let failed_dir = self.inner.config.paths.state_dir.join("failed-vms");
+        let kept = dir.keep_logs(&failed_dir, why);
+        if let Err(e) = &kept {
+            tracing::warn!(vm_id = %self.id, error = %e, "cannot keep the logs of a VM");
+        }
+        prune_failed(&failed_dir, self.inner.config.vm.failed_logs_keep);
+        kept.ok().map(|p| p.display().to_string())
     }
 }

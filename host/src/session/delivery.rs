@@ -1,0 +1,256 @@
+//! Delivery of stored credentials into users' CLI VMs. Right after a
+//! session stores its credential, it goes to the user's CLI VM (created
+//! on demand): each file written atomically with mode 0600 through the
+//! agent, then read back and compared by hash. A CLI VM that is not up in
+//! time leaves the credential stored; a background task delivers it when a
+//! CLI VM of that user becomes ready. Called by [`super::run`]; the watcher
+//! is started by [`super::Sessions::new`].
+
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use airlock_proto::limits::MAX_FILE_BYTES;
+use airlock_proto::{Operation, ReadFileRequest, Reply, WriteFileRequest};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Inner, SessionHandle, SessionState};
+use crate::store::CredentialBundle;
+use crate::vm::{CreateVm, VmKind, VmState};
+
+/// Why a delivery did not happen.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    /// No CLI VM is up: it will be delivered later.
+    #[error("{0}")]
+    Pending(String),
+    /// Writing or verifying failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Holds a credential id in the set of deliveries in flight while it
+/// lives, so a session and the watcher never deliver the same record at
+/// the same time.
+struct Claim<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    id: String,
+}
+
+impl<'a> Claim<'a> {
+    fn take(set: &'a Mutex<HashSet<String>>, id: &str) -> Option<Self> {
+        let fresh = set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_string());
+        fresh.then(|| Self {
+            set,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+fn sha(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Delivers a session's new credential and moves the session on.
+pub(super) async fn deliver_for_session(
+    ctx: &Inner,
+    h: &SessionHandle,
+    user: &str,
+    credential_id: &str,
+    bundle: &CredentialBundle,
+) {
+    let Some(_claim) = Claim::take(&ctx.delivering, credential_id) else {
+        return;
+    };
+    let timeout = Duration::from_millis(ctx.cfg.delivery_timeout_ms);
+    match deliver(ctx, user, credential_id, bundle, timeout).await {
+        Ok(vm) => completed(ctx, h, &vm),
+        Err(DeliveryError::Pending(why)) => ctx.record(h, None, "deliveryPending", Some(why)),
+        Err(DeliveryError::Failed(why)) => {
+            h.view.send_modify(|v| v.error = Some(why.clone()));
+            ctx.record(h, Some(SessionState::Failed), "state", Some(why));
+            ctx.ended(&h.view().session_id);
+        }
+    }
+}
+
+fn completed(ctx: &Inner, h: &SessionHandle, vm: &str) {
+    h.view.send_modify(|v| v.cli_vm_id = Some(vm.to_string()));
+    ctx.record(
+        h,
+        Some(SessionState::Delivered),
+        "state",
+        Some(format!("written to CLI VM {vm} and verified")),
+    );
+    ctx.record(h, Some(SessionState::Completed), "state", None);
+    ctx.ended(&h.view().session_id);
+}
+
+async fn deliver(
+    ctx: &Inner,
+    user: &str,
+    credential_id: &str,
+    bundle: &CredentialBundle,
+    timeout: Duration,
+) -> Result<String, DeliveryError> {
+    let started = Instant::now();
+    let vm = match ctx.vms.find_owned(VmKind::Cli, user) {
+        Some(vm) => vm,
+        None => {
+            let req = CreateVm {
+                kind: VmKind::Cli,
+                user_id: Some(user.into()),
+                memory_mib: None,
+                vcpus: None,
+            };
+            ctx.vms.create(req).map_err(|e| {
+                DeliveryError::Pending(format!(
+                    "cannot create a CLI VM: {e}; the credential stays stored"
+                ))
+            })?
+        }
+    };
+    let settled = ctx
+        .vms
+        .wait_for(
+            &vm.id,
+            &[VmState::Ready, VmState::Failed, VmState::Stopped],
+            timeout.saturating_sub(started.elapsed()),
+        )
+        .await
+        .map_err(|e| DeliveryError::Pending(e.to_string()))?;
+    if settled.state != VmState::Ready {
+        return Err(DeliveryError::Pending(format!(
+            "the CLI VM {} is {:?}; the credential stays stored and goes to the user's CLI VM when one is ready",
+            vm.id, settled.state
+        )));
+    }
+    write_and_verify(ctx, &vm.id, bundle).await?;
+    ctx.store
+        .mark_delivered(credential_id, &vm.id)
+        .await
+        .map_err(|e| DeliveryError::Failed(format!("delivered, but cannot record it: {e}")))?;
+    Ok(vm.id)
+}
+
+/// Writes every file (0600, atomically, parents created) and reads it back.
+async fn write_and_verify(
+    ctx: &Inner,
+    vm: &str,
+    bundle: &CredentialBundle,
+) -> Result<(), DeliveryError> {
+    let wait = Duration::from_secs(20);
+    for f in &bundle.files {
+        let write = WriteFileRequest {
+            path: f.path.clone(),
+            mode: 0o600,
+            create_parents: true,
+            contents: f.contents.clone(),
+        };
+        ctx.vms
+            .call(vm, Operation::WriteFile(write), wait)
+            .await
+            .map_err(|e| {
+                DeliveryError::Failed(format!("cannot write {} in CLI VM {vm}: {e}", f.path))
+            })?;
+        let read = ReadFileRequest {
+            path: f.path.clone(),
+            max_bytes: MAX_FILE_BYTES,
+        };
+        let back = match ctx.vms.call(vm, Operation::ReadFile(read), wait).await {
+            Ok(Reply::File(back)) => back,
+            Ok(_) => {
+                return Err(DeliveryError::Failed(
+                    "the agent answered ReadFile with the wrong reply".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(DeliveryError::Failed(format!(
+                    "cannot read {} back in CLI VM {vm}: {e}",
+                    f.path
+                )))
+            }
+        };
+        if sha(back.contents.expose()) != sha(f.contents.expose()) || back.mode != 0o600 {
+            return Err(DeliveryError::Failed(format!(
+                "{} in CLI VM {vm} does not read back as written (mode {:o})",
+                f.path, back.mode
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Delivers stored, undelivered credentials whenever a CLI VM of their
+/// user becomes ready. Runs until airlockd shuts down.
+pub(super) async fn watch_cli_vms(ctx: std::sync::Arc<Inner>) {
+    let mut states = ctx.vms.subscribe_states();
+    loop {
+        let view = tokio::select! {
+            r = states.recv() => match r {
+                Ok(v) => v,
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            },
+            _ = ctx.shutdown.cancelled() => return,
+        };
+        if let (VmKind::Cli, VmState::Ready, Some(user)) =
+            (view.kind, view.state, view.owner.as_deref())
+        {
+            deliver_pending(&ctx, user, &view.id).await;
+        }
+    }
+}
+
+async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) {
+    let records = match ctx.store.undelivered(user).await {
+        Ok(r) => r,
+        Err(e) => {
+            return tracing::warn!(user_id = user, error = %e, "cannot list credentials to deliver")
+        }
+    };
+    for record in records {
+        let Some(_claim) = Claim::take(&ctx.delivering, &record.id) else {
+            continue;
+        };
+        let result = async {
+            let (_, bundle) = ctx
+                .store
+                .get(&record.id)
+                .await
+                .map_err(|e| DeliveryError::Failed(e.to_string()))?;
+            write_and_verify(ctx, vm, &bundle).await?;
+            ctx.store
+                .mark_delivered(&record.id, vm)
+                .await
+                .map_err(|e| DeliveryError::Failed(e.to_string()))
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(user_id = user, vm_id = vm, provider = %record.provider, "stored credential delivered");
+                if let Some(h) = ctx.session_of_credential(&record.id) {
+                    if h.view().state == SessionState::Stored {
+                        completed(ctx, &h, vm);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(user_id = user, vm_id = vm, error = %e, "cannot deliver a stored credential")
+            }
+        }
+    }
+}

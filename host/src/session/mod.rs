@@ -1,0 +1,427 @@
+//! Login sessions: a person asks to connect a CLI provider; airlockd boots
+//! a browser VM, runs the provider's login in it, lets the person act on
+//! its screen (input and screenshots now, the live stream later), captures
+//! the credential, stores it encrypted and delivers it into the person's
+//! CLI VM. This module holds the sessions and their public view; each
+//! session's life runs in [`run`], delivery in [`delivery`]. Used by the
+//! `/api/auth` handlers.
+
+mod delivery;
+mod run;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use airlock_proto::{InputBatch, Operation, Reply, Screenshot};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AuthConfig;
+use crate::providers::{LoginDefaults, Providers};
+use crate::store::CredentialStore;
+use crate::vm::{VmError, VmManager};
+
+/// Where a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Accepted; nothing started yet.
+    Created,
+    /// The browser VM is booting.
+    Booting,
+    /// Chromium runs; the CLI's login is starting.
+    BrowserReady,
+    /// The vendor's page is on screen; waiting for the person.
+    AwaitingUser,
+    /// The credential reached the host.
+    Captured,
+    /// It is stored encrypted.
+    Stored,
+    /// It is in the user's CLI VM and verified there.
+    Delivered,
+    /// Done.
+    Completed,
+    /// It failed; `error` says why.
+    Failed,
+    /// Cancelled on request.
+    Cancelled,
+    /// Nobody finished the login in time.
+    Expired,
+}
+
+impl SessionState {
+    /// True once the session can change no more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::Expired
+        )
+    }
+}
+
+/// One entry of a session's history.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The state after it.
+    pub state: SessionState,
+    /// What happened (`state`, `urlOpened`, `codeEntered`, `browserCrashed`, ...).
+    pub event: String,
+    /// Details for people.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The public view of a session.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    /// Its id.
+    pub session_id: String,
+    /// Whose session it is.
+    pub user_id: String,
+    /// The provider being connected.
+    pub provider: String,
+    /// Where it is.
+    pub state: SessionState,
+    /// Why it failed, expired or was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+    /// When it expires if nobody finishes the login (RFC 3339).
+    pub expires_at: String,
+    /// The browser VM while it exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub browser_vm_id: Option<String>,
+    /// The CLI VM the credential went to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cli_vm_id: Option<String>,
+    /// The stored credential record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_id: Option<String>,
+    /// Everything that happened, in order.
+    pub steps: Vec<Step>,
+}
+
+/// A session operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// No such session.
+    #[error("no login session with id {0:?}")]
+    NotFound(String),
+    /// No such provider.
+    #[error("unknown provider {name:?}; available: {available}")]
+    UnknownProvider {
+        /// What was asked for.
+        name: String,
+        /// What exists.
+        available: String,
+    },
+    /// The request is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// Too many sessions run.
+    #[error("at most {0} login sessions may run at once; try again shortly")]
+    Capacity(usize),
+    /// The session's browser is not (or no longer) there.
+    #[error("session {id} is {state:?}: its browser is not running")]
+    NoBrowser {
+        /// The session.
+        id: String,
+        /// Its state.
+        state: SessionState,
+    },
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// One session as the manager tracks it.
+#[derive(Debug)]
+struct SessionHandle {
+    view: watch::Sender<SessionView>,
+    cancel: CancellationToken,
+}
+
+impl SessionHandle {
+    fn view(&self) -> SessionView {
+        self.view.borrow().clone()
+    }
+}
+
+pub(crate) struct Inner {
+    vms: VmManager,
+    store: CredentialStore,
+    providers: Providers,
+    cfg: AuthConfig,
+    defaults: LoginDefaults,
+    sessions: Mutex<BTreeMap<String, Arc<SessionHandle>>>,
+    ended: Mutex<VecDeque<String>>,
+    /// Credential ids being delivered right now.
+    delivering: Mutex<std::collections::HashSet<String>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("providers", &self.providers.names())
+            .finish()
+    }
+}
+
+/// The login sessions of this airlockd.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    inner: Arc<Inner>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Sessions {
+    /// A manager; `shutdown` cancels every session. Starts the task that
+    /// delivers stored credentials to CLI VMs as they come up.
+    pub fn new(
+        vms: VmManager,
+        store: CredentialStore,
+        providers: Providers,
+        cfg: AuthConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let defaults = LoginDefaults {
+            path_append: cfg.login_path_append.clone(),
+            env: cfg.login_env.clone(),
+            url_timeout_ms: cfg.url_timeout_ms,
+            confirm_timeout_ms: cfg.confirm_timeout_ms,
+        };
+        let inner = Arc::new(Inner {
+            vms,
+            store,
+            providers,
+            cfg,
+            defaults,
+            sessions: Mutex::default(),
+            ended: Mutex::default(),
+            delivering: Mutex::default(),
+            tracker: TaskTracker::new(),
+            shutdown,
+        });
+        inner.tracker.spawn(delivery::watch_cli_vms(inner.clone()));
+        Self { inner }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<SessionHandle>>> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn handle(&self, id: &str) -> Result<Arc<SessionHandle>, SessionError> {
+        self.sessions()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SessionError::NotFound(id.into()))
+    }
+
+    /// Provider names offered.
+    pub fn providers(&self) -> Vec<String> {
+        self.inner
+            .providers
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Starts a session for `user_id` and `provider`.
+    pub fn start(&self, user_id: &str, provider: &str) -> Result<SessionView, SessionError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(SessionError::Vm(VmError::ShuttingDown));
+        }
+        if user_id.is_empty() || user_id.len() > 128 || user_id.chars().any(char::is_control) {
+            return Err(SessionError::Invalid(
+                "userId must be 1 to 128 printable characters".into(),
+            ));
+        }
+        let profile = self.inner.providers.get(provider).cloned().ok_or_else(|| {
+            SessionError::UnknownProvider {
+                name: provider.into(),
+                available: self.inner.providers.names().join(", "),
+            }
+        })?;
+        let id = format!("ses-{}", uuid::Uuid::new_v4().simple());
+        let created = SystemTime::now();
+        let expires = created + Duration::from_millis(self.inner.cfg.user_timeout_ms);
+        let view = SessionView {
+            session_id: id.clone(),
+            user_id: user_id.into(),
+            provider: provider.into(),
+            state: SessionState::Created,
+            error: None,
+            created_at: now(),
+            updated_at: now(),
+            expires_at: humantime::format_rfc3339_millis(expires).to_string(),
+            browser_vm_id: None,
+            cli_vm_id: None,
+            credential_id: None,
+            steps: vec![Step {
+                at: now(),
+                state: SessionState::Created,
+                event: "state".into(),
+                detail: None,
+            }],
+        };
+        let handle = Arc::new(SessionHandle {
+            view: watch::channel(view.clone()).0,
+            cancel: self.inner.shutdown.child_token(),
+        });
+        {
+            let mut sessions = self.sessions();
+            let active = sessions
+                .values()
+                .filter(|h| !h.view.borrow().state.is_final())
+                .count();
+            if active >= self.inner.cfg.max_sessions {
+                return Err(SessionError::Capacity(self.inner.cfg.max_sessions));
+            }
+            sessions.insert(id.clone(), handle.clone());
+        }
+        tracing::info!(session_id = %id, user_id, provider, "login session starting");
+        self.inner
+            .tracker
+            .spawn(run::run(self.inner.clone(), handle, profile));
+        Ok(view)
+    }
+
+    /// A session's view.
+    pub fn get(&self, id: &str) -> Result<SessionView, SessionError> {
+        Ok(self.handle(id)?.view())
+    }
+
+    /// A receiver of the session's view, current value first.
+    pub fn subscribe(&self, id: &str) -> Result<watch::Receiver<SessionView>, SessionError> {
+        Ok(self.handle(id)?.view.subscribe())
+    }
+
+    /// Cancels a session and waits until it has ended.
+    pub async fn cancel(&self, id: &str) -> Result<SessionView, SessionError> {
+        let handle = self.handle(id)?;
+        handle.cancel.cancel();
+        let mut rx = handle.view.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            rx.wait_for(|v| v.state.is_final() || v.state == SessionState::Stored),
+        )
+        .await;
+        Ok(handle.view())
+    }
+
+    fn browser_vm(&self, id: &str) -> Result<String, SessionError> {
+        let view = self.handle(id)?.view();
+        match (&view.browser_vm_id, view.state) {
+            (Some(vm), SessionState::BrowserReady | SessionState::AwaitingUser) => Ok(vm.clone()),
+            _ => Err(SessionError::NoBrowser {
+                id: id.into(),
+                state: view.state,
+            }),
+        }
+    }
+
+    /// Injects input into the session's browser screen.
+    pub async fn input(&self, id: &str, batch: InputBatch) -> Result<usize, SessionError> {
+        batch
+            .validate()
+            .map_err(|e| SessionError::Invalid(e.to_string()))?;
+        let vm = self.browser_vm(id)?;
+        let n = batch.events.len();
+        self.inner
+            .vms
+            .call(&vm, Operation::Input(batch), Duration::from_secs(15))
+            .await?;
+        Ok(n)
+    }
+
+    /// A PNG of the session's browser screen.
+    pub async fn screenshot(&self, id: &str) -> Result<Screenshot, SessionError> {
+        let vm = self.browser_vm(id)?;
+        match self
+            .inner
+            .vms
+            .call(&vm, Operation::Screenshot, Duration::from_secs(15))
+            .await?
+        {
+            Reply::Screenshot(s) => Ok(s),
+            _ => Err(SessionError::Invalid(
+                "the agent answered with the wrong kind of reply".into(),
+            )),
+        }
+    }
+
+    /// Cancels every session and waits for them (and pending deliveries).
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+}
+
+impl Inner {
+    /// Records an event in a session: a state change when `state` is set.
+    fn record(
+        &self,
+        h: &SessionHandle,
+        state: Option<SessionState>,
+        event: &str,
+        detail: Option<String>,
+    ) {
+        h.view.send_modify(|v| {
+            if let Some(s) = state {
+                v.state = s;
+            }
+            v.updated_at = now();
+            v.steps.push(Step {
+                at: now(),
+                state: v.state,
+                event: event.into(),
+                detail,
+            });
+        });
+    }
+
+    /// Remembers that a session ended, forgetting the oldest ended ones
+    /// beyond the configured number.
+    fn ended(&self, id: &str) {
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        ended.push_back(id.into());
+        while ended.len() > self.cfg.ended_sessions_keep {
+            if let Some(old) = ended.pop_front() {
+                self.sessions
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&old);
+            }
+        }
+    }
+
+    /// The session waiting for delivery of `credential_id`, if any.
+    fn session_of_credential(&self, credential_id: &str) -> Option<Arc<SessionHandle>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .find(|h| h.view.borrow().credential_id.as_deref() == Some(credential_id))
+            .cloned()
+    }
+}

@@ -1,0 +1,256 @@
+//! Harness for login-session tests: a fake vendor OAuth server in the test
+//! process (its tokens carry a per-test canary), an airlockd whose CLI VMs
+//! are QEMU microVMs and whose browser role runs as a host process (Xvfb +
+//! Chromium), the fake vendor CLIs on the login's PATH, and helpers that
+//! follow a session through its Server-Sent Events and act as the person
+//! in front of the browser through the input endpoint (keyboard only).
+
+use std::time::Duration;
+
+use airlock_fakes::oauth::{serve, FakeOAuth, FakeOAuthConfig, RunningServer};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{artifacts, Daemon, Settings};
+
+/// X keysym of Tab.
+pub const TAB: u32 = 0xff09;
+/// X keysym of Return.
+pub const RETURN: u32 = 0xff0d;
+
+/// A fake OAuth server and an airlockd set up for logins.
+#[derive(Debug)]
+pub struct LoginRig {
+    /// The daemon.
+    pub daemon: Daemon,
+    /// The fake vendor.
+    pub oauth: FakeOAuth,
+    /// Embedded in every token the fake issues.
+    pub canary: String,
+    _server: RunningServer,
+}
+
+impl LoginRig {
+    /// Starts both; `tune` adjusts airlockd's settings.
+    pub async fn start(tune: impl FnOnce(Settings) -> Settings) -> Result<Self> {
+        let canary = format!("CANARY{}", std::process::id() as u64 * 7919 + rand_suffix());
+        let cfg = FakeOAuthConfig {
+            token_marker: canary.clone(),
+            ..FakeOAuthConfig::default()
+        };
+        let (oauth, server) = serve(cfg, "127.0.0.1:0".parse()?).await?;
+        let a = artifacts()?;
+        let settings = Settings::new("qemu")
+            .set("vm", "browser_backend", "\"process\"")
+            .set(
+                "auth",
+                "login_path_append",
+                &format!("[{:?}]", a.fakes_dir.display().to_string()),
+            )
+            .set(
+                "auth",
+                "login_env",
+                &format!("{{ AIRLOCK_FAKE_OAUTH_URL = {:?} }}", oauth.base_url()),
+            );
+        let daemon = Daemon::start(tune(settings)).await?;
+        Ok(Self {
+            daemon,
+            oauth,
+            canary,
+            _server: server,
+        })
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Daemon {
+    /// `POST /api/auth/start`; returns the session id.
+    pub async fn start_session(&self, user: &str, provider: &str) -> Result<String> {
+        let body = json!({ "userId": user, "provider": provider });
+        let (status, v) = self
+            .request(reqwest::Method::POST, "/api/auth/start", Some(body))
+            .await?;
+        if status != 201 {
+            bail!("start session: {status} {v}");
+        }
+        let id = v["sessionId"].as_str().context("sessionId")?.to_string();
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id.clone());
+        Ok(id)
+    }
+
+    /// Prints the views of the sessions started here and saves their
+    /// screens next to the test's logs (for a failing test).
+    pub async fn print_sessions(&self) {
+        let ids = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for id in ids {
+            if let Ok((_, v)) = self
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/api/auth/session/{id}"),
+                    None,
+                )
+                .await
+            {
+                eprintln!(
+                    "==== session {id} ====\n{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                );
+            }
+            let shot = self
+                .http
+                .get(format!("{}/api/auth/session/{id}/screenshot", self.base))
+                .send()
+                .await;
+            if let Ok(resp) = shot {
+                if resp.status() == 200 {
+                    let path = std::env::temp_dir().join(format!("airlock-failed-{id}.png"));
+                    if let Ok(bytes) = resp.bytes().await {
+                        let _ = std::fs::write(&path, bytes);
+                        eprintln!("==== screen of {id}: {} ====", path.display());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follows the session's events until `pred` holds for its view; fails
+    /// if it reaches a final state first or `timeout` passes.
+    pub async fn wait_session(
+        &self,
+        id: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let url = format!("{}/api/auth/session/{id}/events", self.base);
+        let follow = async {
+            let mut resp = self.http.get(&url).send().await?;
+            if resp.status() != 200 {
+                bail!("events of {id}: {}", resp.status());
+            }
+            let mut buf = String::new();
+            let mut last = Value::Null;
+            while let Some(chunk) = resp.chunk().await? {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let event: String = buf.drain(..end + 2).collect();
+                    let Some(data) = event.lines().find_map(|l| l.strip_prefix("data:")) else {
+                        continue;
+                    };
+                    last = serde_json::from_str(data.trim())?;
+                    if pred(&last) {
+                        return Ok(last);
+                    }
+                }
+            }
+            Err(anyhow!(
+                "the session ended without reaching the expected point: {last}"
+            ))
+        };
+        tokio::time::timeout(timeout, follow)
+            .await
+            .map_err(|_| anyhow!("session {id} took longer than {timeout:?}"))?
+    }
+
+    /// Waits until a page whose location ends with `path` has loaded for
+    /// the `nth` time (1-based).
+    pub async fn wait_page(&self, id: &str, path: &str, nth: usize) -> Result<Value> {
+        self.wait_session(id, Duration::from_secs(60), |v| {
+            loaded(v).iter().filter(|l| l.ends_with(path)).count() >= nth
+        })
+        .await
+        .with_context(|| format!("page {path} never loaded"))
+    }
+
+    /// Sends input events to the session's browser.
+    pub async fn input(&self, id: &str, events: Value) -> Result<()> {
+        let (status, v) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/auth/session/{id}/input"),
+                Some(json!({ "events": events })),
+            )
+            .await?;
+        if status != 200 {
+            bail!("input to {id}: {status} {v}");
+        }
+        Ok(())
+    }
+
+    /// Acts as the person: signs in as alice on the fake vendor's page,
+    /// then allows (or denies) on the consent page.
+    pub async fn sign_in_and(&self, id: &str, allow: bool) -> Result<()> {
+        self.wait_page(id, "/authorize", 1).await?;
+        self.input(
+            id,
+            json!([
+                text("alice"),
+                key(TAB, true),
+                key(TAB, false),
+                text("correct horse"),
+                key(RETURN, true),
+                key(RETURN, false),
+            ]),
+        )
+        .await?;
+        self.wait_page(id, "/authorize/login", 1).await?;
+        let mut keys = Vec::new();
+        if !allow {
+            keys.extend([key(TAB, true), key(TAB, false)]);
+        }
+        keys.extend([key(RETURN, true), key(RETURN, false)]);
+        self.input(id, Value::Array(keys)).await
+    }
+}
+
+/// Locations of the session's `pageLoaded` steps, in order.
+pub fn loaded(v: &Value) -> Vec<String> {
+    v["steps"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter(|s| s["event"] == "pageLoaded")
+                .filter_map(|s| s["detail"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A `text` input event.
+pub fn text(t: &str) -> Value {
+    json!({ "type": "text", "text": t })
+}
+
+/// A key press or release by keysym.
+pub fn key(keysym: u32, down: bool) -> Value {
+    json!({ "type": if down { "keyDown" } else { "keyUp" }, "keysym": keysym })
+}
+
+/// True when the view's state is `state`.
+pub fn state_is(v: &Value, state: &str) -> bool {
+    v["state"] == state
+}
+
+/// The events of a view's steps, in order.
+pub fn step_events(v: &Value) -> Vec<String> {
+    v["steps"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter_map(|s| s["event"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,442 @@
+//! Login sessions end to end: airlockd boots a browser (the browser role
+//! as a host process: real Xvfb and Chromium), runs a fake vendor CLI's
+//! login in it against the fake OAuth server, the test acts as the person
+//! through the input endpoint (keyboard only), and the credential is
+//! captured, stored encrypted and delivered into a real QEMU CLI VM, where
+//! it is read back. Failure paths: deny, stale file, killed CLI, expiry,
+//! cancel. Every successful login also checks that its canary token is
+//! nowhere in logs, consoles, API responses or the database.
+//!
+//! Tests run one at a time: the fake Codex and demo CLIs bind fixed ports
+//! (1455, 1460) as the real ones do.
+
+use std::path::Path;
+use std::time::Duration;
+
+use airlock_host::store::{CredentialStore, StoreConfig};
+use airlock_tests::login::{state_is, step_events, LoginRig};
+use airlock_tests::{artifacts, Daemon, Settings};
+use anyhow::{ensure, Context, Result};
+use reqwest::Method;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const USER: &str = "user-42";
+const COMPLETE: Duration = Duration::from_secs(300);
+
+/// Runs `body` with the rig; prints diagnostics when it fails.
+async fn with_rig(
+    tune: impl FnOnce(Settings) -> Settings,
+    body: impl AsyncFnOnce(&LoginRig) -> Result<()>,
+) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let rig = LoginRig::start(tune).await?;
+    let result = body(&rig).await;
+    if result.is_err() {
+        rig.daemon.print_sessions().await;
+        rig.daemon.print_diagnostics();
+    }
+    result
+}
+
+/// The store airlockd uses, opened from this process.
+async fn store(d: &Daemon) -> Result<CredentialStore> {
+    let state = d.state_dir();
+    let cfg = StoreConfig {
+        url: format!("sqlite://{}", state.join("airlock.db").display()),
+        key_file: state.join("store.keys"),
+    };
+    Ok(CredentialStore::open(&cfg).await?)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs a provider's login to completion and checks the credential in the
+/// CLI VM and the store; returns the final view.
+async fn complete(rig: &LoginRig, provider: &str, file_in_vm: &str) -> Result<Value> {
+    let d = &rig.daemon;
+    let id = d.start_session(USER, provider).await?;
+    d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+        .await?;
+    d.sign_in_and(&id, true).await?;
+    let done = d
+        .wait_session(&id, COMPLETE, |v| state_is(v, "completed"))
+        .await?;
+    let events = step_events(&done);
+    for state in [
+        "booting",
+        "browser_ready",
+        "awaiting_user",
+        "captured",
+        "stored",
+        "delivered",
+        "completed",
+    ] {
+        ensure!(
+            done["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["state"] == state)),
+            "no {state} step: {events:?}"
+        );
+    }
+    let vm = done["cliVmId"].as_str().context("cliVmId")?;
+    let stat = d.exec(vm, &["stat", "-c", "%a", file_in_vm]).await?;
+    assert_eq!(
+        stat["stdout"].as_str().map(str::trim),
+        Some("600"),
+        "{stat}"
+    );
+    let grep = d.exec(vm, &["grep", "-c", &rig.canary, file_in_vm]).await?;
+    assert_ne!(
+        grep["stdout"].as_str().map(str::trim),
+        Some("0"),
+        "the file holds this login's tokens"
+    );
+    let (record, bundle) = store(d)
+        .await?
+        .latest(USER, provider)
+        .await?
+        .context("stored")?;
+    assert_eq!(Some(record.id.as_str()), done["credentialId"].as_str());
+    assert_eq!(record.delivered_vm.as_deref(), Some(vm));
+    let sum = d.exec(vm, &["sha256sum", file_in_vm]).await?;
+    let in_vm = sum["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        in_vm,
+        hex(bundle.files[0].contents.expose()),
+        "the VM holds exactly what was stored"
+    );
+    let (_, browser) = d.request(Method::GET, "/api/vms", None).await?;
+    assert!(
+        !browser.to_string().contains("\"browser\""),
+        "the browser VM is gone: {browser}"
+    );
+    assert_no_canary(rig, &id).await?;
+    Ok(done)
+}
+
+/// The canary is in no file of airlockd (logs, consoles, kept VM logs,
+/// the database and its WAL), in no API response, and no agent state
+/// (with the login's home) is left in /dev/shm.
+async fn assert_no_canary(rig: &LoginRig, session: &str) -> Result<()> {
+    let d = &rig.daemon;
+    let mut responses = Vec::new();
+    for path in [
+        "/api/vms".to_string(),
+        format!("/api/auth/session/{session}"),
+        "/health".into(),
+    ] {
+        responses.push(d.request(Method::GET, &path, None).await?.1.to_string());
+    }
+    let events = d
+        .http
+        .get(format!("{}/api/auth/session/{session}/events", d.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    responses.push(events);
+    for r in &responses {
+        ensure!(
+            !r.contains(&rig.canary),
+            "an API response holds the token: {r}"
+        );
+    }
+    let mut leaks = Vec::new();
+    scan(d.dir.path(), &rig.canary, &mut leaks);
+    ensure!(leaks.is_empty(), "the token is in {leaks:?}");
+    let shm: Vec<_> = std::fs::read_dir("/dev/shm")?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("airlock-agent-")
+        })
+        .collect();
+    ensure!(shm.is_empty(), "agent state left in /dev/shm: {shm:?}");
+    Ok(())
+}
+
+fn scan(dir: &Path, needle: &str, leaks: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            scan(&path, needle, leaks);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                leaks.push(path.display().to_string());
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn codex_login_end_to_end() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let done = complete(rig, "codex", "/root/.codex/auth.json").await?;
+            let events = step_events(&done);
+            assert!(events.contains(&"urlOpened".to_string()), "{events:?}");
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claude_code_login_with_a_pasted_code() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let done = complete(rig, "claude_code", "/root/.claude/.credentials.json").await?;
+            let steps = done["steps"].to_string();
+            assert!(
+                steps.contains("codeEntered"),
+                "the code was read from the page and typed in: {steps}"
+            );
+            assert!(
+                steps.contains("/code/callback"),
+                "the hosted code page was shown: {steps}"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gemini_cli_login_delivered_once_the_cli_vm_is_up() -> Result<()> {
+    // Delivery gives up waiting at once: the CLI VM is still booting, so
+    // the credential stays stored and goes in when the VM is ready.
+    with_rig(
+        |s| s.set("auth", "delivery_timeout_ms", "200"),
+        async |rig| {
+            let done = complete(rig, "gemini_cli", "/root/.gemini/oauth_creds.json").await?;
+            let events = step_events(&done);
+            assert!(
+                events.contains(&"deliveryPending".to_string()),
+                "{events:?}"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn denying_consent_fails_the_session_and_stores_nothing() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let d = &rig.daemon;
+            let id = d.start_session(USER, "codex").await?;
+            d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+                .await?;
+            d.sign_in_and(&id, false).await?;
+            let v = d
+                .wait_session(&id, COMPLETE, |v| state_is(v, "failed"))
+                .await?;
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("the user denied access on the consent page (access_denied"),
+                "{error}"
+            );
+            assert!(
+                store(d).await?.latest(USER, "codex").await?.is_none(),
+                "nothing stored"
+            );
+            assert!(v["browserVmId"].is_null());
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_credential_file_is_not_taken_for_a_login() -> Result<()> {
+    let home = tempfile::tempdir()?;
+    let codex_home = home.path().join(".codex");
+    std::fs::create_dir_all(&codex_home)?;
+    let stale = r#"{"OPENAI_API_KEY":null,"tokens":{"id_token":"x","access_token":"STALE-TOKEN","refresh_token":"STALE-REFRESH","account_id":"a"}}"#;
+    std::fs::write(codex_home.join("auth.json"), stale)?;
+    let providers = home.path().join("providers.toml");
+    let shipped = std::fs::read_to_string(artifacts()?.repo.join("config/providers.toml"))?;
+    std::fs::write(
+        &providers,
+        shipped.replace(
+            "CODEX_HOME=${HOME}/.codex",
+            &format!("CODEX_HOME={}", codex_home.display()),
+        ),
+    )?;
+    let path = format!("{:?}", providers.display().to_string());
+    with_rig(
+        |s| s.set("auth", "providers_file", &path),
+        async |rig| {
+            let d = &rig.daemon;
+            let id = d.start_session(USER, "codex").await?;
+            d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+                .await?;
+            // The stale file is rewritten (same bytes) while the login waits:
+            // the watcher looks at it, and must not take it.
+            std::fs::write(codex_home.join("auth.json"), stale)?;
+            d.sign_in_and(&id, true).await?;
+            let done = d
+                .wait_session(&id, COMPLETE, |v| state_is(v, "completed"))
+                .await?;
+            let vm = done["cliVmId"].as_str().context("cliVmId")?;
+            let stale_in_vm = d
+                .exec(vm, &["grep", "-c", "STALE-TOKEN", "/root/.codex/auth.json"])
+                .await?;
+            assert_eq!(
+                stale_in_vm["stdout"].as_str().map(str::trim),
+                Some("0"),
+                "the stale token was not delivered"
+            );
+            let fresh = d
+                .exec(vm, &["grep", "-c", &rig.canary, "/root/.codex/auth.json"])
+                .await?;
+            assert_ne!(
+                fresh["stdout"].as_str().map(str::trim),
+                Some("0"),
+                "the new login was"
+            );
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_cli_fails_the_session_with_its_exit_status() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let d = &rig.daemon;
+            let id = d.start_session(USER, "codex").await?;
+            d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+                .await?;
+            let pid = process_with_cmdline("codex login").context("the fake codex is running")?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            let v = d
+                .wait_session(&id, COMPLETE, |v| state_is(v, "failed"))
+                .await?;
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("exited with signal 9 before logging in"),
+                "{error}"
+            );
+            assert!(store(d).await?.latest(USER, "codex").await?.is_none());
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_nobody_finishes_expires_and_loses_its_browser() -> Result<()> {
+    with_rig(
+        |s| s.set("auth", "user_timeout_ms", "20000"),
+        async |rig| {
+            let d = &rig.daemon;
+            let id = d.start_session(USER, "codex").await?;
+            let waiting = d
+                .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+                .await?;
+            let agent = browser_agent_pid(d, &waiting).await?;
+            let v = d
+                .wait_session(&id, Duration::from_secs(90), |v| state_is(v, "expired"))
+                .await?;
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("nobody finished the login"),
+                "{v}"
+            );
+            assert_browser_gone(d, agent).await
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_destroys_the_browser_and_stores_nothing() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let d = &rig.daemon;
+            let id = d.start_session(USER, "codex").await?;
+            let waiting = d
+                .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+                .await?;
+            let agent = browser_agent_pid(d, &waiting).await?;
+            let (status, v) = d
+                .request(
+                    Method::POST,
+                    &format!("/api/auth/session/{id}/cancel"),
+                    None,
+                )
+                .await?;
+            assert_eq!(
+                (status, v["state"].as_str()),
+                (200, Some("cancelled")),
+                "{v}"
+            );
+            assert!(store(d).await?.latest(USER, "codex").await?.is_none());
+            assert_browser_gone(d, agent).await
+        },
+    )
+    .await
+}
+
+/// The pid of the browser VM's agent (a host process here).
+async fn browser_agent_pid(d: &Daemon, view: &Value) -> Result<i32> {
+    let vm = view["browserVmId"].as_str().context("browserVmId")?;
+    let (_, v) = d
+        .request(Method::GET, &format!("/api/vms/{vm}"), None)
+        .await?;
+    Ok(v["vmmPid"].as_i64().context("vmmPid")? as i32)
+}
+
+/// No VM of kind browser, and nothing of that agent (Chromium, Xvfb) runs.
+async fn assert_browser_gone(d: &Daemon, agent: i32) -> Result<()> {
+    let (_, vms) = d.request(Method::GET, "/api/vms", None).await?;
+    ensure!(
+        !vms.to_string().contains("\"browser\""),
+        "a browser VM remains: {vms}"
+    );
+    let marker = format!("airlock-agent-{agent}");
+    let left = airlock_tests::processes_naming(Path::new(&marker), None);
+    ensure!(left.is_empty(), "processes of the browser remain: {left:?}");
+    ensure!(
+        !Path::new("/proc").join(agent.to_string()).exists(),
+        "the agent still runs"
+    );
+    Ok(())
+}
+
+fn process_with_cmdline(cmd: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+        (String::from_utf8_lossy(&raw).replace('\0', " ").trim() == cmd).then_some(pid)
+    })
+}
