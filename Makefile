@@ -47,6 +47,7 @@ test: image lint
 bench: image
 	@scripts/setup.sh bench
 	cargo bench --locked -p airlock-tests --bench spine
+	cargo bench --locked -p airlock-tests --bench login
 
 clean:
 	rm -rf $(BUILD)

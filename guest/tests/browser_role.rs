@@ -26,14 +26,28 @@ async fn next_browser_event(rx: &mut mpsc::Receiver<Event>) -> BrowserEvent {
     }
 }
 
-async fn field_value(role: &BrowserRole) -> String {
+/// Awaits `fut`, failing the test with `what` if it takes over 30 s.
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(30), fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: nothing within 30 s"),
+    }
+}
+
+/// The field's value once it is `chars` long: XTest input returns when the
+/// X server has the events, and Chromium applies them a moment later, so
+/// this waits for the page's `input` events (the test's deadline bounds it).
+async fn field_value(role: &BrowserRole, chars: usize) -> String {
     let cdp = role.cdp(Duration::from_secs(30)).await.expect("cdp");
-    let cancel = CancellationToken::new();
-    // The input's value, exposed as text so wait_for_text can read it.
-    cdp.open("javascript:void(document.getElementById('code').textContent=document.getElementById('f').value)").await.ok();
-    cdp.wait_for_text("#code", &cancel)
+    let script = format!(
+        "new Promise(r => {{ const f = document.getElementById('f'); \
+         const check = () => {{ if (f.value.length >= {chars}) r(f.value); }}; \
+         check(); f.addEventListener('input', check); }})"
+    );
+    let value = within("the typed text in the field", cdp.evaluate(&script))
         .await
-        .unwrap_or_default()
+        .expect("evaluate");
+    value.as_str().unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -52,7 +66,9 @@ async fn display_browser_input_screenshot_and_restart() {
         extra_args: vec![],
     };
 
-    let info = role.start(spec).await.expect("browser starts");
+    let info = within("starting the browser", role.start(spec))
+        .await
+        .expect("browser starts");
     assert!(info.display.starts_with(':'), "{info:?}");
     assert!(info.chromium_version.contains("Chrome/"), "{info:?}");
     assert!(matches!(
@@ -65,25 +81,32 @@ async fn display_browser_input_screenshot_and_restart() {
     ));
 
     // The paste-code read: text of an element, as soon as it exists.
-    role.open(PAGE).await.expect("open");
+    within("opening the page", role.open(PAGE))
+        .await
+        .expect("open");
     let cdp = role.cdp(Duration::from_secs(5)).await.unwrap();
+    let cancel = CancellationToken::new();
     assert_eq!(
-        cdp.wait_for_text("#code", &CancellationToken::new())
+        within("the code element", cdp.wait_for_text("#code", &cancel))
             .await
             .as_deref(),
         Some("abc#xyz")
     );
 
-    // Typing through XTest reaches the focused field of the page.
+    // Typing through XTest reaches the focused field of the page (once
+    // Chromium has applied autofocus, as the login flow waits for too).
+    cdp.settle().await;
     let text = InputEvent::Text {
         text: SecretText("Hello, X!".into()),
     };
-    role.input(InputBatch { events: vec![text] })
+    within("typing", role.input(InputBatch { events: vec![text] }))
         .await
         .expect("input");
-    assert_eq!(field_value(&role).await, "Hello, X!");
+    assert_eq!(field_value(&role, 9).await, "Hello, X!");
 
-    let shot = role.screenshot().await.expect("screenshot");
+    let shot = within("a screenshot", role.screenshot())
+        .await
+        .expect("screenshot");
     assert_eq!((shot.width, shot.height), (1024, 768));
     let decoder = png::Decoder::new(std::io::Cursor::new(shot.png.expose().to_vec()));
     let reader = decoder.read_info().expect("a valid PNG");
@@ -105,14 +128,14 @@ async fn display_browser_input_screenshot_and_restart() {
     ));
     let cdp = role.cdp(Duration::from_secs(30)).await.unwrap();
     assert_eq!(
-        cdp.wait_for_text("#code", &CancellationToken::new())
+        within("the reopened page", cdp.wait_for_text("#code", &cancel))
             .await
             .as_deref(),
         Some("abc#xyz"),
         "last page reopened"
     );
 
-    role.stop().await;
+    within("stopping the browser", role.stop()).await;
     stop.cancel();
     tracker.close();
     tracker.wait().await;

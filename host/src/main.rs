@@ -18,6 +18,11 @@ struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Append a new key to the store's key file (`store.key_file`) and
+    /// exit. The new key encrypts from the next start; older keys still
+    /// decrypt the records they wrote.
+    #[arg(long)]
+    rotate_store_key: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,6 +33,15 @@ fn main() -> anyhow::Result<()> {
     };
     if args.print_config {
         print!("{}", config.to_toml());
+        return Ok(());
+    }
+    if args.rotate_store_key {
+        let id = airlock_host::store::rotate_key(&config.store.key_file)
+            .with_context(|| format!("cannot rotate {}", config.store.key_file.display()))?;
+        println!(
+            "added key {id} to {}; restart airlockd to encrypt with it",
+            config.store.key_file.display()
+        );
         return Ok(());
     }
     airlock_host::telemetry::init(&config.log);

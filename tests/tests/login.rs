@@ -440,3 +440,35 @@ fn process_with_cmdline(cmd: &str) -> Option<i32> {
         (String::from_utf8_lossy(&raw).replace('\0', " ").trim() == cmd).then_some(pid)
     })
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn providers_are_listed_and_an_unknown_one_is_refused() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let d = &rig.daemon;
+            let (status, v) = d.request(Method::GET, "/api/auth/providers", None).await?;
+            assert_eq!(status, 200, "{v}");
+            let names: Vec<&str> = v["providers"]
+                .as_array()
+                .context("providers")?
+                .iter()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            // The demo provider is off unless auth.demo is on.
+            assert_eq!(names, ["claude_code", "codex", "gemini_cli"], "{v}");
+            assert_eq!(v["providers"][1]["displayName"], "OpenAI Codex CLI");
+            assert_eq!(v["providers"][0]["flow"], "pasteCode");
+            let body = serde_json::json!({ "userId": USER, "provider": "cursor" });
+            let (status, v) = d
+                .request(Method::POST, "/api/auth/start", Some(body))
+                .await?;
+            assert_eq!(status, 400, "{v}");
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(error.contains("unknown provider \"cursor\""), "{error}");
+            assert!(error.contains("codex"), "names what exists: {error}");
+            Ok(())
+        },
+    )
+    .await
+}

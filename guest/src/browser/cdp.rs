@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use chromiumoxide::cdp::browser_protocol::network::{EventRequestWillBeSent, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
     EventFrameNavigated, EventLoadEventFired, NavigateParams,
 };
@@ -101,16 +102,34 @@ impl Cdp {
         Ok(())
     }
 
-    /// URLs the tab's main frame navigates to, from now on.
+    /// URLs the tab's main frame navigates to, from now on: each document
+    /// request as it is about to be sent (every hop of a redirect chain
+    /// included), then the committed URL. The request comes first on
+    /// purpose: a CLI's loopback server can answer an OAuth error redirect
+    /// and exit before the navigation commits, and the error must be seen
+    /// before the exit is.
     pub async fn navigations(&self) -> Result<BoxStream<'static, String>, CdpError> {
-        let events = self
+        let committed = self
             .page
             .event_listener::<EventFrameNavigated>()
             .await
-            .map_err(proto)?;
-        Ok(events
-            .filter_map(|e| async move { e.frame.parent_id.is_none().then(|| e.frame.url.clone()) })
-            .boxed())
+            .map_err(proto)?
+            .filter_map(
+                |e| async move { e.frame.parent_id.is_none().then(|| e.frame.url.clone()) },
+            );
+        let main = self.page.mainframe().await.map_err(proto)?;
+        let requested = self
+            .page
+            .event_listener::<EventRequestWillBeSent>()
+            .await
+            .map_err(proto)?
+            .filter_map(move |e| {
+                let main_document = e.r#type == Some(ResourceType::Document)
+                    && main.is_some()
+                    && e.frame_id == main;
+                async move { main_document.then(|| e.request.url.clone()) }
+            });
+        Ok(futures_util::stream::select(requested, committed).boxed())
     }
 
     /// Fires each time the tab finishes loading a page (its load event).
@@ -121,6 +140,18 @@ impl Cdp {
             .await
             .map_err(proto)?;
         Ok(events.map(|_| ()).boxed())
+    }
+
+    /// Evaluates a JavaScript expression in the tab (promises awaited) and
+    /// returns its JSON value. For checks of what a page shows; the login
+    /// flow itself never runs script in a vendor's page.
+    pub async fn evaluate(&self, expression: &str) -> Result<serde_json::Value, CdpError> {
+        let result = self
+            .page
+            .evaluate_expression(expression)
+            .await
+            .map_err(proto)?;
+        Ok(result.value().cloned().unwrap_or(serde_json::Value::Null))
     }
 
     /// Waits until the page has rendered twice after its load event, by

@@ -17,7 +17,7 @@ use airlock_proto::{
     CapturedCredential, CapturedFile, Confirm, Event, ExecRequest, LoginEvent, LoginFlow,
     LoginSpec, LoginStep,
 };
-use futures_util::{Future, StreamExt};
+use futures_util::{Future, FutureExt, StreamExt};
 use nix::sys::signal::{killpg, Signal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -251,6 +251,9 @@ impl Login {
                 exit = &mut child.exit => {
                     let exit = exit.unwrap_or_default();
                     self.drain_pty(child).await;
+                    if !denied {
+                        self.report_queued_denial(pages).await;
+                    }
                     if !self.sent {
                         self.try_capture(&p.watch, &p.env, &p.home, Some(exit)).await?;
                     }
@@ -303,6 +306,17 @@ impl Login {
             let cdp = role.cdp(Duration::from_secs(30)).await.ok()?;
             cdp.wait_for_text(&selector, &cancel).await
         })))
+    }
+
+    /// Reports an OAuth error redirect whose event is already queued: the
+    /// CLI can exit on the redirect before the loop has read its event.
+    async fn report_queued_denial(&mut self, pages: &mut Pages) {
+        while let Some(Some(url)) = pages.navigations.next().now_or_never() {
+            if let Some((error, description)) = oauth_error(&url) {
+                self.report(LoginStep::Denied { error, description }).await;
+                return;
+            }
+        }
     }
 
     /// Whether to open `url`. A paste-code flow opens only the URL that

@@ -45,20 +45,21 @@ pub fn strip_ansi(input: &str) -> String {
 }
 
 /// URLs in `text` that look like an authorization or device verification
-/// page on a remote host, in order. URLs of the CLI's own loopback server
-/// are never returned: opening one would be a stray request, which some
-/// CLIs (Gemini) treat as fatal.
+/// page, in order. URLs of the CLI's own loopback server are never
+/// returned: opening one would be a stray request, which some CLIs (Gemini)
+/// treat as fatal. A loopback URL that names an OAuth client is an
+/// authorization server on this machine (the demo provider, the fakes).
 pub fn auth_urls(text: &str) -> Vec<String> {
     text.split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
         .filter(|w| w.starts_with("https://") || w.starts_with("http://"))
         .map(|w| w.trim_end_matches(['.', ',', ')', ']', ';']))
         .filter_map(|w| url::Url::parse(w).ok())
-        .filter(|u| !is_loopback(u))
         .filter(|u| {
-            let q = u.query().unwrap_or("");
-            q.contains("client_id=")
-                || u.path().contains("authorize")
-                || u.path().contains("device")
+            let names_client = u.query_pairs().any(|(k, _)| k == "client_id");
+            if is_loopback(u) {
+                return names_client;
+            }
+            names_client || u.path().contains("authorize") || u.path().contains("device")
         })
         .map(|u| u.to_string())
         .collect()
@@ -156,7 +157,13 @@ mod tests {
             auth_urls(out),
             vec!["https://auth.example.com/oauth/authorize?response_type=code&client_id=abc&state=xyz".to_string()]
         );
-        assert!(auth_urls("see http://127.0.0.1:8080/authorize?client_id=1").is_empty());
+        assert!(auth_urls("see http://127.0.0.1:8080/oauth2callback?code=1&state=2").is_empty());
+        assert!(auth_urls("see http://localhost:1455/auth/callback").is_empty());
+        // An authorization server on this machine (the demo provider).
+        assert_eq!(
+            auth_urls("go to http://127.0.0.1:4000/demo/oauth/authorize?client_id=1 now").len(),
+            1
+        );
         assert!(auth_urls("docs at https://example.com/help").is_empty());
     }
 

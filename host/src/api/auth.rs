@@ -123,7 +123,7 @@ pub async fn screenshot(
 /// Body of `GET /api/auth/providers`.
 #[derive(Debug, Serialize)]
 pub struct ProviderList {
-    providers: Vec<String>,
+    providers: Vec<crate::session::ProviderSummary>,
 }
 
 /// `GET /api/auth/providers`: the providers a session may connect.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use airlock_proto::{InputBatch, Operation, Reply, Screenshot};
+use airlock_proto::{InputBatch, LoginFlow, Operation, Reply, Screenshot};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -77,7 +77,19 @@ pub struct Step {
     pub detail: Option<String>,
 }
 
-/// The public view of a session.
+/// A provider as `GET /api/auth/providers` lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderSummary {
+    /// The name `POST /api/auth/start` takes.
+    pub name: String,
+    /// Shown to people ("OpenAI Codex CLI").
+    pub display_name: String,
+    /// `loopback`, `pasteCode` or `deviceCode`.
+    pub flow: &'static str,
+}
+
+/// A session as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
@@ -236,12 +248,22 @@ impl Sessions {
     }
 
     /// Provider names offered.
-    pub fn providers(&self) -> Vec<String> {
-        self.inner
-            .providers
-            .names()
+    pub fn providers(&self) -> Vec<ProviderSummary> {
+        let all = &self.inner.providers;
+        all.names()
             .into_iter()
-            .map(String::from)
+            .filter_map(|name| {
+                let p = all.get(name)?;
+                Some(ProviderSummary {
+                    name: name.to_string(),
+                    display_name: p.display_name.clone(),
+                    flow: match p.flow {
+                        LoginFlow::Loopback => "loopback",
+                        LoginFlow::PasteCode { .. } => "pasteCode",
+                        LoginFlow::DeviceCode => "deviceCode",
+                    },
+                })
+            })
             .collect()
     }
 

@@ -276,9 +276,9 @@ fn on_login_step(
             };
             ctx.record(h, None, "cliExited", Some(status.clone()));
             return Some(End::Failed(match denied.take() {
-                Some(why) => format!("the user denied access on the consent page ({why}); the {} CLI then exited with {status}", provider.display_name),
+                Some(why) => format!("the user denied access on the consent page ({why}); {} then exited with {status}", provider.display_name),
                 None => format!(
-                    "the {} CLI exited with {status} before logging in; its last output: {}",
+                    "{} exited with {status} before logging in; its last output: {}",
                     provider.display_name,
                     last_line(&output_tail)
                 ),

@@ -284,39 +284,33 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        match (outcome, keep) {
-            (Outcome::Stopped, None) => self.update(|v| {
-                v.state = VmState::Stopped;
-                v.vmm_pid = None;
-            }),
+        let (state, error, kept) = match (outcome, keep) {
+            (Outcome::Stopped, None) => (VmState::Stopped, None, None),
             (Outcome::Stopped, Some(reason)) => {
                 let kept = self.keep_logs(dir, &format!("{reason} (VM stopped on request)"));
-                self.update(|v| {
-                    v.state = VmState::Stopped;
-                    v.vmm_pid = None;
-                    v.logs_dir = kept;
-                });
+                (VmState::Stopped, None, kept)
             }
-            (Outcome::Failed(reason), _) => self.fail(&reason, &tail, dir),
-        }
+            (Outcome::Failed(reason), _) => {
+                let error = failure_text(&reason, &tail);
+                tracing::warn!(vm_id = %self.id, reason, "VM failed");
+                let kept = self.keep_logs(dir, &error);
+                (VmState::Failed, Some(error), kept)
+            }
+        };
+        // Before the final state is published: whoever sees it may assume
+        // the VM's files are gone.
         if let Err(e) = dir.remove() {
             tracing::warn!(vm_id = %self.id, error = %e, "cannot remove the VM directory");
         }
-    }
-
-    fn fail(&self, reason: &str, tail: &str, dir: &VmDir) {
-        let error = if tail.is_empty() {
-            format!("{reason} (the console printed nothing)")
-        } else {
-            format!("{reason}\n--- last console lines ---\n{tail}")
-        };
-        let kept = self.keep_logs(dir, &error);
-        tracing::warn!(vm_id = %self.id, reason, "VM failed");
         self.update(|v| {
-            v.state = VmState::Failed;
-            v.error = Some(error);
+            v.state = state;
             v.vmm_pid = None;
-            v.logs_dir = kept;
+            if error.is_some() {
+                v.error = error;
+            }
+            if kept.is_some() {
+                v.logs_dir = kept;
+            }
         });
     }
 
@@ -329,5 +323,14 @@ impl Supervisor {
         }
         prune_failed(&failed_dir, self.inner.config.vm.failed_logs_keep);
         kept.ok().map(|p| p.display().to_string())
+    }
+}
+
+/// A failed VM's error: the reason, then the console's last lines.
+fn failure_text(reason: &str, tail: &str) -> String {
+    if tail.is_empty() {
+        format!("{reason} (the console printed nothing)")
+    } else {
+        format!("{reason}\n--- last console lines ---\n{tail}")
     }
 }
