@@ -302,6 +302,10 @@ pub struct AuthConfig {
     /// past it the credential stays stored and is delivered when the VM
     /// comes up.
     pub delivery_timeout_ms: u64,
+    /// Boot the user's CLI VM when a session starts (if they have none),
+    /// so it is ready by the time the credential is: delivery then takes
+    /// milliseconds instead of a boot.
+    pub prestart_cli_vm: bool,
     /// Directories appended to the login's `PATH` inside the browser VM
     /// (development: the fake CLIs; relative entries follow this file).
     pub login_path_append: Vec<String>,
@@ -328,6 +332,7 @@ impl Default for AuthConfig {
             user_timeout_ms: 600_000,
             confirm_timeout_ms: 15_000,
             delivery_timeout_ms: 180_000,
+            prestart_cli_vm: true,
             login_path_append: Vec::new(),
             login_env: Default::default(),
             max_sessions: 8,

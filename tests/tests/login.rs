@@ -224,7 +224,10 @@ async fn gemini_cli_login_delivered_once_the_cli_vm_is_up() -> Result<()> {
     // Delivery gives up waiting at once: the CLI VM is still booting, so
     // the credential stays stored and goes in when the VM is ready.
     with_rig(
-        |s| s.set("auth", "delivery_timeout_ms", "200"),
+        |s| {
+            s.set("auth", "delivery_timeout_ms", "200")
+                .set("auth", "prestart_cli_vm", "false")
+        },
         async |rig| {
             let done = complete(rig, "gemini_cli", "/root/.gemini/oauth_creds.json").await?;
             let events = step_events(&done);

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::{Inner, SessionHandle, SessionState};
 use crate::store::CredentialBundle;
-use crate::vm::{CreateVm, VmKind, VmState};
+use crate::vm::{CreateVm, VmError, VmKind, VmState, VmView};
 
 /// Why a delivery did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -107,22 +107,11 @@ async fn deliver(
     timeout: Duration,
 ) -> Result<String, DeliveryError> {
     let started = Instant::now();
-    let vm = match ctx.vms.find_owned(VmKind::Cli, user) {
-        Some(vm) => vm,
-        None => {
-            let req = CreateVm {
-                kind: VmKind::Cli,
-                user_id: Some(user.into()),
-                memory_mib: None,
-                vcpus: None,
-            };
-            ctx.vms.create(req).map_err(|e| {
-                DeliveryError::Pending(format!(
-                    "cannot create a CLI VM: {e}; the credential stays stored"
-                ))
-            })?
-        }
-    };
+    let vm = ensure_cli_vm(ctx, user).map_err(|e| {
+        DeliveryError::Pending(format!(
+            "cannot create a CLI VM: {e}; the credential stays stored"
+        ))
+    })?;
     let settled = ctx
         .vms
         .wait_for(
@@ -144,6 +133,25 @@ async fn deliver(
         .await
         .map_err(|e| DeliveryError::Failed(format!("delivered, but cannot record it: {e}")))?;
     Ok(vm.id)
+}
+
+/// The user's CLI VM: the one they have (booting or ready), or a new one.
+pub(super) fn ensure_cli_vm(ctx: &Inner, user: &str) -> Result<VmView, VmError> {
+    // Find and create under one lock (neither awaits), so two sessions of
+    // the same user end up with one VM.
+    let _one_at_a_time = ctx
+        .cli_vm_lock
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(vm) = ctx.vms.find_owned(VmKind::Cli, user) {
+        return Ok(vm);
+    }
+    ctx.vms.create(CreateVm {
+        kind: VmKind::Cli,
+        user_id: Some(user.into()),
+        memory_mib: None,
+        vcpus: None,
+    })
 }
 
 /// Writes every file (0600, atomically, parents created) and reads it back.

@@ -179,6 +179,9 @@ pub(crate) struct Inner {
     ended: Mutex<VecDeque<String>>,
     /// Credential ids being delivered right now.
     delivering: Mutex<std::collections::HashSet<String>>,
+    /// Held while finding or creating a user's CLI VM, so two sessions of
+    /// one user never create two.
+    cli_vm_lock: Mutex<()>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -226,6 +229,7 @@ impl Sessions {
             sessions: Mutex::default(),
             ended: Mutex::default(),
             delivering: Mutex::default(),
+            cli_vm_lock: Mutex::default(),
             tracker: TaskTracker::new(),
             shutdown,
         });

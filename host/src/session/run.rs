@@ -34,6 +34,14 @@ enum End {
 /// Runs the session to its end.
 pub(super) async fn run(ctx: Arc<Inner>, h: Arc<SessionHandle>, provider: Provider) {
     let id = h.view().session_id;
+    if ctx.cfg.prestart_cli_vm {
+        let user = h.view().user_id;
+        if let Err(e) = delivery::ensure_cli_vm(&ctx, &user) {
+            // Not fatal: delivery tries again, and keeps the credential
+            // stored if it still cannot.
+            tracing::warn!(session_id = %id, error = %e, "cannot start the user's CLI VM ahead of delivery");
+        }
+    }
     let (tx, mut events) = mpsc::channel(64);
     let end = drive(&ctx, &h, &provider, tx, &mut events).await;
     release_browser(&ctx, &h, &end).await;
