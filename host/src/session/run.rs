@@ -34,14 +34,6 @@ enum End {
 /// Runs the session to its end.
 pub(super) async fn run(ctx: Arc<Inner>, h: Arc<SessionHandle>, provider: Provider) {
     let id = h.view().session_id;
-    if ctx.cfg.prestart_cli_vm {
-        let user = h.view().user_id;
-        if let Err(e) = delivery::ensure_cli_vm(&ctx, &user) {
-            // Not fatal: delivery tries again, and keeps the credential
-            // stored if it still cannot.
-            tracing::warn!(session_id = %id, error = %e, "cannot start the user's CLI VM ahead of delivery");
-        }
-    }
     let (tx, mut events) = mpsc::channel(64);
     let end = drive(&ctx, &h, &provider, tx, &mut events).await;
     release_browser(&ctx, &h, &end).await;
@@ -145,6 +137,15 @@ async fn start_browser(
         .map_err(|e| End::Failed(format!("cannot create the browser VM: {e}")))?;
     h.view
         .send_modify(|v| v.browser_vm_id = Some(vm.id.clone()));
+    // After the browser VM, so that one never loses the last VM slot to it.
+    if ctx.cfg.prestart_cli_vm {
+        let view = h.view();
+        if let Err(e) = delivery::ensure_cli_vm(ctx, &view.user_id) {
+            // Not fatal: delivery tries again, and keeps the credential
+            // stored if it still cannot.
+            tracing::warn!(session_id = %view.session_id, error = %e, "cannot start the user's CLI VM ahead of delivery");
+        }
+    }
     let left = deadline.saturating_duration_since(Instant::now());
     let settled = ctx
         .vms
