@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chromiumoxide::cdp::browser_protocol::network::{EventRequestWillBeSent, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
-    EventFrameNavigated, EventLoadEventFired, NavigateParams,
+    EventFrameNavigated, EventLoadEventFired, GetNavigationHistoryParams, NavigateParams,
 };
 use chromiumoxide::handler::HandlerConfig;
 use chromiumoxide::{Browser, Page};
@@ -171,6 +171,18 @@ impl Cdp {
     /// The tab's current URL.
     pub async fn current_url(&self) -> Option<String> {
         self.page.url().await.ok().flatten()
+    }
+
+    /// The tab's history as Chromium holds it now, oldest first. This is a
+    /// round trip to the browser, so every event Chromium sent before it
+    /// answers has already reached the listeners when it returns.
+    pub async fn history(&self) -> Result<Vec<String>, CdpError> {
+        let h = self
+            .page
+            .execute(GetNavigationHistoryParams::default())
+            .await
+            .map_err(proto)?;
+        Ok(h.result.entries.into_iter().map(|e| e.url).collect())
     }
 
     /// The trimmed text of the first element matching `selector`, as soon

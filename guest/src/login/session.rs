@@ -32,6 +32,9 @@ use crate::process::{ExitInfo, Reaper};
 /// How long a URL seen in the output waits for the shim to deliver the
 /// same login (the shim is preferred: it is exactly what the CLI opens).
 const SHIM_GRACE: Duration = Duration::from_secs(1);
+/// How long the exit path waits on Chromium for a denial it has not
+/// reported yet; a live browser answers in milliseconds.
+const DENIAL_CHECK: Duration = Duration::from_secs(3);
 /// Output kept for the `CliExited` report.
 const TAIL_BYTES: usize = 4096;
 
@@ -308,14 +311,22 @@ impl Login {
         })))
     }
 
-    /// Reports an OAuth error redirect whose event is already queued: the
-    /// CLI can exit on the redirect before the loop has read its event.
+    /// Reports an OAuth error redirect the loop has not read yet: the CLI
+    /// can exit on the redirect before Chromium's event for it has even
+    /// arrived. A history round trip first flushes every event Chromium
+    /// sent before it; the history itself is checked last, for a redirect
+    /// whose request event was missed.
     async fn report_queued_denial(&mut self, pages: &mut Pages) {
+        let history = tokio::time::timeout(DENIAL_CHECK, pages.cdp.history()).await;
+        let mut seen: Vec<String> = Vec::new();
         while let Some(Some(url)) = pages.navigations.next().now_or_never() {
-            if let Some((error, description)) = oauth_error(&url) {
-                self.report(LoginStep::Denied { error, description }).await;
-                return;
-            }
+            seen.push(url);
+        }
+        if let Ok(Ok(entries)) = history {
+            seen.extend(entries.into_iter().rev());
+        }
+        if let Some((error, description)) = seen.iter().find_map(|u| oauth_error(u)) {
+            self.report(LoginStep::Denied { error, description }).await;
         }
     }
 
