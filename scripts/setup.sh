@@ -18,6 +18,12 @@ packages=(
     systemd                  # systemd-analyze verifies the units
     chromium xvfb fonts-dejavu-core  # the browser role (a host process until the golden image)
     postgresql               # the store's tests run on a real PostgreSQL too
+    # the live-view streamer (gstreamer-rs links these) and its plugins:
+    # ximagesrc (x), vp8enc (good), x264enc (ugly), webrtcbin + nice (bad)
+    libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstreamer-plugins-bad1.0-dev
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+    gstreamer1.0-plugins-ugly gstreamer1.0-nice gstreamer1.0-x gstreamer1.0-tools
+    coturn                   # TURN server the live-view tests allocate on
     gcc make curl ca-certificates pkg-config
 )
 [ "${1:-}" = bench ] && packages+=(nodejs)

@@ -179,6 +179,13 @@ impl Agent {
             },
             Operation::Input(batch) => self.browser.input(batch).await.map(|()| Reply::Done),
             Operation::Screenshot => self.browser.screenshot().await.map(Reply::Screenshot),
+            Operation::StreamStart(_)
+            | Operation::StreamStop
+            | Operation::StreamSignal(_)
+            | Operation::StreamControl { .. } => Err(ErrorReply::new(
+                ErrorCode::Unsupported,
+                "the live view is not built into this agent yet",
+            )),
         }
     }
 

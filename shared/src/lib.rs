@@ -21,6 +21,7 @@ pub mod limits;
 pub mod login;
 pub mod message;
 pub mod secret;
+pub mod stream;
 
 pub use frame::{FrameDecoder, FrameError};
 pub use login::*;

@@ -93,6 +93,8 @@ pub mod capability {
     pub const LOGS: &str = "logs";
     /// Runs Xvfb and Chromium, logins, input and screenshots.
     pub const BROWSER: &str = "browser";
+    /// Runs the WebRTC screen streamer (the live view).
+    pub const STREAM: &str = "stream";
 }
 
 /// The host's acceptance of an agent.
@@ -167,6 +169,17 @@ pub enum Operation {
     Input(InputBatch),
     /// Take a PNG of the display.
     Screenshot,
+    /// Start (or keep) the screen streamer and supervise it.
+    StreamStart(crate::stream::StreamSpec),
+    /// Stop the streamer.
+    StreamStop,
+    /// Relay a viewer's signal to the streamer.
+    StreamSignal(crate::stream::ViewerSignal),
+    /// Set which viewer's input is injected (`None`: nobody's).
+    StreamControl {
+        /// The controlling viewer.
+        viewer_id: Option<String>,
+    },
 }
 
 /// Run `argv` with a deadline and bounded output capture.
@@ -389,6 +402,8 @@ pub enum Event {
     Credential(CapturedCredential),
     /// The display or browser changed state.
     Browser(BrowserEvent),
+    /// The live view: streamer state, viewer signals, fallback frames.
+    Stream(crate::stream::StreamEvent),
 }
 
 /// Sent once per connection after the config is applied.
@@ -471,7 +486,7 @@ fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), InvalidMess
     Ok(())
 }
 
-fn check_token(field: &'static str, s: &str) -> Result<(), InvalidMessage> {
+pub(crate) fn check_token(field: &'static str, s: &str) -> Result<(), InvalidMessage> {
     check_len(field, s, MAX_SHORT_STRING)?;
     let ok = !s.is_empty()
         && s.bytes()

@@ -278,6 +278,10 @@ fn handle(inner: &Inner, log: &GuestLog, msg: GuestMessage) -> Result<Option<Eve
             return Ok(Some(Event::Credential(c)));
         }
         GuestMessage::Event(e @ Event::Browser(_)) => return Ok(Some(e)),
+        GuestMessage::Event(Event::Stream(e)) => {
+            e.validate().map_err(|e| e.to_string())?;
+            return Ok(Some(Event::Stream(e)));
+        }
         GuestMessage::Hello(_) => return Err("a second hello on a live connection".into()),
     }
     Ok(None)

@@ -1,0 +1,3 @@
+//! `airlock-streamer`: placeholder until the streamer lands.
+
+fn main() {}
