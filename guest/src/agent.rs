@@ -19,6 +19,7 @@ use crate::browser::BrowserRole;
 use crate::logging::{parse_level, LogReceiver};
 use crate::login::{LoginCtx, Logins};
 use crate::process::Reaper;
+use crate::streamer::Streamer;
 use crate::sysinfo;
 
 /// Shared state of the running agent.
@@ -30,6 +31,7 @@ pub struct Agent {
     started_uptime_ms: u64,
     reaper: Reaper,
     browser: Arc<BrowserRole>,
+    streamer: Streamer,
     logins: Logins,
     /// Handed to each connection's log forwarder and taken back after.
     logs: Mutex<Option<LogReceiver>>,
@@ -83,6 +85,7 @@ impl Agent {
             p.events.0.clone(),
             state.clone(),
         ));
+        let streamer = Streamer::new(p.reaper.clone(), p.events.0.clone(), browser.clone());
         let logins = Logins::new(LoginCtx {
             reaper: p.reaper.clone(),
             browser: browser.clone(),
@@ -96,6 +99,7 @@ impl Agent {
             started_uptime_ms: p.started_uptime_ms,
             reaper: p.reaper,
             browser,
+            streamer,
             logins,
             dropped_logs: p.logs.dropped.clone(),
             logs: Mutex::new(Some(p.logs)),
@@ -120,6 +124,7 @@ impl Agent {
             capability::SHUTDOWN,
             capability::LOGS,
             capability::BROWSER,
+            capability::STREAM,
         ];
         Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -166,6 +171,8 @@ impl Agent {
                 self.browser.start(spec).await.map(Reply::BrowserStarted)
             }
             Operation::StopBrowser => {
+                // The streamer captures the display: it goes first.
+                self.streamer.stop().await;
                 self.browser.stop().await;
                 Ok(Reply::Done)
             }
@@ -179,19 +186,22 @@ impl Agent {
             },
             Operation::Input(batch) => self.browser.input(batch).await.map(|()| Reply::Done),
             Operation::Screenshot => self.browser.screenshot().await.map(Reply::Screenshot),
-            Operation::StreamStart(_)
-            | Operation::StreamStop
-            | Operation::StreamSignal(_)
-            | Operation::StreamControl { .. } => Err(ErrorReply::new(
-                ErrorCode::Unsupported,
-                "the live view is not built into this agent yet",
-            )),
+            Operation::StreamStart(spec) => self.streamer.start(spec).await.map(|()| Reply::Done),
+            Operation::StreamStop => {
+                self.streamer.stop().await;
+                Ok(Reply::Done)
+            }
+            Operation::StreamSignal(s) => self.streamer.signal(s).map(|()| Reply::Done),
+            Operation::StreamControl { viewer_id } => {
+                self.streamer.set_control(viewer_id).map(|()| Reply::Done)
+            }
         }
     }
 
     /// Stops logins and the browser (before the agent exits).
     pub async fn stop_roles(&self) {
         self.logins.shutdown().await;
+        self.streamer.stop().await;
         self.browser.stop().await;
         if self.mode == AgentMode::Process {
             let _ = std::fs::remove_dir_all(state_dir(self.mode));

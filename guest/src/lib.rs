@@ -15,6 +15,7 @@ pub mod logging;
 pub mod login;
 pub mod options;
 pub mod process;
+pub mod streamer;
 pub mod sysinfo;
 pub mod wire;
 

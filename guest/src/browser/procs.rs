@@ -106,14 +106,14 @@ fn pipe_of(fd: Option<impl Into<OwnedFd>>) -> Option<pipe::Receiver> {
     pipe::Receiver::from_owned_fd(fd?.into()).ok()
 }
 
-fn spawn(
+/// Spawns `cmd` in its own process group with stderr kept as a tail;
+/// returns its stdout and stdin when the caller asked for pipes.
+pub(crate) fn spawn(
     reaper: &Reaper,
     name: &'static str,
     cmd: &mut Command,
-) -> Result<(Supervised, Option<pipe::Receiver>), ProcError> {
-    cmd.stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0);
+) -> Result<(Supervised, Option<pipe::Receiver>, Option<pipe::Sender>), ProcError> {
+    cmd.stderr(Stdio::piped()).process_group(0);
     // SAFETY: runs in the forked child before exec; prctl is
     // async-signal-safe. If the agent dies (as a host process it can be
     // killed on its own), the kernel kills this child instead of leaving
@@ -137,6 +137,10 @@ fn spawn(
         tokio::spawn(keep_tail(err, tail));
     }
     let stdout = pipe_of(child.stdout.take());
+    let stdin = child
+        .stdin
+        .take()
+        .and_then(|fd| pipe::Sender::from_owned_fd(fd.into()).ok());
     let sup = Supervised {
         name,
         pid: Pid::from_raw(child.id() as i32),
@@ -144,7 +148,7 @@ fn spawn(
         ended: None,
         stderr_tail: tail,
     };
-    Ok((sup, stdout))
+    Ok((sup, stdout, stdin))
 }
 
 async fn keep_tail(mut err: pipe::Receiver, tail: Arc<Mutex<String>>) {
@@ -179,8 +183,9 @@ pub async fn start_xvfb(
     cmd.args(["-displayfd", "1", "-screen", "0"])
         .arg(format!("{}x{}x24", spec.width, spec.height))
         .args(["-nolisten", "tcp", "-dpi", "96", "+extension", "XTEST"])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    let (sup, stdout) = spawn(reaper, "xvfb", &mut cmd)?;
+    let (sup, stdout, _) = spawn(reaper, "xvfb", &mut cmd)?;
     let not_ready = |why: String| ProcError::NotReady {
         program: "Xvfb".into(),
         why,
@@ -277,7 +282,8 @@ pub async fn start_chromium(
     ))
     .env("DISPLAY", format!(":{display}"))
     .stdout(Stdio::null());
-    let (mut sup, _) = spawn(reaper, "chromium", &mut cmd)?;
+    cmd.stdin(Stdio::null());
+    let (mut sup, _, _) = spawn(reaper, "chromium", &mut cmd)?;
     let port_file = profile.join("DevToolsActivePort");
     let wait = async {
         let mut events = watch;
