@@ -1,3 +1,39 @@
-//! `airlock-streamer`: placeholder until the streamer lands.
+//! `airlock-streamer`: streams the browser VM's X display to viewers over
+//! WebRTC (GStreamer `webrtcbin`), one process beside the agent.
+//!
+//! The agent spawns it with `DISPLAY` set and talks to it over stdin/stdout
+//! in frames (`airlock_proto::stream::StreamerCommand` in,
+//! `StreamerReport` out); logs go to stderr. Exit status 0 means it was
+//! told to stop (or stdin ended); anything else is a failure, explained on
+//! stderr.
 
-fn main() {}
+mod branch;
+mod datachannel;
+mod encoder;
+mod ice;
+mod jpeg;
+mod pipe;
+mod pipeline;
+mod sdp;
+mod streamer;
+mod viewer;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match streamer::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "streamer failed");
+            ExitCode::FAILURE
+        }
+    }
+}
