@@ -21,12 +21,16 @@ setup:
 	@scripts/setup.sh
 
 # Static binaries: the agent (its own size profile), airlockd, and the fake
-# vendor CLI, linked under the real CLIs' names in build/fakes.
+# vendor CLI, linked under the real CLIs' names in build/fakes. The
+# streamer is the one glibc binary: it links the system's GStreamer, and
+# sits next to the agent, where the agent looks for it.
 build: setup
 	cargo build --profile guest --locked --target $(MUSL) -p airlock-guest
 	cargo build --release --locked --target $(MUSL) -p airlock-host -p airlock-fakes --bins
+	cargo build --release --locked -p airlock-streamer
 	@mkdir -p $(BUILD)/bin $(BUILD)/fakes
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/guest/airlock-guest $(BUILD)/bin/airlock-guest
+	install -m 0755 $(CARGO_TARGET_DIR)/release/airlock-streamer $(BUILD)/bin/airlock-streamer
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlockd $(BUILD)/bin/airlockd
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/fake-cli $(BUILD)/bin/fake-cli
 	@for cli in codex claude gemini airlock-demo-cli; do ln -sfn ../bin/fake-cli $(BUILD)/fakes/$$cli; done
@@ -48,6 +52,7 @@ bench: image
 	@scripts/setup.sh bench
 	cargo bench --locked -p airlock-tests --bench spine
 	cargo bench --locked -p airlock-tests --bench login
+	cargo bench --locked -p airlock-tests --bench live
 
 clean:
 	rm -rf $(BUILD)

@@ -52,6 +52,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The encrypted credential store.
     pub store: crate::store::StoreConfig,
+    /// The live view of browser VMs (WebRTC, viewer links, TURN).
+    pub live: LiveConfig,
     /// Logging of airlockd itself.
     pub log: LogConfig,
 }
@@ -341,6 +343,158 @@ impl Default for AuthConfig {
     }
 }
 
+/// A secret string from the config: `Debug` shows only whether it is set,
+/// and `--print-config` replaces it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConfigSecret(String);
+
+impl ConfigSecret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself (to compute with it, never to print it).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for ConfigSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = if self.0.is_empty() {
+            "unset"
+        } else {
+            "redacted"
+        };
+        write!(f, "ConfigSecret(<{shown}>)")
+    }
+}
+
+/// The live view: how the browser VM's screen is streamed to viewers, who
+/// may watch (viewer links), and how their browsers reach the streamer
+/// (STUN/TURN).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LiveConfig {
+    /// Frames per second captured and encoded.
+    pub framerate: u32,
+    /// Target video bitrate (kbit/s, CBR).
+    pub bitrate_kbps: u32,
+    /// Frames per second of the JPEG fallback (viewers whose WebRTC does
+    /// not connect).
+    pub jpeg_fps: u32,
+    /// JPEG quality of the fallback (1-100).
+    pub jpeg_quality: u32,
+    /// Local addresses the streamer's ICE may use; empty: every interface.
+    pub ice_addresses: Vec<String>,
+    /// STUN servers (`stun:host:port`) for viewers and the streamer.
+    pub stun_urls: Vec<String>,
+    /// TURN servers (`turn:host:port?transport=udp`); they need
+    /// `turn_secret`.
+    pub turn_urls: Vec<String>,
+    /// Shared secret of the TURN server (coturn `static-auth-secret`):
+    /// airlockd mints short-lived TURN REST credentials from it.
+    pub turn_secret: ConfigSecret,
+    /// File holding `turn_secret` (read at start; wins over `turn_secret`).
+    pub turn_secret_file: Option<PathBuf>,
+    /// Lifetime of minted TURN credentials (s).
+    pub turn_ttl_secs: u64,
+    /// Lifetime of a viewer link's token (ms). Connected viewers are sent a
+    /// fresh one before theirs expires.
+    pub viewer_token_ttl_ms: u64,
+    /// Viewers per session at once (the first one controls the input).
+    pub max_viewers: usize,
+    /// The page falls back to JPEG frames when WebRTC has not connected
+    /// within this (ms).
+    pub connect_timeout_ms: u64,
+    /// `POST /api/webrtc/session/:id/offer` waits this long for the
+    /// complete answer before answering `202` (ms).
+    pub legacy_answer_wait_ms: u64,
+    /// A viewer of the HTTP signalling API whose peer never connected is
+    /// dropped after this long without a request (ms).
+    pub legacy_idle_ms: u64,
+    /// Largest WebSocket message a viewer may send (bytes).
+    pub max_message_bytes: usize,
+    /// Messages per second a viewer may send over its WebSocket (bursts of
+    /// four times that are allowed).
+    pub messages_per_sec: u32,
+    /// For the agent to start the streamer (ms).
+    pub start_timeout_ms: u64,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        Self {
+            framerate: 30,
+            bitrate_kbps: 2500,
+            jpeg_fps: 5,
+            jpeg_quality: 60,
+            ice_addresses: Vec::new(),
+            stun_urls: Vec::new(),
+            turn_urls: Vec::new(),
+            turn_secret: ConfigSecret::default(),
+            turn_secret_file: None,
+            turn_ttl_secs: 3600,
+            viewer_token_ttl_ms: 900_000,
+            max_viewers: 4,
+            connect_timeout_ms: 5000,
+            legacy_answer_wait_ms: 5000,
+            legacy_idle_ms: 30_000,
+            max_message_bytes: 128 << 10,
+            messages_per_sec: 100,
+            start_timeout_ms: 25_000,
+        }
+    }
+}
+
+impl LiveConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=60).contains(&self.framerate) {
+            return Err("live.framerate must be 1-60".into());
+        }
+        if !(100..=50_000).contains(&self.bitrate_kbps) {
+            return Err("live.bitrate_kbps must be 100-50000".into());
+        }
+        if !(1..=30).contains(&self.jpeg_fps) || !(1..=100).contains(&self.jpeg_quality) {
+            return Err("live.jpeg_fps must be 1-30 and live.jpeg_quality 1-100".into());
+        }
+        let urls_ok = |urls: &[String], schemes: &[&str]| {
+            urls.iter().all(|u| {
+                schemes.iter().any(|s| u.starts_with(s)) && !u.contains(char::is_whitespace)
+            })
+        };
+        if !urls_ok(&self.stun_urls, &["stun:", "stuns:"]) {
+            return Err("live.stun_urls must be stun: or stuns: URLs".into());
+        }
+        if !urls_ok(&self.turn_urls, &["turn:", "turns:"]) {
+            return Err("live.turn_urls must be turn: or turns: URLs".into());
+        }
+        if !self.turn_urls.is_empty() && self.turn_secret.is_empty() {
+            return Err("live.turn_urls need live.turn_secret (or live.turn_secret_file): the TURN server's static-auth-secret".into());
+        }
+        if self.turn_ttl_secs == 0 || self.viewer_token_ttl_ms == 0 {
+            return Err("live.turn_ttl_secs and live.viewer_token_ttl_ms must be positive".into());
+        }
+        if !(1..=32).contains(&self.max_viewers) {
+            return Err("live.max_viewers must be 1-32".into());
+        }
+        if self.max_message_bytes < 4096 || self.messages_per_sec == 0 {
+            return Err(
+                "live.max_message_bytes must be at least 4096 and live.messages_per_sec positive"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Logging of airlockd.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -386,6 +540,7 @@ impl Config {
             source,
         })?;
         config.resolve_paths(&base);
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
     }
@@ -410,6 +565,9 @@ impl Config {
             }
         }
         fix(&mut self.store.key_file);
+        if let Some(p) = &mut self.live.turn_secret_file {
+            fix(p);
+        }
         // A relative SQLite path follows the config file like every path.
         if let Some(rest) = self.store.url.strip_prefix("sqlite://") {
             if !rest.starts_with('/') && !rest.is_empty() {
@@ -426,6 +584,18 @@ impl Config {
         {
             fix(p);
         }
+    }
+
+    /// Reads secrets kept in files of their own.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.live.turn_secret_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            self.live.turn_secret = ConfigSecret::new(text.trim());
+        }
+        Ok(())
     }
 
     /// Checks ranges and combinations.
@@ -462,6 +632,7 @@ impl Config {
         if a.user_timeout_ms == 0 || a.url_timeout_ms == 0 || a.browser_timeout_ms == 0 {
             return bad("auth timeouts must be positive".into());
         }
+        self.live.validate().map_err(ConfigError::Invalid)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format must be text or json".into());
         }
@@ -469,10 +640,13 @@ impl Config {
     }
 
     /// The effective configuration as TOML (for `--print-config`), with
-    /// any password in the store URL replaced.
+    /// any password in the store URL and the TURN secret replaced.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.store.url = crate::store::redact_url(&shown.store.url);
+        if !shown.live.turn_secret.is_empty() {
+            shown.live.turn_secret = ConfigSecret::new("(redacted)");
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -509,6 +683,30 @@ mod tests {
         let c = Config::default();
         let back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.vm.boot_timeout_ms, c.vm.boot_timeout_ms);
+    }
+
+    #[test]
+    fn the_turn_secret_is_never_shown() {
+        let mut c = Config::default();
+        c.live.turn_secret = ConfigSecret::new("north-wind");
+        c.live.turn_urls = vec!["turn:127.0.0.1:3478".into()];
+        c.validate().unwrap();
+        assert!(!c.to_toml().contains("north-wind"));
+        assert!(!format!("{c:?}").contains("north-wind"));
+        c.live.turn_secret = ConfigSecret::default();
+        assert!(c.validate().is_err(), "TURN URLs without a secret");
+    }
+
+    #[test]
+    fn the_turn_secret_comes_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("turn.secret"), "from-file\n").unwrap();
+        let path = dir.path().join("c.toml");
+        let text =
+            "[live]\nturn_urls = [\"turn:127.0.0.1:3478\"]\nturn_secret_file = \"turn.secret\"\n";
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.live.turn_secret.expose(), "from-file");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::config::{BackendKind, Config};
+use crate::live::Live;
 use crate::providers::Providers;
 use crate::server::{Server, ServerError};
 use crate::session::Sessions;
@@ -106,10 +107,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     })?;
     let mut auth = config.auth.clone();
     let demo = demo_oauth(&mut auth, server.scheme(), addr)?;
-    let sessions = Sessions::new(vms.clone(), store, providers, auth, shutdown.child_token());
+    let live = Live::new(config.live.clone(), vms.clone());
+    let sessions = Sessions::new(
+        vms.clone(),
+        store,
+        providers,
+        auth,
+        live.clone(),
+        shutdown.child_token(),
+    );
     let state = AppState {
         vms: vms.clone(),
         sessions: sessions.clone(),
+        live,
         started,
     };
     let app = router(

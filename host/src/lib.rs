@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod live;
 pub mod providers;
 pub mod server;
 pub mod session;

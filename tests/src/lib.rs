@@ -22,8 +22,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+pub mod cdp;
 pub mod fake_guest;
+pub mod live;
 pub mod login;
+pub mod peer;
 pub mod postgres;
 pub mod stats;
 
@@ -36,6 +39,8 @@ pub struct Artifacts {
     pub guest_bin: PathBuf,
     /// The static airlockd.
     pub airlockd_bin: PathBuf,
+    /// The live view's streamer (beside the agent, where it looks).
+    pub streamer_bin: PathBuf,
     /// Guest kernel.
     pub kernel: PathBuf,
     /// Test initramfs.
@@ -60,6 +65,7 @@ pub fn artifacts() -> Result<Artifacts> {
     let a = Artifacts {
         guest_bin: build_dir.join("bin/airlock-guest"),
         airlockd_bin: build_dir.join("bin/airlockd"),
+        streamer_bin: build_dir.join("bin/airlock-streamer"),
         kernel: build_dir.join("image/vmlinuz"),
         initramfs: build_dir.join("image/initramfs.cpio.gz"),
         image_script: repo.join("image/build-initramfs.sh"),
@@ -67,7 +73,13 @@ pub fn artifacts() -> Result<Artifacts> {
         build_dir,
         repo,
     };
-    for p in [&a.guest_bin, &a.airlockd_bin, &a.kernel, &a.initramfs] {
+    for p in [
+        &a.guest_bin,
+        &a.airlockd_bin,
+        &a.streamer_bin,
+        &a.kernel,
+        &a.initramfs,
+    ] {
         if !p.exists() {
             bail!(
                 "{} is missing: run `make build image` (or `make test`) first",

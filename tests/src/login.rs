@@ -254,3 +254,35 @@ pub fn step_events(v: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A session's viewer link as `POST /api/auth/start` returns it.
+#[derive(Debug, Clone)]
+pub struct ViewerLink {
+    /// The session.
+    pub session: String,
+    /// Its viewer token.
+    pub token: String,
+    /// `/session/<id>?token=<token>`.
+    pub url: String,
+}
+
+/// Starts a session (`POST /api/auth/start`) and returns its viewer link.
+pub async fn start_viewable(d: &Daemon, user: &str, provider: &str) -> Result<ViewerLink> {
+    let body = json!({ "userId": user, "provider": provider });
+    let (status, v) = d
+        .request(reqwest::Method::POST, "/api/auth/start", Some(body))
+        .await?;
+    if status != 201 {
+        bail!("start session: {status} {v}");
+    }
+    let session = v["sessionId"].as_str().context("sessionId")?.to_string();
+    d.sessions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(session.clone());
+    Ok(ViewerLink {
+        token: v["viewerToken"].as_str().context("viewerToken")?.into(),
+        url: v["viewerUrl"].as_str().context("viewerUrl")?.into(),
+        session,
+    })
+}

@@ -1,12 +1,17 @@
 //! Handlers of `/api/auth`: start a login session, follow it (a view, or
-//! Server-Sent Events of every change), cancel it, and act on its browser
-//! (input events, screenshots). Routed by [`super::router`].
+//! Server-Sent Events of every change), cancel it, act on its browser
+//! (input events, screenshots), and mint viewer links for its live view.
+//! The session's view carries its current viewer link (`viewerToken`,
+//! `viewerTokenExpiresAt`, `viewerUrl`) while it runs. Routed by
+//! [`super::router`].
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use airlock_proto::InputBatch;
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -14,7 +19,9 @@ use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use super::webrtc::TokenQuery;
 use super::AppState;
+use crate::live::ViewerLink;
 use crate::session::{SessionView, Sessions};
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -31,7 +38,24 @@ pub struct StartBody {
     provider: String,
 }
 
-/// `POST /api/auth/start` → `201` with the session (`sessionId`, `state`).
+/// A session's view with its current viewer link (while it runs).
+#[derive(Debug, Serialize)]
+pub struct SessionWithLink {
+    #[serde(flatten)]
+    view: SessionView,
+    #[serde(flatten)]
+    link: Option<ViewerLink>,
+}
+
+fn with_link(app: &AppState, view: SessionView) -> SessionWithLink {
+    SessionWithLink {
+        link: app.live.link(&view.session_id),
+        view,
+    }
+}
+
+/// `POST /api/auth/start` → `201` with the session (`sessionId`, `state`,
+/// `viewerToken`, `viewerTokenExpiresAt`, `viewerUrl`, ...).
 pub async fn start(
     State(app): State<AppState>,
     Json(body): Json<StartBody>,
@@ -41,7 +65,7 @@ pub async fn start(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(view),
+        Json(with_link(&app, view)),
     )
         .into_response())
 }
@@ -50,17 +74,56 @@ pub async fn start(
 pub async fn get(
     State(app): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<SessionView>> {
-    Ok(Json(sessions(&app)?.get(&id)?))
+) -> ApiResult<Json<SessionWithLink>> {
+    let view = sessions(&app)?.get(&id)?;
+    Ok(Json(with_link(&app, view)))
 }
 
-/// `GET /api/auth/session/:id/events`: the session's view now and after
-/// every change, as `event: session` messages; the stream ends after a
-/// final state (completed, failed, cancelled, expired).
+/// Body of `POST /api/auth/session/:id/viewer-token` (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MintBody {
+    /// Lifetime of the link; at most (and by default)
+    /// `live.viewer_token_ttl_ms`.
+    ttl_ms: Option<u64>,
+}
+
+/// `POST /api/auth/session/:id/viewer-token` `{"ttlMs"?}` → `201
+/// {"sessionId", "viewerToken", "viewerTokenExpiresAt", "viewerUrl"}`: a
+/// new viewer link for a running session; earlier links keep working until
+/// they expire.
+pub async fn viewer_token(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let body: MintBody = if body.iter().all(u8::is_ascii_whitespace) {
+        MintBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!("the body must be {{\"ttlMs\"?: N}}: {e}"))
+        })?
+    };
+    let link = app.live.mint(&id, body.ttl_ms.map(Duration::from_millis))?;
+    let mut value = serde_json::to_value(&link).unwrap_or_default();
+    value["sessionId"] = id.into();
+    Ok((StatusCode::CREATED, Json(value)).into_response())
+}
+
+/// `GET /api/auth/session/:id/events[?token=]`: the session's view now and
+/// after every change, as `event: session` messages; the stream ends after
+/// a final state (completed, failed, cancelled, expired). The operator API
+/// needs no token; a viewer page passes its viewer token, which must then
+/// be this session's.
 pub async fn events(
     State(app): State<AppState>,
     Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    if let Some(token) = q.presented(&headers) {
+        app.live.authorize(&id, Some(token))?;
+    }
     let rx = sessions(&app)?.subscribe(&id)?;
     let stream =
         futures_util::stream::unfold((rx, false, true), |(mut rx, done, first)| async move {

@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::agent::AgentError;
+use crate::live::token::TokenError;
+use crate::live::LiveError;
 use crate::vm::VmError;
 
 /// An error answer.
@@ -40,6 +42,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The message for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 /// The status for a VM error.
@@ -69,6 +76,31 @@ fn agent_status(e: &AgentError) -> StatusCode {
     }
 }
 
+/// The status for a live-view error: a missing or expired viewer token is
+/// 401 (get a new link), a token that is not this session's is 403.
+fn live_status(e: &LiveError) -> StatusCode {
+    match e {
+        LiveError::Token(TokenError::Missing | TokenError::Expired(_)) => StatusCode::UNAUTHORIZED,
+        LiveError::Token(TokenError::Wrong) | LiveError::NotControlling => StatusCode::FORBIDDEN,
+        LiveError::Token(TokenError::Random) => StatusCode::INTERNAL_SERVER_ERROR,
+        LiveError::NotFound(_) | LiveError::UnknownViewer(_) => StatusCode::NOT_FOUND,
+        LiveError::Ended { .. } => StatusCode::GONE,
+        LiveError::Full(_) => StatusCode::CONFLICT,
+        LiveError::NotStreaming(_) => StatusCode::SERVICE_UNAVAILABLE,
+        LiveError::Invalid(_) => StatusCode::BAD_REQUEST,
+        LiveError::Agent(vm) => vm_status(vm),
+    }
+}
+
+impl From<LiveError> for ApiError {
+    fn from(e: LiveError) -> Self {
+        Self {
+            status: live_status(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<crate::session::SessionError> for ApiError {
     fn from(e: crate::session::SessionError) -> Self {
         use crate::session::SessionError as E;
@@ -78,6 +110,7 @@ impl From<crate::session::SessionError> for ApiError {
             E::Capacity(_) => StatusCode::SERVICE_UNAVAILABLE,
             E::NoBrowser { .. } => StatusCode::CONFLICT,
             E::Vm(vm) => vm_status(vm),
+            E::Live(live) => live_status(live),
         };
         Self {
             status,
@@ -164,5 +197,21 @@ mod tests {
             ApiError::from(too_large).status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
+    }
+
+    #[test]
+    fn viewer_token_statuses() {
+        let status = |e: TokenError| ApiError::from(LiveError::Token(e)).status();
+        assert_eq!(status(TokenError::Missing), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            status(TokenError::Expired("t".into())),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(status(TokenError::Wrong), StatusCode::FORBIDDEN);
+        let ended = LiveError::Ended {
+            id: "s".into(),
+            reason: "done".into(),
+        };
+        assert_eq!(ApiError::from(ended).status(), StatusCode::GONE);
     }
 }

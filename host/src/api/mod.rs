@@ -1,11 +1,13 @@
 //! The HTTP API of airlockd (axum on hyper): routes, shared state and the
 //! health endpoint. JSON bodies are camelCase; every error is
-//! `{"error": "..."}` (see [`error`]). Built by the daemon and served by
-//! [`crate::server`].
+//! `{"error": "..."}` (see [`error`]), except on the viewer's HTML pages.
+//! Built by the daemon and served by [`crate::server`].
 
 pub mod auth;
 pub mod error;
+pub mod pages;
 pub mod vms;
+pub mod webrtc;
 
 use std::time::Instant;
 
@@ -24,6 +26,8 @@ pub struct AppState {
     pub vms: VmManager,
     /// Login sessions.
     pub sessions: crate::session::Sessions,
+    /// Their live views.
+    pub live: crate::live::Live,
     /// When the daemon started.
     pub started: Instant,
 }
@@ -49,6 +53,17 @@ pub fn router(state: AppState, max_body_bytes: usize, extra: Option<(&str, Route
         .route("/api/auth/session/{id}/cancel", post(auth::cancel))
         .route("/api/auth/session/{id}/input", post(auth::input))
         .route("/api/auth/session/{id}/screenshot", get(auth::screenshot))
+        .route(
+            "/api/auth/session/{id}/viewer-token",
+            post(auth::viewer_token),
+        )
+        .route("/api/webrtc/ice-servers", get(webrtc::ice_servers))
+        .route("/api/webrtc/session/{id}/ws", get(webrtc::ws))
+        .route("/api/webrtc/session/{id}/offer", post(webrtc::offer))
+        .route("/api/webrtc/session/{id}/answer", get(webrtc::answer))
+        .route("/session/new", get(pages::new_session))
+        .route("/session/{id}", get(pages::viewer))
+        .route("/assets/{name}", get(pages::asset))
         .fallback(not_found)
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(DefaultBodyLimit::max(max_body_bytes))

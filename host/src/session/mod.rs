@@ -1,6 +1,6 @@
 //! Login sessions: a person asks to connect a CLI provider; airlockd boots
 //! a browser VM, runs the provider's login in it, lets the person act on
-//! its screen (input and screenshots now, the live stream later), captures
+//! its screen (live over WebRTC, or through input and screenshots), captures
 //! the credential, stores it encrypted and delivers it into the person's
 //! CLI VM. This module holds the sessions and their public view; each
 //! session's life runs in [`run`], delivery in [`delivery`]. Used by the
@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AuthConfig;
+use crate::live::hub::Hub;
+use crate::live::{Live, LiveError};
 use crate::providers::{LoginDefaults, Providers};
 use crate::store::CredentialStore;
 use crate::vm::{VmError, VmManager};
@@ -154,6 +156,9 @@ pub enum SessionError {
     /// A VM operation failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The live view could not be set up.
+    #[error(transparent)]
+    Live(#[from] LiveError),
 }
 
 /// One session as the manager tracks it.
@@ -161,6 +166,8 @@ pub enum SessionError {
 struct SessionHandle {
     view: watch::Sender<SessionView>,
     cancel: CancellationToken,
+    /// The live view: viewers, tokens, the streamer's signalling.
+    hub: Arc<Hub>,
 }
 
 impl SessionHandle {
@@ -174,6 +181,7 @@ pub(crate) struct Inner {
     store: CredentialStore,
     providers: Providers,
     cfg: AuthConfig,
+    live: Live,
     defaults: LoginDefaults,
     sessions: Mutex<BTreeMap<String, Arc<SessionHandle>>>,
     ended: Mutex<VecDeque<String>>,
@@ -212,6 +220,7 @@ impl Sessions {
         store: CredentialStore,
         providers: Providers,
         cfg: AuthConfig,
+        live: Live,
         shutdown: CancellationToken,
     ) -> Self {
         let defaults = LoginDefaults {
@@ -225,6 +234,7 @@ impl Sessions {
             store,
             providers,
             cfg,
+            live,
             defaults,
             sessions: Mutex::default(),
             ended: Mutex::default(),
@@ -309,11 +319,7 @@ impl Sessions {
                 detail: None,
             }],
         };
-        let handle = Arc::new(SessionHandle {
-            view: watch::channel(view.clone()).0,
-            cancel: self.inner.shutdown.child_token(),
-        });
-        {
+        let handle = {
             let mut sessions = self.sessions();
             let active = sessions
                 .values()
@@ -322,8 +328,15 @@ impl Sessions {
             if active >= self.inner.cfg.max_sessions {
                 return Err(SessionError::Capacity(self.inner.cfg.max_sessions));
             }
+            let lifetime = Duration::from_millis(self.inner.cfg.user_timeout_ms);
+            let handle = Arc::new(SessionHandle {
+                view: watch::channel(view.clone()).0,
+                cancel: self.inner.shutdown.child_token(),
+                hub: self.inner.live.open(&id, user_id, lifetime)?,
+            });
             sessions.insert(id.clone(), handle.clone());
-        }
+            handle
+        };
         tracing::info!(session_id = %id, user_id, provider, "login session starting");
         self.inner
             .tracker
@@ -395,11 +408,13 @@ impl Sessions {
         }
     }
 
-    /// Cancels every session and waits for them (and pending deliveries).
+    /// Cancels every session and waits for them (and pending deliveries),
+    /// then for the live views' tasks.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        self.inner.live.shutdown().await;
     }
 }
 
@@ -437,6 +452,7 @@ impl Inner {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&old);
+                self.live.forget(&old);
             }
         }
     }

@@ -1,9 +1,10 @@
 //! The life of one login session, as one task: boot the browser VM, start
-//! Chromium, start the provider's login, follow the agent's events until
-//! the credential arrives (or the person denies, the CLI dies, time runs
-//! out, or the session is cancelled), store it, destroy the browser VM
-//! (keeping its logs if the session failed), and deliver. Spawned by
-//! [`super::Sessions::start`].
+//! Chromium, start the provider's login and the screen streamer, follow the
+//! agent's events until the credential arrives (or the person denies, the
+//! CLI dies, time runs out, or the session is cancelled), store it, stop
+//! the live view, destroy the browser VM (keeping its logs if the session
+//! failed), and deliver. Live-view events go to the session's hub. Spawned
+//! by [`super::Sessions::start`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ pub(super) async fn run(ctx: Arc<Inner>, h: Arc<SessionHandle>, provider: Provid
     let id = h.view().session_id;
     let (tx, mut events) = mpsc::channel(64);
     let end = drive(&ctx, &h, &provider, tx, &mut events).await;
+    end_live_view(&h, &end, &mut events).await;
     release_browser(&ctx, &h, &end).await;
     match end {
         End::Stored {
@@ -55,6 +57,27 @@ pub(super) async fn run(ctx: Arc<Inner>, h: Arc<SessionHandle>, provider: Provid
         End::Expired(reason) => finish(&ctx, &h, SessionState::Expired, reason),
     }
     tracing::info!(session_id = %id, state = ?h.view().state, "login session ended");
+}
+
+/// Stops the streamer (its events still drained, so the agent's
+/// connection never stalls on a full queue) and closes the viewers'
+/// sockets with how the session ended.
+async fn end_live_view(h: &SessionHandle, end: &End, events: &mut mpsc::Receiver<Event>) {
+    let stop = h.hub.stop_stream();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            e = events.recv() => if e.is_none() { stop.await; break },
+        }
+    }
+    let reason = match end {
+        End::Stored { .. } => "the login is done: the credential was captured".to_string(),
+        End::Failed(why) => format!("the login failed: {why}"),
+        End::Cancelled => "the session was cancelled".to_string(),
+        End::Expired(why) => why.clone(),
+    };
+    h.hub.close(&reason);
 }
 
 fn finish(ctx: &Inner, h: &SessionHandle, state: SessionState, reason: String) {
@@ -198,8 +221,19 @@ async fn follow(
 ) -> End {
     let mut denied: Option<String> = None;
     let mut vm_states = ctx.vms.subscribe_states();
+    // The streamer starts beside the login, so neither waits for the other
+    // and the agent's events keep flowing meanwhile.
+    let hub = h.hub.clone();
+    let stream_start = hub.start_stream(vm);
+    tokio::pin!(stream_start);
+    let mut starting = true;
     loop {
         let event = tokio::select! {
+            r = &mut stream_start, if starting => {
+                starting = false;
+                stream_started(ctx, h, r);
+                continue;
+            }
             e = events.recv() => match e {
                 Some(e) => e,
                 None => return End::Failed("the browser VM's event stream ended".into()),
@@ -240,7 +274,30 @@ async fn follow(
                 ctx.record(h, None, "browserCrashed", Some(detail));
             }
             Event::Browser(_) => {}
+            Event::Stream(e) => {
+                if let Some((event, detail)) = h.hub.on_event(e) {
+                    ctx.record(h, None, event, detail);
+                }
+            }
             _ => {}
+        }
+    }
+}
+
+/// Records how starting the streamer went. Its failure is not the login's:
+/// the person can still act through input and screenshots.
+fn stream_started(ctx: &Inner, h: &SessionHandle, result: Result<(), String>) {
+    let c = h.hub.config();
+    match result {
+        Ok(()) => ctx.record(
+            h,
+            None,
+            "streamStarted",
+            Some(format!("{} fps, {} kbit/s", c.framerate, c.bitrate_kbps)),
+        ),
+        Err(why) => {
+            tracing::warn!(session_id = %h.view().session_id, error = %why, "the live view is unavailable");
+            ctx.record(h, None, "streamUnavailable", Some(why));
         }
     }
 }

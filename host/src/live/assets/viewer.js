@@ -1,0 +1,591 @@
+// airlock viewer (/session/:id?token=...): shows a login session's state
+// and steps (Server-Sent Events), its browser's screen over WebRTC (JPEG
+// frames over the WebSocket when WebRTC cannot connect), and sends the
+// person's mouse, wheel, keys and pastes to that browser. Signalling runs
+// over /api/webrtc/session/:id/ws: this page always offers, the streamer
+// answers; an ICE restart is a new offer. Tests read window.airlockViewer.
+// Query parameters besides the token: fallbackAfterMs (when to fall back
+// to JPEG frames) and iceTransportPolicy=relay (TURN only).
+'use strict';
+
+(function () {
+  const params = new URLSearchParams(location.search);
+  const sessionId = decodeURIComponent(location.pathname.replace(/\/+$/, '').split('/').pop());
+  let token = params.get('token') || '';
+  const FINAL = ['completed', 'failed', 'cancelled', 'expired'];
+  const BUTTONS = { 0: 1, 1: 2, 2: 3 };
+  const RESTART_GRACE_MS = 4000;
+
+  const el = (id) => document.getElementById(id);
+  const ui = {
+    provider: el('provider'), state: el('state'), steps: el('steps'), banner: el('banner'),
+    video: el('screen'), img: el('fallback'), stage: el('stage'),
+    connection: el('connection'), rtt: el('rtt'), control: el('control'),
+  };
+
+  // The hook tests read; the page's own state lives here too.
+  const hook = window.airlockViewer = {
+    state: 'starting', framesRendered: 0, jpegFrames: 0, session: null, viewerId: null,
+    controlling: false, streamer: null, connection: 'new', fallback: false, rttMs: null,
+    peers: 0, iceRestarts: 0, socketOpens: 0, errors: [], pc: null,
+  };
+
+  let ended = false;
+  let iceServers = [];
+  let jpegFps = 5;
+  let connectTimeoutMs = 5000;
+  let events = null;
+  let ws = null;
+  let wsBackoff = 500;
+  let welcomed = false;
+  let pc = null;
+  let dc = null;
+  let pending = [];
+  let restarting = false;
+  const timers = { restart: 0, fallback: 0, ping: 0, socket: 0 };
+
+  // ------------------------------------------------------------ messages
+
+  let bannerKind = '';
+  function banner(text, kind) {
+    if (bannerKind === 'fatal' && kind !== 'fatal') return;
+    bannerKind = kind;
+    ui.banner.textContent = text;
+    ui.banner.className = kind === 'fatal' ? 'fatal' : '';
+    ui.banner.hidden = false;
+  }
+  function clearBanner(kind) {
+    if (bannerKind !== kind) return;
+    bannerKind = '';
+    ui.banner.hidden = true;
+  }
+  function setState(s) {
+    hook.state = s;
+  }
+
+  function end(text, state) {
+    if (ended) return;
+    ended = true;
+    setState(state || 'ended');
+    banner(text, 'fatal');
+    closePeer();
+    for (const t of Object.values(timers)) clearTimeout(t);
+    if (ws) ws.close(1000, 'done');
+    ws = null;
+    if (events && (state === 'refused')) events.close();
+  }
+
+  // ------------------------------------------------------------ session
+
+  function openEvents() {
+    if (events) events.close();
+    const url = '/api/auth/session/' + encodeURIComponent(sessionId) + '/events?token=' + encodeURIComponent(token);
+    events = new EventSource(url);
+    events.addEventListener('session', (e) => showSession(JSON.parse(e.data)));
+  }
+
+  function showSession(v) {
+    hook.session = v;
+    ui.provider.textContent = v.provider;
+    ui.state.textContent = v.state.replace(/_/g, ' ');
+    ui.steps.replaceChildren(...v.steps.map(stepItem));
+    if (FINAL.includes(v.state)) {
+      events.close();
+      end('The session ' + v.state + (v.error ? ': ' + v.error : '.'), 'ended');
+    }
+  }
+
+  function stepItem(s) {
+    const li = document.createElement('li');
+    const time = new Date(s.at).toLocaleTimeString();
+    li.textContent = time + ' ' + s.event + (s.event === 'state' ? ': ' + s.state.replace(/_/g, ' ') : '');
+    if (s.detail) {
+      const d = document.createElement('div');
+      d.className = 'detail';
+      d.textContent = s.detail;
+      li.appendChild(d);
+    }
+    return li;
+  }
+
+  // ------------------------------------------------------------ socket
+
+  function send(msg) {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(msg));
+  }
+
+  function openSocket() {
+    if (ended) return;
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const url = proto + '//' + location.host + '/api/webrtc/session/' + encodeURIComponent(sessionId) +
+      '/ws?token=' + encodeURIComponent(token);
+    const sock = new WebSocket(url);
+    sock.binaryType = 'blob';
+    welcomed = false;
+    ws = sock;
+    sock.onmessage = (e) => {
+      if (sock !== ws) return;
+      if (typeof e.data === 'string') onMessage(JSON.parse(e.data));
+      else showJpeg(e.data);
+    };
+    sock.onclose = (e) => {
+      if (sock === ws) onSocketClosed(e);
+    };
+  }
+
+  async function onSocketClosed(e) {
+    ws = null;
+    closePeer();
+    hook.viewerId = null;
+    if (ended) return;
+    if (e.code === 4000) return end(e.reason || 'The session has ended.', 'ended');
+    if (!welcomed && !(await checkAccess())) return;
+    setState('reconnecting');
+    banner('Signalling connection lost' + (e.reason ? ' (' + e.reason + ')' : '') + '; reconnecting…', 'socket');
+    timers.socket = setTimeout(openSocket, wsBackoff);
+    wsBackoff = Math.min(wsBackoff * 2, 10000);
+  }
+
+  // Asks for the ICE servers: it also says whether the token still works.
+  async function checkAccess() {
+    try {
+      const r = await fetch('/api/webrtc/ice-servers?session=' + encodeURIComponent(sessionId) +
+        '&token=' + encodeURIComponent(token), { cache: 'no-store' });
+      const body = await r.json().catch(() => ({}));
+      if (r.ok) {
+        iceServers = body.iceServers || [];
+        return true;
+      }
+      if (r.status >= 500) return true;
+      end(body.error || 'This link does not open the session (' + r.status + ').', 'refused');
+      return false;
+    } catch (err) {
+      return true;
+    }
+  }
+
+  function onMessage(m) {
+    switch (m.type) {
+      case 'welcome': return onWelcome(m);
+      case 'control': return setControl(m.controlling);
+      case 'streamer': return onStreamer(m.state, m.detail, false);
+      case 'answer': return onAnswer(m.sdp);
+      case 'candidate': return onRemoteCandidate({ candidate: m.candidate, sdpMLineIndex: m.sdpMLineIndex });
+      case 'endOfCandidates': return onRemoteCandidate(null);
+      case 'state': hook.remoteState = m.state; return undefined;
+      case 'error':
+        hook.errors.push(m.message);
+        return banner(m.message, 'error');
+      case 'token': return onToken(m);
+      case 'stats': hook.stats = m; return undefined;
+      default: return undefined;
+    }
+  }
+
+  function onWelcome(m) {
+    welcomed = true;
+    wsBackoff = 500;
+    hook.socketOpens++;
+    clearBanner('socket');
+    hook.viewerId = m.viewerId;
+    iceServers = m.iceServers || iceServers;
+    jpegFps = m.jpegFps || jpegFps;
+    connectTimeoutMs = params.has('fallbackAfterMs') ? Number(params.get('fallbackAfterMs')) : (m.connectTimeoutMs || 5000);
+    setControl(m.controlling);
+    // A new socket is a new viewer to the streamer: start over.
+    onStreamer(m.streamer, m.detail, true);
+  }
+
+  function onToken(m) {
+    token = m.token;
+    params.set('token', token);
+    history.replaceState(null, '', location.pathname + '?' + params.toString());
+  }
+
+  function setControl(controlling) {
+    hook.controlling = !!controlling;
+    ui.control.textContent = controlling ? 'you control it' : 'watching (another viewer controls it)';
+  }
+
+  function onStreamer(state, detail, fresh) {
+    const before = hook.streamer;
+    hook.streamer = state;
+    if (state === 'running') {
+      clearBanner('streamer');
+      if (fresh || before !== 'running' || !pc) startPeer();
+      return;
+    }
+    closePeer();
+    setState('waiting');
+    const why = {
+      pending: 'Waiting for the browser to start…',
+      starting: 'Waiting for the screen streamer to start…',
+      restarting: 'The screen streamer is restarting; the picture comes back in a moment…',
+      stopped: 'The screen streamer stopped.',
+      unavailable: 'The live view is unavailable' + (detail ? ': ' + detail : '.'),
+    }[state] || ('Streamer: ' + state);
+    banner(why, 'streamer');
+  }
+
+  // ------------------------------------------------------------ WebRTC
+
+  function closePeer() {
+    clearTimeout(timers.restart);
+    clearTimeout(timers.fallback);
+    clearInterval(timers.ping);
+    restarting = false;
+    pending = [];
+    if (pc) pc.close();
+    pc = null;
+    dc = null;
+    setConnection('closed');
+  }
+
+  function setConnection(s) {
+    hook.connection = s;
+    ui.connection.textContent = hook.fallback && s !== 'connected' ? 'JPEG fallback' : s;
+  }
+
+  function preferVp8(transceiver) {
+    if (!transceiver.setCodecPreferences || !window.RTCRtpReceiver || !RTCRtpReceiver.getCapabilities) return;
+    const caps = RTCRtpReceiver.getCapabilities('video');
+    if (!caps) return;
+    const vp8 = caps.codecs.filter((c) => /vp8$/i.test(c.mimeType));
+    const rest = caps.codecs.filter((c) => !/vp8$/i.test(c.mimeType));
+    if (vp8.length) transceiver.setCodecPreferences(vp8.concat(rest));
+  }
+
+  function startPeer() {
+    closePeer();
+    if (ended) return;
+    setState('connecting');
+    hook.peers++;
+    // A new viewer or a restarted streamer does not know about the
+    // fallback yet.
+    if (hook.fallback) send({ type: 'jpeg', fps: jpegFps });
+    // ?iceTransportPolicy=relay forces TURN (to check a TURN server).
+    const policy = params.get('iceTransportPolicy') === 'relay' ? 'relay' : 'all';
+    const peer = new RTCPeerConnection({ iceServers, iceTransportPolicy: policy });
+    pc = peer;
+    hook.pc = peer;
+    setConnection(peer.connectionState);
+    preferVp8(peer.addTransceiver('video', { direction: 'recvonly' }));
+    const channel = peer.createDataChannel('input', { ordered: true });
+    dc = channel;
+    channel.onopen = () => {
+      timers.ping = setInterval(ping, 1000);
+    };
+    channel.onmessage = (e) => onChannelMessage(e.data);
+    peer.ontrack = (e) => {
+      // Typing must feel local: ask for the smallest jitter buffer rather
+      // than smooth playback (a screen is mostly still between changes).
+      if ('jitterBufferTarget' in e.receiver) e.receiver.jitterBufferTarget = 0;
+      else if ('playoutDelayHint' in e.receiver) e.receiver.playoutDelayHint = 0;
+      ui.video.srcObject = e.streams[0] || new MediaStream([e.track]);
+      ui.video.play().catch(() => {});
+    };
+    peer.onicecandidate = (e) => {
+      if (peer !== pc) return;
+      if (!e.candidate) send({ type: 'endOfCandidates' });
+      else if (e.candidate.candidate) {
+        send({ type: 'candidate', candidate: e.candidate.candidate, sdpMLineIndex: e.candidate.sdpMLineIndex || 0 });
+      }
+    };
+    peer.onconnectionstatechange = () => {
+      if (peer === pc) onConnectionState(peer.connectionState);
+    };
+    peer.oniceconnectionstatechange = () => {
+      const s = peer.iceConnectionState;
+      if (peer === pc && (s === 'disconnected' || s === 'failed')) recover();
+    };
+    armFallback();
+    offer(peer, false);
+  }
+
+  async function offer(peer, iceRestart) {
+    try {
+      const o = await peer.createOffer(iceRestart ? { iceRestart: true } : undefined);
+      await peer.setLocalDescription(o);
+      if (peer !== pc) return;
+      pending = [];
+      send({ type: 'offer', sdp: peer.localDescription.sdp, codec: 'vp8' });
+    } catch (err) {
+      hook.errors.push(String(err));
+      banner('Could not make a WebRTC offer: ' + err.message, 'error');
+    }
+  }
+
+  async function onAnswer(sdp) {
+    const peer = pc;
+    if (!peer || peer.signalingState !== 'have-local-offer') return;
+    try {
+      await peer.setRemoteDescription({ type: 'answer', sdp });
+      const queued = pending;
+      pending = [];
+      for (const c of queued) await addCandidate(peer, c);
+    } catch (err) {
+      hook.errors.push(String(err));
+      banner('The streamer\'s answer was not accepted: ' + err.message, 'error');
+    }
+  }
+
+  // Candidates that arrive before their answer wait for it.
+  function onRemoteCandidate(c) {
+    if (!pc) return;
+    if (pc.signalingState !== 'stable' || !pc.remoteDescription) pending.push(c);
+    else addCandidate(pc, c);
+  }
+
+  async function addCandidate(peer, c) {
+    try {
+      await (c ? peer.addIceCandidate(c) : peer.addIceCandidate());
+    } catch (err) {
+      hook.errors.push('candidate: ' + err);
+    }
+  }
+
+  function onConnectionState(s) {
+    setConnection(s);
+    if (s === 'connected') {
+      setState('connected');
+      clearTimeout(timers.restart);
+      clearTimeout(timers.fallback);
+      restarting = false;
+      clearBanner('peer');
+      if (hook.fallback) stopFallback();
+    } else if (s === 'failed') {
+      recover();
+    }
+  }
+
+  // ICE restart first (a new offer on the same connection); a fresh
+  // connection when that does not reconnect in a few seconds.
+  function recover() {
+    if (restarting || !pc || ended) return;
+    restarting = true;
+    hook.iceRestarts++;
+    setState('reconnecting');
+    banner('The video connection was interrupted; reconnecting…', 'peer');
+    const peer = pc;
+    if (peer.restartIce) peer.restartIce();
+    offer(peer, true);
+    timers.restart = setTimeout(() => {
+      restarting = false;
+      if (peer === pc && peer.connectionState !== 'connected' && hook.streamer === 'running') startPeer();
+    }, RESTART_GRACE_MS);
+  }
+
+  // ------------------------------------------------------------ fallback
+
+  function armFallback() {
+    clearTimeout(timers.fallback);
+    if (hook.fallback) return;
+    timers.fallback = setTimeout(() => {
+      if (!pc || pc.connectionState !== 'connected') startFallback();
+    }, connectTimeoutMs);
+  }
+
+  function startFallback() {
+    hook.fallback = true;
+    setState('fallback');
+    send({ type: 'jpeg', fps: jpegFps });
+    ui.img.hidden = false;
+    ui.video.hidden = true;
+    setConnection(hook.connection);
+    banner('fallback: JPEG frames, WebRTC could not connect', 'fallback');
+  }
+
+  function stopFallback() {
+    hook.fallback = false;
+    send({ type: 'jpeg', fps: 0 });
+    ui.img.hidden = true;
+    ui.video.hidden = false;
+    clearBanner('fallback');
+  }
+
+  function showJpeg(blob) {
+    if (!hook.fallback) return;
+    hook.jpegFrames++;
+    const old = ui.img.src;
+    ui.img.src = URL.createObjectURL(blob);
+    if (old.startsWith('blob:')) URL.revokeObjectURL(old);
+  }
+
+  // ------------------------------------------------------------ data channel
+
+  function ping() {
+    if (dc && dc.readyState === 'open') dc.send(JSON.stringify({ type: 'ping', t: performance.now() }));
+  }
+
+  function onChannelMessage(data) {
+    let m;
+    try {
+      m = JSON.parse(data);
+    } catch (err) {
+      return;
+    }
+    if (m.type === 'pong' && typeof m.t === 'number') {
+      hook.rttMs = performance.now() - m.t;
+      ui.rtt.textContent = hook.rttMs.toFixed(0) + ' ms';
+    }
+  }
+
+  function countFrames() {
+    if ('requestVideoFrameCallback' in HTMLVideoElement.prototype) {
+      const frame = () => {
+        hook.framesRendered++;
+        ui.video.requestVideoFrameCallback(frame);
+      };
+      ui.video.requestVideoFrameCallback(frame);
+    } else {
+      setInterval(() => {
+        const q = ui.video.getVideoPlaybackQuality && ui.video.getVideoPlaybackQuality();
+        if (q) hook.framesRendered = q.totalVideoFrames - q.droppedVideoFrames;
+      }, 500);
+    }
+  }
+
+  // ------------------------------------------------------------ input
+
+  // Over the data channel when it is open, else over the socket (the
+  // fallback); only the controlling viewer's input counts.
+  function sendInput(list) {
+    if (!hook.controlling || ended) return;
+    const msg = { type: 'input', events: list };
+    if (dc && dc.readyState === 'open') dc.send(JSON.stringify(msg));
+    else send(msg);
+  }
+
+  // Element coordinates to the screen's pixels, minus the letterbox.
+  function screenPoint(ev) {
+    const media = hook.fallback ? ui.img : ui.video;
+    const w = hook.fallback ? ui.img.naturalWidth : ui.video.videoWidth;
+    const h = hook.fallback ? ui.img.naturalHeight : ui.video.videoHeight;
+    if (!w || !h) return null;
+    const r = media.getBoundingClientRect();
+    const scale = Math.min(r.width / w, r.height / h);
+    const left = r.left + (r.width - w * scale) / 2;
+    const top = r.top + (r.height - h * scale) / 2;
+    const x = Math.round((ev.clientX - left) / scale);
+    const y = Math.round((ev.clientY - top) / scale);
+    return { x: Math.max(0, Math.min(w - 1, x)), y: Math.max(0, Math.min(h - 1, y)) };
+  }
+
+  function moveTo(ev) {
+    const p = screenPoint(ev);
+    return p ? [{ type: 'mouseMove', x: p.x, y: p.y }] : [];
+  }
+
+  function bindPointer() {
+    let move = null;
+    ui.stage.addEventListener('mousemove', (ev) => {
+      const first = move === null;
+      move = ev;
+      if (!first) return;
+      requestAnimationFrame(() => {
+        const last = move;
+        move = null;
+        sendInput(moveTo(last));
+      });
+    });
+    ui.stage.addEventListener('mousedown', (ev) => {
+      ev.preventDefault();
+      ui.stage.focus();
+      sendInput(moveTo(ev).concat([{ type: 'mouseDown', button: BUTTONS[ev.button] || 1 }]));
+    });
+    ui.stage.addEventListener('mouseup', (ev) => {
+      ev.preventDefault();
+      sendInput(moveTo(ev).concat([{ type: 'mouseUp', button: BUTTONS[ev.button] || 1 }]));
+    });
+    ui.stage.addEventListener('contextmenu', (ev) => ev.preventDefault());
+    let acc = { x: 0, y: 0 };
+    ui.stage.addEventListener('wheel', (ev) => {
+      ev.preventDefault();
+      // Pixels (about 100 a notch), lines (3 a notch) or pages, to steps.
+      const unit = ev.deltaMode === 1 ? 1 / 3 : ev.deltaMode === 2 ? 3 : 1 / 100;
+      acc = { x: acc.x + ev.deltaX * unit, y: acc.y + ev.deltaY * unit };
+      const dx = Math.trunc(acc.x);
+      const dy = Math.trunc(acc.y);
+      if (!dx && !dy) return;
+      acc = { x: acc.x - dx, y: acc.y - dy };
+      const clamp = (n) => Math.max(-100, Math.min(100, n));
+      sendInput(moveTo(ev).concat([{ type: 'scroll', dx: clamp(dx), dy: clamp(dy) }]));
+    }, { passive: false });
+  }
+
+  function bindKeys() {
+    const keys = window.airlockKeys;
+    const held = new Map();
+    const isPaste = (ev) => (ev.ctrlKey || ev.metaKey) && !ev.altKey && (ev.key === 'v' || ev.key === 'V');
+    // A character typed without Ctrl, Alt or Meta goes as text: the agent
+    // then presses Shift itself when the browser VM's keymap needs it, so
+    // the character the person's own layout made is the one typed there
+    // (AltGr and Shift included). Shortcuts and other keys go as keysyms.
+    const isCharacter = (ev) => !ev.ctrlKey && !ev.metaKey && !ev.altKey && Array.from(ev.key || '').length === 1;
+    // The keysym a key went down with is the one it comes up with, even
+    // when Shift changed in between ('A' down, Shift up, 'a' up).
+    const keyId = (ev) => ev.code || ev.key;
+    ui.stage.addEventListener('keydown', (ev) => {
+      if (isPaste(ev)) return; // the paste event brings the text
+      if (isCharacter(ev)) {
+        ev.preventDefault();
+        // Level modifiers the person holds are lifted while the text is
+        // typed, or they would change it a second time.
+        const levels = Array.from(held.values()).filter(keys.isLevel);
+        const lift = levels.map((sym) => ({ type: 'keyUp', keysym: sym }));
+        const restore = levels.map((sym) => ({ type: 'keyDown', keysym: sym }));
+        sendInput(lift.concat([{ type: 'text', text: ev.key }], restore));
+        return;
+      }
+      const sym = (ev.repeat && held.get(keyId(ev))) || keys.keysym(ev);
+      if (sym == null) return;
+      ev.preventDefault(); // Tab, Backspace and friends stay in the page
+      held.set(keyId(ev), sym);
+      sendInput([{ type: 'keyDown', keysym: sym }]);
+    });
+    ui.stage.addEventListener('keyup', (ev) => {
+      const sym = held.get(keyId(ev));
+      if (sym == null) return; // typed as text, or pressed elsewhere
+      held.delete(keyId(ev));
+      ev.preventDefault();
+      sendInput([{ type: 'keyUp', keysym: sym }]);
+    });
+    // Keys still down when the screen loses focus would stick.
+    ui.stage.addEventListener('blur', () => {
+      const ups = Array.from(held.values()).map((sym) => ({ type: 'keyUp', keysym: sym }));
+      held.clear();
+      if (ups.length) sendInput(ups);
+    });
+    document.addEventListener('paste', (ev) => {
+      if (document.activeElement !== ui.stage) return;
+      ev.preventDefault();
+      const text = (ev.clipboardData && ev.clipboardData.getData('text/plain')) || '';
+      // Control (or Command) is still down from Ctrl+V: release it first,
+      // or the text would be typed as shortcuts.
+      const ups = [];
+      for (const [code, sym] of held) {
+        if (keys.isModifier(sym)) {
+          ups.push({ type: 'keyUp', keysym: sym });
+          held.delete(code);
+        }
+      }
+      if (text) ups.push({ type: 'text', text: Array.from(text).slice(0, 4096).join('') });
+      if (ups.length) sendInput(ups);
+    });
+  }
+
+  // ------------------------------------------------------------ start
+
+  async function start() {
+    if (!token) return end('This link has no viewer token; open the viewerUrl of the session.', 'refused');
+    countFrames();
+    bindPointer();
+    bindKeys();
+    if (!(await checkAccess())) return undefined;
+    openEvents();
+    openSocket();
+    return undefined;
+  }
+
+  start();
+})();

@@ -1,0 +1,143 @@
+//! Live-view harness: starts a login session and hands out what a viewer
+//! needs (its token, page URL and signalling URL), finds the streamer
+//! process the browser-role agent runs, and drives the viewer page as the
+//! person would (real mouse and keyboard events dispatched to the page
+//! through DevTools, mapped by the page onto the video).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::cdp::{children_named, Tab};
+use crate::Daemon;
+
+/// A session and its viewer credentials.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    /// Session id.
+    pub id: String,
+    /// Its viewer token.
+    pub token: String,
+    /// Absolute URL of its viewer page (token included).
+    pub page_url: String,
+    /// Absolute URL of its signalling WebSocket (token included).
+    pub ws_url: String,
+}
+
+impl Daemon {
+    /// `POST /api/auth/start` and the viewer credentials it returns.
+    pub async fn start_live(&self, user: &str, provider: &str) -> Result<LiveSession> {
+        let body = json!({ "userId": user, "provider": provider });
+        let (status, v) = self
+            .request(reqwest::Method::POST, "/api/auth/start", Some(body))
+            .await?;
+        if status != 201 {
+            bail!("start session: {status} {v}");
+        }
+        let id = v["sessionId"].as_str().context("sessionId")?.to_string();
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id.clone());
+        let token = v["viewerToken"]
+            .as_str()
+            .context("viewerToken")?
+            .to_string();
+        let path = v["viewerUrl"].as_str().context("viewerUrl")?;
+        let ws_base = self.base.replacen("http", "ws", 1);
+        Ok(LiveSession {
+            page_url: format!("{}{path}", self.base),
+            ws_url: format!("{ws_base}/api/webrtc/session/{id}/ws?token={token}"),
+            id,
+            token,
+        })
+    }
+
+    /// The streamer processes under the browser-role agent.
+    pub fn streamers(&self) -> Vec<i32> {
+        children_named(self.pid(), "airlock-guest")
+            .into_iter()
+            .flat_map(|agent| children_named(agent, "airlock-streamer"))
+            .collect()
+    }
+
+    /// Waits until the session's streamer has been reported `running`
+    /// `nth` times (1 = first start) in the session's steps.
+    pub async fn wait_streaming(&self, id: &str, nth: usize) -> Result<Value> {
+        self.wait_session(id, Duration::from_secs(60), |v| {
+            crate::login::step_events(v)
+                .iter()
+                .filter(|e| *e == "streamerRunning")
+                .count()
+                >= nth
+        })
+        .await
+        .context("the streamer did not report running")
+    }
+}
+
+/// Where an element of the browser role's page is, in screen pixels
+/// (the browser role's window fills the screen, so page CSS pixels plus
+/// the browser's top chrome offset).
+pub async fn element_center(browser: &Tab, selector: &str) -> Result<(f64, f64)> {
+    let expr = format!(
+        r#"(() => {{ const e = document.querySelector({sel}); if (!e) return null;
+            const r = e.getBoundingClientRect();
+            const top = window.outerHeight - window.innerHeight;
+            return [r.left + r.width / 2 + window.screenX, r.top + r.height / 2 + window.screenY + top]; }})()"#,
+        sel = serde_json::to_string(selector)?
+    );
+    let v = browser
+        .wait_for(&expr, Duration::from_secs(20))
+        .await
+        .with_context(|| format!("{selector} in the browser role's page"))?;
+    Ok((v[0].as_f64().unwrap_or(0.0), v[1].as_f64().unwrap_or(0.0)))
+}
+
+/// Clicks on the viewer's video at screen position (`x`, `y`) of the
+/// streamed display: a real mouse event in the viewer's page.
+pub async fn click_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
+    let expr = format!(
+        r#"(() => {{ const v = document.querySelector('#screen'); const r = v.getBoundingClientRect();
+            const s = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
+            const ox = r.left + (r.width - v.videoWidth * s) / 2, oy = r.top + (r.height - v.videoHeight * s) / 2;
+            return [ox + {x} * s, oy + {y} * s]; }})()"#
+    );
+    let p = viewer.eval(&expr).await?;
+    let (x, y) = (p[0].as_f64().unwrap_or(0.0), p[1].as_f64().unwrap_or(0.0));
+    for kind in ["mouseMoved", "mousePressed", "mouseReleased"] {
+        let mut params = json!({ "type": kind, "x": x, "y": y });
+        if kind != "mouseMoved" {
+            params["button"] = json!("left");
+            params["clickCount"] = json!(1);
+        }
+        viewer.call("Input.dispatchMouseEvent", params).await?;
+    }
+    Ok(())
+}
+
+/// Types `text` into the viewer page as real key events (keydown, char,
+/// keyup per character), as a person at a keyboard does.
+pub async fn type_keys(viewer: &Tab, text: &str) -> Result<()> {
+    for c in text.chars() {
+        let s = c.to_string();
+        let down = json!({ "type": "keyDown", "key": s, "text": s });
+        viewer.call("Input.dispatchKeyEvent", down).await?;
+        let up = json!({ "type": "keyUp", "key": s });
+        viewer.call("Input.dispatchKeyEvent", up).await?;
+    }
+    Ok(())
+}
+
+/// Presses a named key (`Enter`, `Tab`) with its Windows key code in the
+/// viewer page.
+pub async fn press_key(viewer: &Tab, key: &str, code: i64) -> Result<()> {
+    for kind in ["rawKeyDown", "keyUp"] {
+        let params = json!({
+            "type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code,
+        });
+        viewer.call("Input.dispatchKeyEvent", params).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The live view end to end: airlockd, the browser role as a host process
+//! (real Xvfb, Chromium and the GStreamer streamer), and two kinds of
+//! viewer. An independent webrtc-rs peer negotiates through the signalling
+//! WebSocket, counts complete VP8 frames and gets keyframes on request. A
+//! headless Chromium opens the viewer page: its `<video>` renders frames, a
+//! click and typed text reach the browser role's page (checked there over
+//! DevTools), the stream comes back after the streamer is killed without a
+//! reload, and a whole Codex login is completed through it.
+//!
+//! Tests run one at a time: the fake Codex CLI binds its fixed port.
+
+use std::time::{Duration, Instant};
+
+use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
+use airlock_tests::live::{click_screen, element_center, press_key, type_keys, LiveSession};
+use airlock_tests::login::{state_is, step_events, LoginRig};
+use airlock_tests::peer::Peer;
+use airlock_tests::Settings;
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+const USER: &str = "viewer-user";
+const LONG: Duration = Duration::from_secs(120);
+
+/// Loopback-only ICE for the streamer, and no CLI VM unless asked for.
+fn loopback(s: Settings) -> Settings {
+    s.set("live", "ice_addresses", "[\"127.0.0.1\"]")
+        .set("auth", "prestart_cli_vm", "false")
+}
+
+async fn with_rig(
+    tune: impl FnOnce(Settings) -> Settings,
+    body: impl AsyncFnOnce(&LoginRig) -> Result<()>,
+) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let rig = LoginRig::start(tune).await?;
+    let result = body(&rig).await;
+    if result.is_err() {
+        rig.daemon.print_sessions().await;
+        rig.daemon.print_diagnostics();
+    }
+    result
+}
+
+/// Starts a Codex session and waits for its sign-in page on screen.
+async fn live_session(rig: &LoginRig) -> Result<LiveSession> {
+    let d = &rig.daemon;
+    let live = d.start_live(USER, "codex").await?;
+    d.wait_session(&live.id, LONG, |v| state_is(v, "awaiting_user"))
+        .await?;
+    d.wait_page(&live.id, "/authorize", 1).await?;
+    Ok(live)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_independent_peer_gets_complete_frames_and_keyframes_on_request() -> Result<()> {
+    with_rig(loopback, async |rig| {
+        let live = live_session(rig).await?;
+        let peer = Peer::connect(&live.ws_url).await?;
+        ensure!(peer.welcome["controlling"] == true, "{}", peer.welcome);
+        peer.connected(Duration::from_secs(15)).await?;
+        let started = Instant::now();
+        peer.wait_counts(Duration::from_secs(10), "30 complete frames", |c| {
+            c.complete_frames >= 30
+        })
+        .await?;
+        eprintln!("30 complete frames after {:?}", started.elapsed());
+        // A keyframe for an RTCP picture loss indication...
+        let before = peer.counts().keyframes;
+        peer.send_pli().await?;
+        peer.wait_counts(Duration::from_secs(3), "a keyframe after a PLI", |c| {
+            c.keyframes > before
+        })
+        .await?;
+        // ... and for a keyframe request on the signalling socket.
+        let before = peer.counts().keyframes;
+        peer.send(json!({ "type": "keyFrame" })).await?;
+        peer.wait_counts(Duration::from_secs(3), "a keyframe after a request", |c| {
+            c.keyframes > before
+        })
+        .await?;
+        peer.close().await;
+        Ok(())
+    })
+    .await
+}
+
+/// The viewer's count of rendered video frames.
+async fn frames(viewer: &Tab) -> Result<u64> {
+    Ok(viewer
+        .eval("window.airlockViewer ? window.airlockViewer.framesRendered : 0")
+        .await?
+        .as_u64()
+        .unwrap_or(0))
+}
+
+async fn wait_frames(viewer: &Tab, at_least: u64, timeout: Duration) -> Result<()> {
+    viewer
+        .wait_for(
+            &format!("window.airlockViewer && window.airlockViewer.framesRendered >= {at_least}"),
+            timeout,
+        )
+        .await
+        .map(|_| ())
+        .with_context(|| format!("the viewer did not render {at_least} frames"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_viewer_page_shows_the_screen_takes_input_and_outlives_a_streamer_crash() -> Result<()>
+{
+    with_rig(loopback, async |rig| {
+        let d = &rig.daemon;
+        let live = live_session(rig).await?;
+        let viewer = Viewer::open(&live.page_url).await?;
+        wait_frames(&viewer.tab, 30, Duration::from_secs(30)).await?;
+        // A click on the password field and typing, as a person would.
+        let browser = browser_role_tab(d.pid()).await?;
+        let (x, y) = element_center(&browser, "#password").await?;
+        click_screen(&viewer.tab, x, y).await?;
+        browser
+            .wait_for(
+                "document.activeElement && document.activeElement.id === 'password'",
+                Duration::from_secs(10),
+            )
+            .await
+            .context("the click did not reach the password field")?;
+        type_keys(&viewer.tab, "Typed-via-viewer 1").await?;
+        browser
+            .wait_for(
+                "document.querySelector('#password').value === 'Typed-via-viewer 1'",
+                Duration::from_secs(10),
+            )
+            .await
+            .context("the typed text did not arrive")?;
+        // The streamer dies; the agent restarts it and the same page
+        // (no reload) shows frames again.
+        viewer.tab.eval("window.__sameDocument = true").await?;
+        let old = d.streamers();
+        ensure!(old.len() == 1, "streamers: {old:?}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let killed_at = frames(&viewer.tab).await?;
+        wait_frames(&viewer.tab, killed_at + 30, Duration::from_secs(45)).await?;
+        let new = d.streamers();
+        ensure!(
+            new.len() == 1 && new != old,
+            "streamers after the kill: {new:?}"
+        );
+        ensure!(
+            viewer.tab.eval("window.__sameDocument === true").await? == true,
+            "the viewer page was reloaded"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_codex_login_completes_through_the_viewer_page() -> Result<()> {
+    let tune = |s: Settings| s.set("live", "ice_addresses", "[\"127.0.0.1\"]");
+    with_rig(tune, async |rig| {
+        let d = &rig.daemon;
+        let live = live_session(rig).await?;
+        let viewer = Viewer::open(&live.page_url).await?;
+        wait_frames(&viewer.tab, 10, Duration::from_secs(30)).await?;
+        let browser = browser_role_tab(d.pid()).await?;
+        // Sign in: click the username field, type, Tab, type, Enter.
+        let (x, y) = element_center(&browser, "#username").await?;
+        click_screen(&viewer.tab, x, y).await?;
+        type_keys(&viewer.tab, "alice").await?;
+        press_key(&viewer.tab, "Tab", 9).await?;
+        type_keys(&viewer.tab, "correct horse").await?;
+        press_key(&viewer.tab, "Enter", 13).await?;
+        d.wait_page(&live.id, "/authorize/login", 1).await?;
+        // Consent: click Allow.
+        let (x, y) = element_center(&browser, "#allow").await?;
+        click_screen(&viewer.tab, x, y).await?;
+        let done = d
+            .wait_session(&live.id, Duration::from_secs(300), |v| {
+                state_is(v, "completed")
+            })
+            .await?;
+        let events = step_events(&done);
+        for state in ["captured", "stored", "delivered"] {
+            ensure!(
+                done["steps"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|s| s["state"] == state)),
+                "no {state} step: {events:?}"
+            );
+        }
+        // In the CLI VM, with this login's tokens.
+        let vm = done["cliVmId"].as_str().context("cliVmId")?;
+        let file = "/root/.codex/auth.json";
+        let grep = d.exec(vm, &["grep", "-c", &rig.canary, file]).await?;
+        ensure!(
+            grep["stdout"].as_str().map(str::trim) != Some("0"),
+            "{grep}"
+        );
+        Ok(())
+    })
+    .await
+}
