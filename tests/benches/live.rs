@@ -29,8 +29,9 @@ const SOURCE_SETUP: &str = r#"(() => {
     document.body.appendChild(d); }
   return true; })()"#;
 
-/// Samples the middle of every decoded frame; records colour changes with
-/// the frame's expected display time.
+/// Samples every decoded frame below and left of the middle (the pointer,
+/// drawn into the stream, rests in the middle); records colour changes
+/// with the frame's expected display time.
 const VIEWER_SETUP: &str = r#"(() => {
   const v = document.querySelector('#screen');
   const c = document.createElement('canvas'); c.width = 8; c.height = 8;
@@ -39,11 +40,13 @@ const VIEWER_SETUP: &str = r#"(() => {
   const name = (p) => p[0] > 160 && p[1] < 90 && p[2] < 90 ? 'red'
                     : p[2] > 160 && p[0] < 90 && p[1] < 90 ? 'blue' : 'other';
   const cb = (now, meta) => {
-    ctx.drawImage(v, v.videoWidth / 2 - 4, v.videoHeight / 2 - 4, 8, 8, 0, 0, 8, 8);
+    ctx.drawImage(v, v.videoWidth * 0.3, v.videoHeight * 0.7, 8, 8, 0, 0, 8, 8);
     const col = name(ctx.getImageData(4, 4, 1, 1).data);
     if (col !== window.g2g.last) {
       window.g2g.last = col;
-      window.g2g.seen.push([col, performance.timeOrigin + (meta.expectedDisplayTime || now)]);
+      const t0 = performance.timeOrigin;
+      window.g2g.seen.push([col, t0 + (meta.expectedDisplayTime || now), t0 + now,
+                            t0 + (meta.receiveTime || now)]);
     }
     v.requestVideoFrameCallback(cb);
   };
@@ -125,18 +128,27 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
     let cpu = cpu_seconds(streamer)? - cpu0;
     let bytes = received_bytes(&viewer.tab).await? - bytes0;
     let seen = viewer.tab.eval("window.g2g.seen").await?;
-    let latencies = pair(&sets, &seen)?;
-    report(&latencies, changes, cpu / wall, bytes * 8.0 / wall / 1000.0);
+    let shown = pair(&sets, &seen, 1)?;
+    let called = pair(&sets, &seen, 2)?;
+    let received = pair(&sets, &seen, 3)?;
+    report(&shown, changes, cpu / wall, bytes * 8.0 / wall / 1000.0);
+    println!(
+        "  set -> frame received (receiveTime)  median {:.1} ms; -> frame callback median {:.1} ms",
+        median(&received),
+        median(&called)
+    );
     Ok(())
 }
 
-/// For each change, the first later frame of that colour.
-fn pair(sets: &[(&str, f64)], seen: &Value) -> Result<Vec<f64>> {
+/// For each change, the first later frame of that colour, timed by the
+/// `field`th time the viewer noted (1 expected display, 2 callback,
+/// 3 packet receipt).
+fn pair(sets: &[(&str, f64)], seen: &Value, field: usize) -> Result<Vec<f64>> {
     let seen: Vec<(String, f64)> = seen
         .as_array()
         .context("seen")?
         .iter()
-        .filter_map(|e| Some((e[0].as_str()?.to_string(), e[1].as_f64()?)))
+        .filter_map(|e| Some((e[0].as_str()?.to_string(), e[field].as_f64()?)))
         .collect();
     let mut out = Vec::new();
     for (i, (colour, at)) in sets.iter().enumerate() {
@@ -149,10 +161,12 @@ fn pair(sets: &[(&str, f64)], seen: &Value) -> Result<Vec<f64>> {
         }
     }
     if out.len() < sets.len() * 9 / 10 {
+        let first: Vec<_> = seen.iter().take(10).collect();
         bail!(
-            "only {} of {} changes were seen by the viewer",
+            "only {} of {} changes were seen by the viewer; it saw {first:?}; set {:?}",
             out.len(),
-            sets.len()
+            sets.len(),
+            &sets[..sets.len().min(4)]
         );
     }
     Ok(out)

@@ -93,9 +93,7 @@ impl Tab {
         let deadline = Instant::now() + timeout;
         loop {
             let v = self.eval(expr).await.unwrap_or(Value::Null);
-            let truthy = !matches!(&v, Value::Null | Value::Bool(false))
-                && v != 0
-                && v != "";
+            let truthy = !matches!(&v, Value::Null | Value::Bool(false)) && v != 0 && v != "";
             if truthy {
                 return Ok(v);
             }
