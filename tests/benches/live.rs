@@ -104,6 +104,13 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
     let source = browser_role_tab(d.pid()).await?;
     source.eval(SOURCE_SETUP).await?;
     viewer.tab.eval(VIEWER_SETUP).await?;
+    let answer = viewer
+        .tab
+        .eval("window.airlockViewer.pc.remoteDescription.sdp")
+        .await?;
+    let zero_delay = answer
+        .as_str()
+        .is_some_and(|s| s.contains("rtp-hdrext/playout-delay"));
     let streamer = *d.streamers().first().context("no streamer process")?;
     let (cpu0, bytes0, t0) = (
         cpu_seconds(streamer)?,
@@ -137,6 +144,7 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
         median(&received),
         median(&called)
     );
+    println!("  playout delay 0 negotiated           {zero_delay}");
     Ok(())
 }
 

@@ -30,6 +30,26 @@ pub struct Choice {
     pub payload: u8,
     /// Index of the video m-line.
     pub mline: u32,
+    /// The id the offer gave the playout-delay header extension, if any.
+    pub playout_delay: Option<u8>,
+}
+
+/// The RTP header extension by which a sender tells Chromium how long it
+/// may buffer frames before showing them; 0/0 selects its low-latency
+/// renderer (frames shown as soon as they are decoded).
+pub const PLAYOUT_DELAY_URI: &str = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay";
+
+/// The id of the header extension `uri` in `media` (`a=extmap:<id> <uri>`),
+/// when it fits a one-byte header (1-14).
+pub fn extmap_id(media: &gst_sdp::SDPMediaRef, uri: &str) -> Option<u8> {
+    media.attributes().find_map(|a| {
+        if a.key() != "extmap" {
+            return None;
+        }
+        let mut parts = a.value()?.split_whitespace();
+        let id = parts.next()?.split('/').next()?.parse::<u8>().ok()?;
+        (parts.next() == Some(uri) && (1..=14).contains(&id)).then_some(id)
+    })
 }
 
 /// Parses SDP text. Trailing blanks are trimmed from every line first:
@@ -72,6 +92,7 @@ pub fn choose(sdp: &gst_sdp::SDPMessageRef, wanted: Option<Codec>) -> Result<Cho
             codec,
             payload,
             mline: mline as u32,
+            playout_delay: extmap_id(media, PLAYOUT_DELAY_URI),
         })
         .ok_or(SdpError::NoCodec)
 }
@@ -221,9 +242,20 @@ mod tests {
             Choice {
                 codec: Codec::Vp8,
                 payload: 96,
-                mline: 0
+                mline: 0,
+                playout_delay: None,
             }
         );
+    }
+
+    #[test]
+    fn the_playout_delay_extension_id_is_read_from_the_offer() {
+        let text = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+                    m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n\
+                    a=extmap:3 urn:ietf:params:rtp-hdrext:toffset\r\n\
+                    a=extmap:12 http://www.webrtc.org/experiments/rtp-hdrext/playout-delay\r\n";
+        let choice = choose(&parse(text).unwrap(), None).unwrap();
+        assert_eq!(choice.playout_delay, Some(12));
     }
 
     #[test]

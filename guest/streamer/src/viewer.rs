@@ -14,6 +14,7 @@ use std::time::Duration;
 use airlock_proto::stream::{Codec, Signal, StreamSpec};
 use gstreamer as gst;
 use gstreamer::prelude::*;
+use gstreamer_rtp as gst_rtp;
 use gstreamer_sdp as gst_sdp;
 use gstreamer_video as gst_video;
 use gstreamer_webrtc as gst_webrtc;
@@ -279,6 +280,9 @@ impl Viewer {
         // keeping up and old frames are worth less than the shared encoder.
         let queue = branch::leaky_queue(&format!("{id}-queue"), 30)?;
         let pay = payloader(id, &self.choice, self.ssrc)?;
+        if let Some(ext) = self.choice.playout_delay {
+            stamp_playout_delay(&pay, ext);
+        }
         let caps = branch::make("capsfilter", &format!("{id}-caps"))?;
         caps.set_property("caps", rtp_caps(&self.choice, self.ssrc));
         let queue_sink = queue
@@ -348,7 +352,7 @@ fn new_webrtcbin(id: &str, spec: &StreamSpec) -> Result<gst::Element, ViewerErro
 /// buffer reached `webrtcbin` yet: with BUNDLE, a peer may drop packets of
 /// an SSRC the answer did not declare (webrtc-rs does).
 fn rtp_caps(choice: &Choice, ssrc: u32) -> gst::Caps {
-    gst::Caps::builder("application/x-rtp")
+    let mut caps = gst::Caps::builder("application/x-rtp")
         .field("media", "video")
         .field(
             "encoding-name",
@@ -356,8 +360,30 @@ fn rtp_caps(choice: &Choice, ssrc: u32) -> gst::Caps {
         )
         .field("payload", i32::from(choice.payload))
         .field("clock-rate", 90_000i32)
-        .field("ssrc", ssrc)
-        .build()
+        .field("ssrc", ssrc);
+    // Declared here so the answer carries `a=extmap` for it.
+    if let Some(id) = choice.playout_delay {
+        caps = caps.field(format!("extmap-{id}"), crate::sdp::PLAYOUT_DELAY_URI);
+    }
+    caps.build()
+}
+
+/// Stamps every packet with a playout delay of 0..0 ms: a screen a person
+/// types into must be shown as soon as it is decoded, not smoothed.
+fn stamp_playout_delay(pay: &gst::Element, id: u8) {
+    let Some(pad) = pay.static_pad("src") else {
+        return;
+    };
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        if let Some(gst::PadProbeData::Buffer(buffer)) = info.data.as_mut() {
+            let buffer = buffer.make_mut();
+            if let Ok(mut rtp) = gst_rtp::RTPBuffer::from_buffer_writable(buffer) {
+                // 12 bits min, 12 bits max, in 10 ms units: all zero.
+                let _ = rtp.add_extension_onebyte_header(id, &[0, 0, 0]);
+            }
+        }
+        gst::PadProbeReturn::Ok
+    });
 }
 
 fn payloader(id: &str, choice: &Choice, ssrc: u32) -> Result<gst::Element, BranchError> {
