@@ -699,7 +699,13 @@ async fn tell_control(hub: Arc<Hub>) {
             continue;
         };
         let op = Operation::StreamControl { viewer_id };
-        if let Err(e) = hub.vms.call(&vm, op, RELAY_TIMEOUT).await {
+        // A call in flight when the session ends is abandoned: the VM is
+        // going away with it.
+        let result = tokio::select! {
+            _ = hub.closed.cancelled() => return,
+            r = hub.vms.call(&vm, op, RELAY_TIMEOUT) => r,
+        };
+        if let Err(e) = result {
             if hub.quiet.allow() {
                 tracing::warn!(session_id = %hub.session_id, error = %e, "cannot tell the streamer who controls the input");
             }
