@@ -134,6 +134,16 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(streamer)? - cpu0;
     let bytes = received_bytes(&viewer.tab).await? - bytes0;
+    // A still screen for comparison: what the stream costs between changes.
+    let (cpu1, bytes1, t1) = (
+        cpu_seconds(streamer)?,
+        received_bytes(&viewer.tab).await?,
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let still_wall = t1.elapsed().as_secs_f64();
+    let still_cpu = (cpu_seconds(streamer)? - cpu1) / still_wall;
+    let still_kbps = (received_bytes(&viewer.tab).await? - bytes1) * 8.0 / still_wall / 1000.0;
     let seen = viewer.tab.eval("window.g2g.seen").await?;
     let shown = pair(&sets, &seen, 1)?;
     let called = pair(&sets, &seen, 2)?;
@@ -145,6 +155,9 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
         median(&called)
     );
     println!("  playout delay 0 negotiated           {zero_delay}");
+    println!(
+        "  still screen: streamer CPU           {still_cpu:.3} s per s; bitrate {still_kbps:.0} kbit/s"
+    );
     Ok(())
 }
 
