@@ -9,7 +9,9 @@
 //! streamer's CPU time per second of video and the received bitrate.
 //! Figures, not assertions; `SPECIFICATION.md` records them.
 //!
-//! `AIRLOCK_BENCH_CHANGES` sets the number of colour changes (default 60).
+//! `AIRLOCK_BENCH_CHANGES` sets the number of colour changes (default 60);
+//! `AIRLOCK_BENCH_CHROMIUM_ARGS` (a TOML list) adds flags to the browser
+//! role's Chromium, to try what changes the source side.
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +48,8 @@ const VIEWER_SETUP: &str = r#"(() => {
       window.g2g.last = col;
       const t0 = performance.timeOrigin;
       window.g2g.seen.push([col, t0 + (meta.expectedDisplayTime || now), t0 + now,
-                            t0 + (meta.receiveTime || now)]);
+                            t0 + (meta.receiveTime || now), t0 + meta.presentationTime,
+                            (meta.processingDuration || 0) * 1000]);
     }
     v.requestVideoFrameCallback(cb);
   };
@@ -75,6 +78,11 @@ async fn run() -> Result<()> {
             .set("auth", "screen_width", "1280")
             .set("auth", "screen_height", "720")
             .set("auth", "prestart_cli_vm", "false")
+            .set(
+                "auth",
+                "chromium_args",
+                &std::env::var("AIRLOCK_BENCH_CHROMIUM_ARGS").unwrap_or_else(|_| "[]".into()),
+            )
     })
     .await?;
     let result = measure(&rig, changes).await;
@@ -148,6 +156,16 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
     let shown = pair(&sets, &seen, 1)?;
     let called = pair(&sets, &seen, 2)?;
     let received = pair(&sets, &seen, 3)?;
+    let presented = pair(&sets, &seen, 4)?;
+    let decode: Vec<f64> = seen
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e[5].as_f64()).collect())
+        .unwrap_or_default();
+    println!(
+        "  set -> frame presented median {:.1} ms; decode (processingDuration) median {:.1} ms",
+        median(&presented),
+        median(&decode)
+    );
     report(&shown, changes, cpu / wall, bytes * 8.0 / wall / 1000.0);
     println!(
         "  set -> frame received (receiveTime)  median {:.1} ms; -> frame callback median {:.1} ms",
