@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use crate::cdp::{children_named, Tab};
@@ -19,6 +19,8 @@ pub struct LiveSession {
     pub id: String,
     /// Its viewer token.
     pub token: String,
+    /// Its viewer page as the API gives it: `/session/<id>?token=<token>`.
+    pub path: String,
     /// Absolute URL of its viewer page (token included).
     pub page_url: String,
     /// Absolute URL of its signalling WebSocket (token included).
@@ -28,26 +30,17 @@ pub struct LiveSession {
 impl Daemon {
     /// `POST /api/auth/start` and the viewer credentials it returns.
     pub async fn start_live(&self, user: &str, provider: &str) -> Result<LiveSession> {
-        let body = json!({ "userId": user, "provider": provider });
-        let (status, v) = self
-            .request(reqwest::Method::POST, "/api/auth/start", Some(body))
-            .await?;
-        if status != 201 {
-            bail!("start session: {status} {v}");
-        }
+        let v = self.start_view(user, provider).await?;
         let id = v["sessionId"].as_str().context("sessionId")?.to_string();
-        self.sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(id.clone());
         let token = v["viewerToken"]
             .as_str()
             .context("viewerToken")?
             .to_string();
-        let path = v["viewerUrl"].as_str().context("viewerUrl")?;
+        let path = v["viewerUrl"].as_str().context("viewerUrl")?.to_string();
         let ws_base = self.base.replacen("http", "ws", 1);
         Ok(LiveSession {
             page_url: format!("{}{path}", self.base),
+            path,
             ws_url: format!("{ws_base}/api/webrtc/session/{id}/ws?token={token}"),
             id,
             token,

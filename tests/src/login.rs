@@ -62,6 +62,26 @@ impl LoginRig {
     }
 }
 
+/// One rig at a time per test binary: the fake Codex and demo CLIs bind
+/// fixed ports (1455, 1460), as the real ones do.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `body` with a fresh rig (`tune` adjusts airlockd's settings), one
+/// at a time; prints the sessions and airlockd's diagnostics when it fails.
+pub async fn with_rig(
+    tune: impl FnOnce(Settings) -> Settings,
+    body: impl AsyncFnOnce(&LoginRig) -> Result<()>,
+) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let rig = LoginRig::start(tune).await?;
+    let result = body(&rig).await;
+    if result.is_err() {
+        rig.daemon.print_sessions().await;
+        rig.daemon.print_diagnostics();
+    }
+    result
+}
+
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -72,6 +92,13 @@ fn rand_suffix() -> u64 {
 impl Daemon {
     /// `POST /api/auth/start`; returns the session id.
     pub async fn start_session(&self, user: &str, provider: &str) -> Result<String> {
+        let v = self.start_view(user, provider).await?;
+        Ok(v["sessionId"].as_str().context("sessionId")?.to_string())
+    }
+
+    /// `POST /api/auth/start`; returns the new session's view (remembered
+    /// for [`Daemon::print_sessions`]).
+    pub async fn start_view(&self, user: &str, provider: &str) -> Result<Value> {
         let body = json!({ "userId": user, "provider": provider });
         let (status, v) = self
             .request(reqwest::Method::POST, "/api/auth/start", Some(body))
@@ -83,8 +110,8 @@ impl Daemon {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(id.clone());
-        Ok(id)
+            .push(id);
+        Ok(v)
     }
 
     /// Prints the views of the sessions started here and saves their
@@ -253,36 +280,4 @@ pub fn step_events(v: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// A session's viewer link as `POST /api/auth/start` returns it.
-#[derive(Debug, Clone)]
-pub struct ViewerLink {
-    /// The session.
-    pub session: String,
-    /// Its viewer token.
-    pub token: String,
-    /// `/session/<id>?token=<token>`.
-    pub url: String,
-}
-
-/// Starts a session (`POST /api/auth/start`) and returns its viewer link.
-pub async fn start_viewable(d: &Daemon, user: &str, provider: &str) -> Result<ViewerLink> {
-    let body = json!({ "userId": user, "provider": provider });
-    let (status, v) = d
-        .request(reqwest::Method::POST, "/api/auth/start", Some(body))
-        .await?;
-    if status != 201 {
-        bail!("start session: {status} {v}");
-    }
-    let session = v["sessionId"].as_str().context("sessionId")?.to_string();
-    d.sessions
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(session.clone());
-    Ok(ViewerLink {
-        token: v["viewerToken"].as_str().context("viewerToken")?.into(),
-        url: v["viewerUrl"].as_str().context("viewerUrl")?.into(),
-        session,
-    })
 }

@@ -143,7 +143,8 @@ fn vp8_only() -> Result<MediaEngine> {
     Ok(m)
 }
 
-async fn new_pc() -> Result<Arc<RTCPeerConnection>> {
+/// A VP8-only webrtc-rs peer connection whose ICE stays on loopback.
+pub async fn loopback_pc() -> Result<Arc<RTCPeerConnection>> {
     let mut m = vp8_only()?;
     let registry = register_default_interceptors(Registry::new(), &mut m)?;
     let mut s = SettingEngine::default();
@@ -181,7 +182,7 @@ impl Peer {
                 }
             }
         });
-        let pc = new_pc().await?;
+        let pc = loopback_pc().await?;
         let counts = Arc::new(Mutex::new(FrameTracker::default()));
         let (state_tx, state) = watch::channel(String::from("new"));
         wire_callbacks(&pc, ws_tx.clone(), counts.clone(), state_tx);

@@ -13,14 +13,11 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
 use airlock_tests::live::{click_screen, element_center, press_key, type_keys, LiveSession};
-use airlock_tests::login::{state_is, step_events, LoginRig};
+use airlock_tests::login::{state_is, step_events, with_rig, LoginRig};
 use airlock_tests::peer::Peer;
 use airlock_tests::Settings;
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const USER: &str = "viewer-user";
 const LONG: Duration = Duration::from_secs(120);
@@ -29,20 +26,6 @@ const LONG: Duration = Duration::from_secs(120);
 fn loopback(s: Settings) -> Settings {
     s.set("live", "ice_addresses", "[\"127.0.0.1\"]")
         .set("auth", "prestart_cli_vm", "false")
-}
-
-async fn with_rig(
-    tune: impl FnOnce(Settings) -> Settings,
-    body: impl AsyncFnOnce(&LoginRig) -> Result<()>,
-) -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let rig = LoginRig::start(tune).await?;
-    let result = body(&rig).await;
-    if result.is_err() {
-        rig.daemon.print_sessions().await;
-        rig.daemon.print_diagnostics();
-    }
-    result
 }
 
 /// Starts a Codex session and waits for its sign-in page on screen.

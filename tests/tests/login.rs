@@ -14,33 +14,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use airlock_host::store::{CredentialStore, StoreConfig};
-use airlock_tests::login::{state_is, step_events, LoginRig};
-use airlock_tests::{artifacts, Daemon, Settings};
+use airlock_tests::login::{state_is, step_events, with_rig, LoginRig};
+use airlock_tests::{artifacts, Daemon};
 use anyhow::{ensure, Context, Result};
 use reqwest::Method;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const USER: &str = "user-42";
 const COMPLETE: Duration = Duration::from_secs(300);
-
-/// Runs `body` with the rig; prints diagnostics when it fails.
-async fn with_rig(
-    tune: impl FnOnce(Settings) -> Settings,
-    body: impl AsyncFnOnce(&LoginRig) -> Result<()>,
-) -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let rig = LoginRig::start(tune).await?;
-    let result = body(&rig).await;
-    if result.is_err() {
-        rig.daemon.print_sessions().await;
-        rig.daemon.print_diagnostics();
-    }
-    result
-}
 
 /// The store airlockd uses, opened from this process.
 async fn store(d: &Daemon) -> Result<CredentialStore> {

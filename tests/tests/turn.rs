@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_host::live::turn::rest_credential;
-use airlock_tests::login::{start_viewable, LoginRig};
+use airlock_tests::login::LoginRig;
 use anyhow::{bail, ensure, Context, Result};
 use reqwest::Method;
 use turn::client::{Client, ClientConfig};
@@ -172,10 +172,10 @@ async fn turn_credentials_from_airlockd_allocate_and_expired_ones_do_not() -> Re
     .await?;
     let d = &rig.daemon;
     let result = async {
-        let link = start_viewable(d, USER, "codex").await?;
+        let link = d.start_live(USER, "codex").await?;
         let path = format!(
             "/api/webrtc/ice-servers?session={}&token={}",
-            link.session, link.token
+            link.id, link.token
         );
         let (status, v) = d.request(Method::GET, &path, None).await?;
         ensure!(status == 200, "{status} {}", v["error"]);

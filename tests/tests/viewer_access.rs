@@ -18,16 +18,14 @@
 
 use std::time::{Duration, Instant};
 
-use airlock_tests::login::{start_viewable, ViewerLink};
+use airlock_tests::live::LiveSession;
+use airlock_tests::login::with_rig;
 use airlock_tests::{Daemon, Settings};
 use anyhow::{bail, ensure, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
-
-static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const USER: &str = "viewer-access";
 
@@ -292,25 +290,21 @@ async fn expired_token(d: &Daemon, id: &str) -> Result<String> {
     }
 }
 
-async fn check_the_link_in_the_views(d: &Daemon, a: &ViewerLink) -> Result<()> {
+async fn check_the_link_in_the_views(d: &Daemon, a: &LiveSession) -> Result<()> {
     ensure!(a.token.len() >= 22, "at least 128 bits: {}", a.token.len());
     ensure!(
-        a.url == format!("/session/{}?token={}", a.session, a.token),
+        a.path == format!("/session/{}?token={}", a.id, a.token),
         "viewerUrl is /session/<id>?token=<viewerToken>"
     );
     let (status, v) = d
-        .request(
-            Method::GET,
-            &format!("/api/auth/session/{}", a.session),
-            None,
-        )
+        .request(Method::GET, &format!("/api/auth/session/{}", a.id), None)
         .await?;
     ensure!(status == 200, "{status} {}", v["error"]);
     ensure!(
         v["viewerToken"] == a.token.as_str(),
         "GET shows the same token"
     );
-    ensure!(v["viewerUrl"] == a.url.as_str(), "GET shows the same link");
+    ensure!(v["viewerUrl"] == a.path.as_str(), "GET shows the same link");
     ensure!(
         v["viewerTokenExpiresAt"].is_string(),
         "expiry: {}",
@@ -319,8 +313,8 @@ async fn check_the_link_in_the_views(d: &Daemon, a: &ViewerLink) -> Result<()> {
     Ok(())
 }
 
-async fn the_right_token_opens_the_page(d: &Daemon, a: &ViewerLink) -> Result<()> {
-    let resp = d.http.get(format!("{}{}", d.base, a.url)).send().await?;
+async fn the_right_token_opens_the_page(d: &Daemon, a: &LiveSession) -> Result<()> {
+    let resp = d.http.get(format!("{}{}", d.base, a.path)).send().await?;
     ensure!(resp.status() == 200, "page: {}", resp.status());
     let h = resp.headers().clone();
     let header = |n: &str| {
@@ -354,10 +348,7 @@ async fn the_right_token_opens_the_page(d: &Daemon, a: &ViewerLink) -> Result<()
     let ice = call(
         d,
         Method::GET,
-        &format!(
-            "/api/webrtc/ice-servers?session={}&token={}",
-            a.session, a.token
-        ),
+        &format!("/api/webrtc/ice-servers?session={}&token={}", a.id, a.token),
         None,
     )
     .await?;
@@ -373,14 +364,14 @@ async fn the_right_token_opens_the_page(d: &Daemon, a: &ViewerLink) -> Result<()
 
 /// Two viewers over the WebSocket: the first controls; when it goes, the
 /// second is told it does. A third finds the session full (max 2).
-async fn sockets_welcome_and_hand_over_control(d: &Daemon, a: &ViewerLink) -> Result<()> {
-    let path = format!("/api/webrtc/session/{}/ws?token={}", a.session, a.token);
+async fn sockets_welcome_and_hand_over_control(d: &Daemon, a: &LiveSession) -> Result<()> {
+    let path = format!("/api/webrtc/session/{}/ws?token={}", a.id, a.token);
     let Ok(mut first) = upgrade(d, &path).await? else {
         bail!("the right token was refused at the WebSocket");
     };
     let welcome = first.next_of("welcome", Duration::from_secs(10)).await?;
     ensure!(welcome["controlling"] == true, "{welcome}");
-    ensure!(welcome["sessionId"] == a.session.as_str(), "{welcome}");
+    ensure!(welcome["sessionId"] == a.id.as_str(), "{welcome}");
     ensure!(welcome["streamer"].is_string(), "{welcome}");
     ensure!(welcome["iceServers"].is_array(), "{welcome}");
     let id = welcome["viewerId"]
@@ -409,16 +400,14 @@ async fn sockets_welcome_and_hand_over_control(d: &Daemon, a: &ViewerLink) -> Re
 
 #[tokio::test(flavor = "multi_thread")]
 async fn viewer_links_open_their_own_session_and_nothing_else() -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let rig = airlock_tests::login::LoginRig::start(tune).await?;
-    let d = &rig.daemon;
-    let result = async {
-        let a = start_viewable(d, USER, "codex").await?;
-        let b = start_viewable(d, USER, "claude_code").await?;
+    with_rig(tune, async |rig| {
+        let d = &rig.daemon;
+        let a = d.start_live(USER, "codex").await?;
+        let b = d.start_live(USER, "claude_code").await?;
         ensure!(a.token != b.token, "each session has its own token");
         check_the_link_in_the_views(d, &a).await?;
-        let expired = expired_token(d, &a.session).await?;
-        let id = &a.session;
+        let expired = expired_token(d, &a.id).await?;
+        let id = &a.id;
         all_refused(d, id, None, 401, "no token").await?;
         let wrong = "A".repeat(a.token.len());
         all_refused(d, id, Some(&wrong), 403, "a wrong token").await?;
@@ -451,37 +440,8 @@ async fn viewer_links_open_their_own_session_and_nothing_else() -> Result<()> {
             );
         }
         Ok(())
-    }
-    .await;
-    if result.is_err() {
-        d.print_sessions().await;
-        d.print_diagnostics();
-    }
-    result
-}
-
-/// A webrtc-rs peer whose ICE stays on loopback.
-async fn loopback_peer() -> Result<std::sync::Arc<webrtc::peer_connection::RTCPeerConnection>> {
-    use webrtc::api::interceptor_registry::register_default_interceptors;
-    use webrtc::api::media_engine::MediaEngine;
-    use webrtc::api::setting_engine::SettingEngine;
-    use webrtc::api::APIBuilder;
-    use webrtc::ice::network_type::NetworkType;
-    use webrtc::interceptor::registry::Registry;
-    let mut media = MediaEngine::default();
-    media.register_default_codecs()?;
-    let registry = register_default_interceptors(Registry::new(), &mut media)?;
-    let mut settings = SettingEngine::default();
-    settings.set_include_loopback_candidate(true);
-    settings.set_interface_filter(Box::new(|name: &str| name == "lo"));
-    settings.set_network_types(vec![NetworkType::Udp4]);
-    let api = APIBuilder::new()
-        .with_media_engine(media)
-        .with_interceptor_registry(registry)
-        .with_setting_engine(settings)
-        .build();
-    let config = webrtc::peer_connection::configuration::RTCConfiguration::default();
-    Ok(std::sync::Arc::new(api.new_peer_connection(config).await?))
+    })
+    .await
 }
 
 /// An offer with every candidate in it (gathering waited for).
@@ -510,8 +470,8 @@ async fn full_offer(pc: &webrtc::peer_connection::RTCPeerConnection) -> Result<S
 }
 
 /// `POST .../offer`, then `GET .../answer` while it answers 202.
-async fn http_answer(d: &Daemon, link: &ViewerLink, sdp: &str) -> Result<(String, String)> {
-    let id = &link.session;
+async fn http_answer(d: &Daemon, link: &LiveSession, sdp: &str) -> Result<(String, String)> {
+    let id = &link.id;
     let path = format!("/api/webrtc/session/{id}/offer?token={}", link.token);
     let offered = call(
         d,
@@ -547,18 +507,16 @@ async fn http_answer(d: &Daemon, link: &ViewerLink, sdp: &str) -> Result<(String
 async fn a_peer_that_does_not_trickle_connects_through_the_http_api() -> Result<()> {
     use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as State;
     use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
-    let _serial = SERIAL.lock().await;
-    let rig = airlock_tests::login::LoginRig::start(tune).await?;
-    let d = &rig.daemon;
-    let result = async {
-        let link = start_viewable(d, USER, "codex").await?;
-        d.wait_session(&link.session, Duration::from_secs(120), |v| {
+    with_rig(tune, async |rig| {
+        let d = &rig.daemon;
+        let link = d.start_live(USER, "codex").await?;
+        d.wait_session(&link.id, Duration::from_secs(120), |v| {
             airlock_tests::login::step_events(v)
                 .iter()
                 .any(|e| e == "streamerRunning")
         })
         .await?;
-        let pc = loopback_peer().await?;
+        let pc = airlock_tests::peer::loopback_pc().await?;
         let (state_tx, mut state) = tokio::sync::watch::channel(State::New);
         pc.on_peer_connection_state_change(Box::new(move |s| {
             let _ = state_tx.send(s);
@@ -582,17 +540,12 @@ async fn a_peer_that_does_not_trickle_connects_through_the_http_api() -> Result<
         .context("the peer did not connect with the folded answer")??;
         let unknown = format!(
             "/api/webrtc/session/{}/answer?viewerId=v-nobody&token={}",
-            link.session, link.token
+            link.id, link.token
         );
         let gone = call(d, Method::GET, &unknown, None).await?;
         ensure!(gone.status == 404, "{gone}");
         pc.close().await?;
         Ok(())
-    }
-    .await;
-    if result.is_err() {
-        d.print_sessions().await;
-        d.print_diagnostics();
-    }
-    result
+    })
+    .await
 }
