@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use airlock_proto::limits::MAX_FRAME_BYTES;
 use airlock_proto::stream::{
-    StreamEvent, StreamSpec, StreamerCommand, StreamerReport, StreamerState, ViewerSignal,
+    check_viewer_id, StreamEvent, StreamSpec, StreamerCommand, StreamerReport, StreamerState,
+    ViewerSignal,
 };
 use airlock_proto::{frame, ErrorCode, ErrorReply, Event, FrameDecoder, InputBatch};
 use tokio::net::unix::pipe;
@@ -197,12 +198,8 @@ impl Streamer {
     /// Sets the viewer whose input is injected.
     pub fn set_control(&self, viewer_id: Option<String>) -> Result<(), ErrorReply> {
         if let Some(v) = &viewer_id {
-            airlock_proto::stream::ViewerSignal {
-                viewer_id: v.clone(),
-                signal: airlock_proto::stream::Signal::Leave,
-            }
-            .validate()
-            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+            check_viewer_id(v)
+                .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
         }
         viewer_id.clone_into(&mut self.control.lock().unwrap_or_else(PoisonError::into_inner));
         match self.send(StreamerCommand::Control { viewer_id }) {

@@ -476,7 +476,7 @@ pub struct InvalidMessage {
     pub problem: String,
 }
 
-fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), InvalidMessage> {
+pub(crate) fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), InvalidMessage> {
     if s.len() > max {
         return Err(InvalidMessage {
             field,

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::login::{InputEvent, SecretText};
-use crate::message::InvalidMessage;
+use crate::message::{check_len, InvalidMessage};
 
 /// Longest SDP accepted in a signal (bytes).
 pub const MAX_SDP_BYTES: usize = 64 << 10;
@@ -249,25 +249,15 @@ pub enum StreamEvent {
     Stats(StreamStats),
 }
 
-fn too_long(field: &'static str, s: &str, max: usize) -> Result<(), InvalidMessage> {
-    if s.len() > max {
-        return Err(InvalidMessage {
-            field,
-            problem: format!("{} bytes, at most {max} allowed", s.len()),
-        });
-    }
-    Ok(())
-}
-
 impl Signal {
     /// Checks the bounds of a signal (viewers and guests are untrusted).
     pub fn validate(&self) -> Result<(), InvalidMessage> {
         match self {
             Signal::Offer { sdp, .. } | Signal::Answer { sdp } => {
-                too_long("sdp", sdp, MAX_SDP_BYTES)
+                check_len("sdp", sdp, MAX_SDP_BYTES)
             }
             Signal::Candidate { candidate, .. } => {
-                too_long("candidate", candidate, MAX_CANDIDATE_BYTES)?;
+                check_len("candidate", candidate, MAX_CANDIDATE_BYTES)?;
                 if candidate.contains(['\r', '\n']) {
                     return Err(InvalidMessage {
                         field: "candidate",
@@ -277,7 +267,7 @@ impl Signal {
                 Ok(())
             }
             Signal::State { state: message } | Signal::Error { message } => {
-                too_long("message", message, MAX_SIGNAL_MESSAGE_BYTES)
+                check_len("message", message, MAX_SIGNAL_MESSAGE_BYTES)
             }
             Signal::Jpeg { fps } if *fps > 60 => Err(InvalidMessage {
                 field: "fps",
@@ -288,10 +278,15 @@ impl Signal {
     }
 }
 
+/// Checks a viewer id: a short token of ASCII letters, digits or `-._+`.
+pub fn check_viewer_id(id: &str) -> Result<(), InvalidMessage> {
+    crate::message::check_token("viewerId", id)
+}
+
 impl ViewerSignal {
     /// Checks the viewer id and the signal.
     pub fn validate(&self) -> Result<(), InvalidMessage> {
-        crate::message::check_token("viewerId", &self.viewer_id)?;
+        check_viewer_id(&self.viewer_id)?;
         self.signal.validate()
     }
 }
@@ -301,11 +296,11 @@ impl StreamEvent {
     pub fn validate(&self) -> Result<(), InvalidMessage> {
         match self {
             StreamEvent::State { detail, .. } => match detail {
-                Some(d) => too_long("detail", d, MAX_SIGNAL_MESSAGE_BYTES),
+                Some(d) => check_len("detail", d, MAX_SIGNAL_MESSAGE_BYTES),
                 None => Ok(()),
             },
             StreamEvent::Viewer(v) => v.validate(),
-            StreamEvent::Jpeg { data } => too_long("jpeg", data, MAX_JPEG_BYTES.div_ceil(3) * 4),
+            StreamEvent::Jpeg { data } => check_len("jpeg", data, MAX_JPEG_BYTES.div_ceil(3) * 4),
             StreamEvent::Stats(_) => Ok(()),
         }
     }
