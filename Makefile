@@ -13,46 +13,66 @@ BUILD := $(CURDIR)/build
 # Tests boot real VMs under TCG: two at a time suits a 2-core machine.
 TEST_THREADS ?= 2
 
-.PHONY: all setup build image run test lint unit bench clean
+.PHONY: all setup build-vm build image run test lint unit bench clean
 
 all: image
 
 setup:
 	@scripts/setup.sh
 
-# Static binaries: the agent (its own size profile), airlockd, and the fake
-# vendor CLI, linked under the real CLIs' names in build/fakes. The
-# streamer is the one glibc binary: it links the system's GStreamer, and
-# sits next to the agent, where the agent looks for it.
-build: setup
+# What runs inside VMs, in build/bin: the static agent (its own size
+# profile), the streamer (the one glibc binary that links the system's
+# GStreamer; it sits next to the agent, where the agent looks for it), and
+# the fake vendor CLI, linked under the real CLIs' names in build/fakes.
+build-vm: setup
 	cargo build --profile guest --locked --target $(MUSL) -p airlock-guest
-	cargo build --release --locked --target $(MUSL) -p airlock-host -p airlock-fakes --bins
-	cargo build --release --locked -p airlock-streamer
+	cargo build --release --locked -p airlock-streamer -p airlock-fakes --bins
 	@mkdir -p $(BUILD)/bin $(BUILD)/fakes
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/guest/airlock-guest $(BUILD)/bin/airlock-guest
 	install -m 0755 $(CARGO_TARGET_DIR)/release/airlock-streamer $(BUILD)/bin/airlock-streamer
-	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlockd $(BUILD)/bin/airlockd
-	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/fake-cli $(BUILD)/bin/fake-cli
+	install -m 0755 $(CARGO_TARGET_DIR)/release/fake-cli $(BUILD)/bin/fake-cli
 	@for cli in codex claude gemini airlock-demo-cli; do ln -sfn ../bin/fake-cli $(BUILD)/fakes/$$cli; done
 
-image: build
-	image/build-initramfs.sh --agent $(BUILD)/bin/airlock-guest --out $(BUILD)/image
+# Everything, with airlockd as a static release binary (make run, bench).
+build: build-vm
+	cargo build --release --locked --target $(MUSL) -p airlock-host --bins
+	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlockd $(BUILD)/bin/airlockd
 
-run: image
-	$(BUILD)/bin/airlockd --config config/dev.toml
+# The test initramfs (build/image), and the golden images (build/images/
+# browser and cli: symlinks into AIRLOCK_CACHE, which keeps the .deb files,
+# the Debian layers and the images by the hash of their inputs, so only
+# what changed is rebuilt; the Debian layers take minutes the first time).
+export AIRLOCK_CACHE ?= $(HOME)/.cache/airlock
+IMAGE_AGENT := --agent $(BUILD)/bin/airlock-guest --cache $(AIRLOCK_CACHE)
+
+image: build-vm
+	image/build-initramfs.sh --agent $(BUILD)/bin/airlock-guest --out $(BUILD)/image
+	@image/build-image.sh --kind browser $(IMAGE_AGENT) --out $(BUILD)/images/browser \
+		--streamer $(BUILD)/bin/airlock-streamer --fake-cli $(BUILD)/bin/fake-cli
+	@image/build-image.sh --kind cli $(IMAGE_AGENT) --out $(BUILD)/images/cli \
+		--unit systemd/airlock-guest.service
+
+# airlockd with config/dev.toml, and the coturn its live view needs.
+run: build image
+	scripts/run-dev.sh
 
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The tests run the debug airlockd, which shares its compiled dependencies
+# with the test build (a release build of it would compile them again).
 test: image lint
-	cargo test --workspace --locked -- --test-threads=$(TEST_THREADS)
+	cargo build --workspace --locked --bins
+	AIRLOCK_DAEMON=$(CARGO_TARGET_DIR)/debug/airlockd \
+		cargo test --workspace --locked -- --test-threads=$(TEST_THREADS)
 
-bench: image
+bench: build image
 	@scripts/setup.sh bench
 	cargo bench --locked -p airlock-tests --bench spine
 	cargo bench --locked -p airlock-tests --bench login
 	cargo bench --locked -p airlock-tests --bench live
+	cargo bench --locked -p airlock-tests --bench browser_vm
 
 clean:
 	rm -rf $(BUILD)

@@ -14,6 +14,9 @@ packages=(
     busybox-static           # commands inside the test initramfs
     musl-tools               # C toolchain for the static musl builds (ring)
     cpio gzip xz-utils zstd  # the initramfs script
+    # the golden images (image/build-image.sh): Debian roots, squashfs
+    # layers, the kernel package's modules, manifests
+    mmdebstrap debian-archive-keyring squashfs-tools kmod binutils jq
     file                     # tests check static linking with it
     systemd                  # systemd-analyze verifies the units
     chromium xvfb fonts-dejavu-core  # the browser role (a host process until the golden image)

@@ -6,21 +6,26 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use airlock_proto::egress::EgressClient;
 use airlock_proto::{
     capability, AgentMode, ErrorCode, ErrorReply, Event, GuestConfig, GuestMessage, Hello,
     LogLevel, Operation, Reply, StatusReport, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::browser::BrowserRole;
+use crate::egress::{Dialer, ProxyPorts};
 use crate::logging::{parse_level, LogReceiver};
 use crate::login::{LoginCtx, Logins};
+use crate::options::Transport;
 use crate::process::Reaper;
 use crate::streamer::Streamer;
 use crate::sysinfo;
+use crate::users::{RunAs, BROWSER_USER, LOGIN_USER};
 
 /// Shared state of the running agent.
 #[derive(Debug)]
@@ -41,6 +46,12 @@ pub struct Agent {
     unsent: Mutex<VecDeque<Event>>,
     dropped_logs: Arc<AtomicU64>,
     forward_level: AtomicU8,
+    /// How the agent reaches the host (the egress gateway sits beside it).
+    transport: Transport,
+    /// The egress proxies, once the host enabled them.
+    proxies: Arc<OnceLock<ProxyPorts>>,
+    /// The proxies' tasks (stopped with the agent's shutdown token).
+    egress_tasks: TaskTracker,
     /// Cancelled when the agent should stop (shutdown request or signal).
     pub shutdown: CancellationToken,
 }
@@ -74,23 +85,33 @@ pub struct AgentParts {
     pub events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
     /// The agent's shutdown token.
     pub shutdown: CancellationToken,
+    /// How it reaches the host.
+    pub transport: Transport,
 }
 
 impl Agent {
     /// Assembles the agent.
     pub fn new(p: AgentParts) -> Self {
         let state = state_dir(p.mode);
+        // In an image, untrusted programs run as their own accounts; as a
+        // host process everything runs as the agent (airlockd chose it).
+        let in_image = p.mode != AgentMode::Process;
+        let user = |name| in_image.then(|| RunAs::lookup(name)).flatten();
         let browser = Arc::new(BrowserRole::new(
             p.reaper.clone(),
             p.events.0.clone(),
             state.clone(),
+            user(BROWSER_USER),
         ));
         let streamer = Streamer::new(p.reaper.clone(), p.events.0.clone(), browser.clone());
+        let proxies = Arc::new(OnceLock::new());
         let logins = Logins::new(LoginCtx {
             reaper: p.reaper.clone(),
             browser: browser.clone(),
             events: p.events.0,
             state_dir: state,
+            run_as: user(LOGIN_USER),
+            proxies: proxies.clone(),
         });
         Self {
             mode: p.mode,
@@ -106,7 +127,67 @@ impl Agent {
             events: Mutex::new(Some(p.events.1)),
             unsent: Mutex::default(),
             forward_level: AtomicU8::new(LogLevel::Info as u8),
+            transport: p.transport,
+            proxies,
+            egress_tasks: TaskTracker::new(),
             shutdown: p.shutdown,
+        }
+    }
+
+    /// Starts the egress proxies the first time the host names its
+    /// gateway (later connections' welcomes name the same one).
+    pub async fn start_egress(&self, config: &GuestConfig) {
+        let Some(port) = config.egress_port else {
+            return;
+        };
+        if self.proxies.get().is_some() {
+            return;
+        }
+        let Some(dialer) = Dialer::beside(&self.transport, port) else {
+            tracing::warn!(?self.transport, "cannot tell where the egress gateway is");
+            return;
+        };
+        match crate::egress::start(dialer, &self.egress_tasks, self.shutdown.clone()).await {
+            Ok(ports) => {
+                let _ = self.proxies.set(ports);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start the egress proxies"),
+        }
+    }
+
+    /// Points an operation's programs at the egress proxies (when the VM
+    /// has them): Chromium, commands, the streamer (TURN over TCP only).
+    fn route(&self, op: Operation) -> Operation {
+        let Some(p) = self.proxies.get() else {
+            return op;
+        };
+        match op {
+            Operation::StartBrowser(mut spec) => {
+                spec.proxy = Some(p.url(EgressClient::Browser));
+                Operation::StartBrowser(spec)
+            }
+            Operation::Exec(mut req) => {
+                let mut env: Vec<String> = p
+                    .env(EgressClient::Exec)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                env.append(&mut req.env);
+                req.env = env;
+                Operation::Exec(req)
+            }
+            Operation::StreamStart(mut spec) => {
+                spec.http_proxy = Some(p.url(EgressClient::Streamer));
+                spec.ice_addresses = vec!["127.0.0.1".into()];
+                for server in &mut spec.ice_servers {
+                    server
+                        .urls
+                        .retain(|u| u.starts_with("turn") && u.contains("transport=tcp"));
+                }
+                spec.ice_servers.retain(|s| !s.urls.is_empty());
+                Operation::StreamStart(spec)
+            }
+            other => other,
         }
     }
 
@@ -154,7 +235,7 @@ impl Agent {
         op: Operation,
         cancel: &CancellationToken,
     ) -> Result<Reply, ErrorReply> {
-        match op {
+        match self.route(op) {
             Operation::Exec(req) => self.reaper.exec(&req, cancel).await.map(Reply::Exec),
             Operation::WriteFile(req) => blocking(move || crate::files::write_file(&req))
                 .await
@@ -203,6 +284,8 @@ impl Agent {
         self.logins.shutdown().await;
         self.streamer.stop().await;
         self.browser.stop().await;
+        self.egress_tasks.close();
+        self.egress_tasks.wait().await;
         if self.mode == AgentMode::Process {
             let _ = std::fs::remove_dir_all(state_dir(self.mode));
         }

@@ -122,6 +122,7 @@ pub async fn serve(
         }
     };
     agent.apply(&welcome.config);
+    agent.start_egress(&welcome.config).await;
     tracing::info!(vm_id = %welcome.vm_id, seq, "connected to host");
     let conn = Connection::start(agent, wr, &welcome);
     let result = conn.read_loop(&mut rd, &mut dec, &mut buf).await;

@@ -197,6 +197,40 @@ pub fn load_modules(list: &Path) -> Result<usize, InitError> {
     Ok(loaded)
 }
 
+/// Brings the loopback interface up: with no init system, nothing else
+/// would, and Chromium's DevTools, the egress proxies and a CLI's login
+/// callback all live on 127.0.0.1. (The kernel gives `lo` its addresses
+/// when it goes up; a VM has no other interface.)
+pub fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a plain datagram socket, closed by OwnedFd on return.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket() and is owned by nothing else.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: SIOCGIFFLAGS reads the flags of the interface named in
+    // `req` into its union; `req` outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the union's flags member was just filled in by the kernel.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads `req`, which outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets the hostname (from the host's config).
 pub fn set_hostname(name: &str) {
     if let Err(e) = nix::unistd::sethostname(name) {

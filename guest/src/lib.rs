@@ -9,14 +9,17 @@
 pub mod agent;
 pub mod browser;
 pub mod channel;
+pub mod egress;
 pub mod files;
 pub mod init;
 pub mod logging;
 pub mod login;
 pub mod options;
 pub mod process;
+pub mod stage1;
 pub mod streamer;
 pub mod sysinfo;
+pub mod users;
 pub mod wire;
 
 use std::process::ExitCode;
@@ -60,6 +63,12 @@ pub fn main_entry() -> ExitCode {
             init::console_line(&format!("airlock-guest: {e}"));
         }
         init::console_line(&format!("{INIT_MARKER} uptime_ms={started_ms}"));
+        if stage1::wanted() {
+            // Only returns on failure: success executes the image's init.
+            let e = stage1::run(std::path::Path::new(options::MODULES_FILE));
+            init::console_line(&format!("airlock-guest: stage 1 failed: {e}"));
+            init::power_off();
+        }
         if let Err(e) = run_pid1(started_ms) {
             init::console_line(&format!("airlock-guest: fatal: {e}"));
         }
@@ -101,6 +110,9 @@ fn run_pid1(started_ms: u64) -> Result<(), AgentError> {
         return Ok(());
     }
     let logs = logging::install(&opts.log_level);
+    if let Err(e) = init::loopback_up() {
+        tracing::warn!(error = %e, "cannot bring the loopback interface up");
+    }
     let loaded = init::load_modules(&opts.modules_file)?;
     tracing::info!(
         loaded,
@@ -141,6 +153,7 @@ async fn serve_forever(
         logs,
         events: (event_tx, event_rx),
         shutdown: shutdown.clone(),
+        transport: opts.transport.clone(),
     }));
     let result = connect_loop(&agent, opts).await;
     shutdown.cancel();

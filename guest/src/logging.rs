@@ -77,6 +77,8 @@ pub fn install(console_level: &str) -> LogReceiver {
     // console is kept on disk by the host.
     let targets = Targets::new()
         .with_target("airlock_guest", level_filter(parse_level(console_level)))
+        // Programs' own output goes to the host's per-program logs only.
+        .with_target("airlock_guest::output", LevelFilter::OFF)
         .with_target("chromiumoxide", LevelFilter::OFF)
         .with_default(LevelFilter::ERROR);
     let console = tracing_subscriber::fmt::layer()

@@ -58,7 +58,8 @@ As PID 1 the agent ignores its arguments and reads the kernel command line:
   airlock.loglevel=L   console log level (default info)
   airlock.probe=1      print the probe marker and power off at once";
 
-const MODULES_FILE: &str = "/etc/airlock/modules";
+/// The list of kernel modules PID 1 loads (written by the image scripts).
+pub const MODULES_FILE: &str = "/etc/airlock/modules";
 
 impl Options {
     /// Options for PID 1, from the kernel command line.

@@ -27,8 +27,9 @@ use crate::browser::BrowserRole;
 use crate::process::{ExitInfo, Reaper};
 use crate::wire::{read_payload, write_message};
 
-/// How long a start waits for the first pipeline to play.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a start waits for the first pipeline to play (GStreamer's
+/// first start in a VM under TCG loads its plugins slowly).
+const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// First and largest wait before a restart.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);

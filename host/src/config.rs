@@ -54,6 +54,8 @@ pub struct Config {
     pub store: crate::store::StoreConfig,
     /// The live view of browser VMs (WebRTC, viewer links, TURN).
     pub live: LiveConfig,
+    /// What browser VMs may reach (their only way out is the host).
+    pub egress: crate::egress::EgressConfig,
     /// Logging of airlockd itself.
     pub log: LogConfig,
 }
@@ -134,6 +136,29 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Initramfs with the agent as `/init` (`make image`).
     pub initramfs: PathBuf,
+    /// Golden image of browser VMs (a directory made by `make image`:
+    /// kernel, stage-1 initrd, read-only squashfs layers, manifest). Unset:
+    /// browser VMs boot `kernel` + `initramfs` like the test VMs.
+    pub browser_image: Option<PathBuf>,
+    /// Golden image of CLI VMs (systemd starts the agent); each user's VM
+    /// gets a persistent home disk. Unset: `kernel` + `initramfs`.
+    pub cli_image: Option<PathBuf>,
+    /// Memory of a browser VM when the request names none (MiB). Measured
+    /// under TCG: 768 MiB paints the login page, 512 MiB never does.
+    pub browser_memory_mib: u32,
+    /// vCPUs of a browser VM when the request names none.
+    pub browser_vcpus: u32,
+    /// Size of a user's persistent home disk (MiB; a sparse file, so it
+    /// takes only what is written).
+    pub home_disk_mib: u64,
+    /// Allow browser VMs on the `process` backend: Chromium then runs on
+    /// this host, sharing its network. For fast tests only; airlockd
+    /// refuses that backend for browser VMs unless this is set.
+    pub unsafe_host_browser: bool,
+    /// The account such a host-process browser runs as (when airlockd runs
+    /// as root), with an empty environment: it must not reach airlockd's
+    /// keys, database or secrets.
+    pub unsafe_host_browser_user: String,
     /// The agent build the host expects: its GNU build id must match the
     /// one a guest reports. The process backend also runs this binary.
     pub agent_binary: PathBuf,
@@ -194,6 +219,13 @@ impl Default for VmConfig {
             browser_backend: None,
             kernel: "/var/lib/airlock/image/vmlinuz".into(),
             initramfs: "/var/lib/airlock/image/initramfs.cpio.gz".into(),
+            browser_image: None,
+            cli_image: None,
+            browser_memory_mib: 1024,
+            browser_vcpus: 2,
+            home_disk_mib: 4096,
+            unsafe_host_browser: false,
+            unsafe_host_browser_user: "nobody".into(),
             agent_binary: "/usr/local/lib/airlock/airlock-guest".into(),
             expected_build_id: None,
             agent_port: airlock_proto::DEFAULT_AGENT_PORT,
@@ -256,6 +288,10 @@ pub struct QemuConfig {
     pub extra_append: String,
     /// Deadline of the KVM probe boot (ms).
     pub accel_probe_timeout_ms: u64,
+    /// TCG's translation cache per VM (MiB). QEMU's default grows to 1 GiB
+    /// of host memory on top of the guest's RAM; a browser VM runs as fast
+    /// with 256.
+    pub tcg_tb_size_mib: u32,
 }
 
 impl Default for QemuConfig {
@@ -269,6 +305,7 @@ impl Default for QemuConfig {
             cpu: "max".into(),
             extra_append: String::new(),
             accel_probe_timeout_ms: 8_000,
+            tcg_tb_size_mib: 256,
         }
     }
 }
@@ -282,6 +319,9 @@ pub struct AuthConfig {
     /// Serve the built-in demo OAuth server at `/demo/oauth` and offer the
     /// `demo` provider (development only).
     pub demo: bool,
+    /// Where the demo OAuth server listens (its own listener: browser VMs
+    /// may be allowed to reach it, never the API). Port 0 picks one.
+    pub demo_listen: SocketAddr,
     /// Screen of the browser VM (pixels).
     pub screen_width: u32,
     /// Screen of the browser VM (pixels).
@@ -324,12 +364,13 @@ impl Default for AuthConfig {
         Self {
             providers_file: "/etc/airlock/providers.toml".into(),
             demo: false,
+            demo_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             screen_width: 1280,
             screen_height: 720,
             chromium: "chromium".into(),
             chromium_args: Vec::new(),
             proxy: None,
-            browser_timeout_ms: 120_000,
+            browser_timeout_ms: 240_000,
             url_timeout_ms: 30_000,
             user_timeout_ms: 600_000,
             confirm_timeout_ms: 15_000,
@@ -449,7 +490,7 @@ impl Default for LiveConfig {
             legacy_idle_ms: 30_000,
             max_message_bytes: 128 << 10,
             messages_per_sec: 100,
-            start_timeout_ms: 25_000,
+            start_timeout_ms: 100_000,
         }
     }
 }
@@ -556,6 +597,12 @@ impl Config {
         fix(&mut self.vm.kernel);
         fix(&mut self.vm.initramfs);
         fix(&mut self.vm.agent_binary);
+        for p in [&mut self.vm.browser_image, &mut self.vm.cli_image]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
         fix(&mut self.auth.providers_file);
         // Relative entries are development paths on this host (the fake
         // CLIs for a browser role running as a host process).
@@ -566,6 +613,14 @@ impl Config {
         }
         fix(&mut self.store.key_file);
         if let Some(p) = &mut self.live.turn_secret_file {
+            fix(p);
+        }
+        let e = &mut self.egress;
+        for p in e.upstream_proxy_auth_file.iter_mut().chain(
+            e.user_proxies
+                .values_mut()
+                .filter_map(|u| u.auth_file.as_mut()),
+        ) {
             fix(p);
         }
         // A relative SQLite path follows the config file like every path.
@@ -616,6 +671,22 @@ impl Config {
         }
         if vm.default_vcpus == 0 || vm.default_vcpus > vm.max_vcpus {
             return bad("vm.default_vcpus must be between 1 and vm.max_vcpus".into());
+        }
+        if vm.browser_memory_mib < 64 || vm.browser_memory_mib > vm.max_memory_mib {
+            return bad("vm.browser_memory_mib must be between 64 and vm.max_memory_mib".into());
+        }
+        if vm.browser_vcpus == 0 || vm.browser_vcpus > vm.max_vcpus {
+            return bad("vm.browser_vcpus must be between 1 and vm.max_vcpus".into());
+        }
+        let browser_on_host = vm.browser_backend.unwrap_or(vm.backend) == BackendKind::Process;
+        if browser_on_host && !vm.unsafe_host_browser {
+            return bad("browser VMs would run as host processes (vm.backend or vm.browser_backend is \"process\"), where Chromium shares this host's network: use the qemu backend, or set vm.unsafe_host_browser = true for fast tests".into());
+        }
+        if !(64..=1 << 20).contains(&vm.home_disk_mib) {
+            return bad("vm.home_disk_mib must be between 64 and 1048576".into());
+        }
+        if !(32..=4096).contains(&self.qemu.tcg_tb_size_mib) {
+            return bad("qemu.tcg_tb_size_mib must be between 32 and 4096".into());
         }
         if vm.max_frame_bytes < 4096
             || vm.max_frame_bytes > airlock_proto::limits::MAX_FRAME_BYTES_CEILING

@@ -2,7 +2,8 @@
 //! predecessor, choose the backend, serve the API, and on SIGTERM/SIGINT
 //! stop serving and tear every VM down. Called by `main`.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::config::{BackendKind, Config};
+use crate::egress::{Egress, EgressError};
 use crate::live::Live;
 use crate::providers::Providers;
 use crate::server::{Server, ServerError};
@@ -19,7 +21,7 @@ use crate::session::Sessions;
 use crate::store::CredentialStore;
 use crate::vm::backend::VmBackend;
 use crate::vm::layout::reconcile;
-use crate::vm::process::ProcessBackend;
+use crate::vm::process::{HostBrowserUser, ProcessBackend};
 use crate::vm::qemu::QemuBackend;
 use crate::vm::VmManager;
 use airlock_fakes::oauth::{FakeOAuth, FakeOAuthConfig};
@@ -51,6 +53,12 @@ pub enum DaemonError {
     /// The credential store cannot be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Host-process browsers cannot be set up safely.
+    #[error("unsafe host browser: {0}")]
+    HostBrowser(String),
+    /// The egress settings are unusable.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
     /// The demo OAuth server cannot be set up.
     #[error("demo OAuth server: {0}")]
     Demo(String),
@@ -74,7 +82,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     let failed_dir = config.paths.state_dir.join("failed-vms");
     make_dir(&config.paths.run_dir)?;
+    make_dir(&config.paths.run_dir.join("vms"))?;
     make_dir(&failed_dir)?;
+    if config.vm.unsafe_host_browser {
+        // A host-process browser's agent runs as another account and must
+        // reach its own VM directory (which it is given); search-only, so
+        // it cannot list or enter the others.
+        for dir in [
+            config.paths.run_dir.clone(),
+            config.paths.run_dir.join("vms"),
+        ] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(|source| DaemonError::Dir { path: dir, source })?;
+        }
+    }
     let leftovers = reconcile(&config.paths.run_dir, &failed_dir);
     if !leftovers.is_empty() {
         tracing::warn!(
@@ -83,21 +104,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         );
     }
     let expected = crate::image::expected_agent(&config.vm)?;
-    crate::image::warn_if_stale(&expected);
+    crate::image::warn_if_stale(&config.vm, &expected);
     let providers = Providers::load(&config.auth.providers_file, config.auth.demo)?;
     let store = CredentialStore::open(&config.store).await?;
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
-    let backend = make_backend(config.vm.backend, &config, &background, &shutdown);
+    let backend = make_backend(config.vm.backend, &config, &background, &shutdown)?;
     let browser_backend = config
         .vm
         .browser_backend
         .filter(|k| *k != config.vm.backend)
-        .map(|k| make_backend(k, &config, &background, &shutdown));
+        .map(|k| make_backend(k, &config, &background, &shutdown))
+        .transpose()?;
+    let mut auth = config.auth.clone();
+    let egress = Egress::new(config.egress.clone())?;
+    let (demo, egress) = demo_oauth(&config, &mut auth, egress).await?;
     let vms = VmManager::new(
         config.clone(),
         (backend, browser_backend),
         expected,
+        Arc::new(egress),
         shutdown.child_token(),
     );
     let server = Server::bind(&config.server).await?;
@@ -105,8 +131,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         addr: config.server.listen,
         source,
     })?;
-    let mut auth = config.auth.clone();
-    let demo = demo_oauth(&mut auth, server.scheme(), addr)?;
+    if let Some((demo_server, demo_app)) = demo {
+        let stop = shutdown.clone();
+        background.spawn(async move { demo_server.run(demo_app, stop).await });
+    }
     let live = Live::new(config.live.clone(), vms.clone());
     let sessions = Sessions::new(
         vms.clone(),
@@ -122,11 +150,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         live,
         started,
     };
-    let app = router(
-        state,
-        config.server.max_body_bytes,
-        demo.as_ref().map(|r| (DEMO_PATH, r.clone())),
-    );
+    let app = router(state, config.server.max_body_bytes);
     watch_signals(&background, shutdown.clone())?;
     tracing::info!(%addr, backend = ?config.vm.backend, demo = config.auth.demo, "airlockd ready");
     // A stable line on stdout that scripts and tests wait for.
@@ -142,20 +166,44 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Where the demo OAuth server is mounted.
+/// Where the demo OAuth server is mounted on its listener.
 pub const DEMO_PATH: &str = "/demo/oauth";
 
-/// The demo OAuth server, when `auth.demo` is on; also points the logins'
-/// fake CLIs at it unless the config names another server.
-fn demo_oauth(
+/// The name browser VMs reach the demo OAuth server under (an egress
+/// route: it runs on this host's loopback, which they may not reach).
+pub const DEMO_HOST: &str = "demo-oauth.airlock.internal";
+
+/// The demo OAuth server, when `auth.demo` is on: on a listener of its own
+/// (`auth.demo_listen`), never on the API's, so that browser VMs can be
+/// allowed to reach it and nothing else here. Points the demo CLI at it.
+async fn demo_oauth(
+    config: &Config,
     auth: &mut crate::config::AuthConfig,
-    scheme: &str,
-    addr: std::net::SocketAddr,
-) -> Result<Option<axum::Router>, DaemonError> {
+    egress: Egress,
+) -> Result<(Option<(Server, axum::Router)>, Egress), DaemonError> {
     if !auth.demo {
-        return Ok(None);
+        return Ok((None, egress));
     }
-    let base_url = format!("{scheme}://{addr}{DEMO_PATH}");
+    let listen = crate::config::ServerConfig {
+        listen: auth.demo_listen,
+        tls_cert: None,
+        tls_key: None,
+        ..config.server.clone()
+    };
+    let server = Server::bind(&listen).await?;
+    let addr = server
+        .local_addr()
+        .map_err(|e| DaemonError::Demo(e.to_string()))?;
+    // Browser VMs without a network reach it through their gateway under a
+    // name; a host-process browser reaches the address itself.
+    let vms_isolated = config.vm.browser_backend.unwrap_or(config.vm.backend) == BackendKind::Qemu;
+    let (base_url, egress) = match vms_isolated {
+        true => (
+            format!("http://{DEMO_HOST}:{}{DEMO_PATH}", addr.port()),
+            egress.with_route(DEMO_HOST, addr.port(), addr),
+        ),
+        false => (format!("http://{addr}{DEMO_PATH}"), egress),
+    };
     let fake = FakeOAuth::new(FakeOAuthConfig {
         base_url: base_url.clone(),
         ..FakeOAuthConfig::default()
@@ -164,8 +212,9 @@ fn demo_oauth(
     auth.login_env
         .entry("AIRLOCK_FAKE_OAUTH_URL".into())
         .or_insert(base_url.clone());
-    tracing::warn!(%base_url, "the demo OAuth server is on (development only)");
-    Ok(Some(fake.router()))
+    tracing::warn!(%base_url, listen = %addr, "the demo OAuth server is on (development only)");
+    let app = axum::Router::new().nest(DEMO_PATH, fake.router());
+    Ok((Some((server, app)), egress))
 }
 
 fn make_backend(
@@ -173,8 +222,8 @@ fn make_backend(
     config: &Arc<Config>,
     background: &TaskTracker,
     shutdown: &CancellationToken,
-) -> Arc<dyn VmBackend> {
-    match kind {
+) -> Result<Arc<dyn VmBackend>, DaemonError> {
+    Ok(match kind {
         BackendKind::Qemu => {
             let qemu = Arc::new(QemuBackend::new(
                 config.qemu.clone(),
@@ -191,8 +240,36 @@ fn make_backend(
         BackendKind::Process => Arc::new(ProcessBackend::new(
             config.vm.agent_binary.clone(),
             config.vm.console_max_bytes,
+            host_browser_user(config)?,
         )),
+    })
+}
+
+/// The account host-process browsers run as, after checking it can reach
+/// the agent, the streamer beside it and the login's extra `PATH`.
+fn host_browser_user(config: &Config) -> Result<Option<HostBrowserUser>, DaemonError> {
+    if !config.vm.unsafe_host_browser {
+        return Ok(None);
     }
+    let user = HostBrowserUser::lookup(&config.vm.unsafe_host_browser_user)
+        .map_err(DaemonError::HostBrowser)?;
+    if let Some(u) = &user {
+        let agent = &config.vm.agent_binary;
+        let streamer = agent.with_file_name("airlock-streamer");
+        let extra = config
+            .auth
+            .login_path_append
+            .iter()
+            .map(|d| Path::new(d).join("x"));
+        for path in [agent.clone(), streamer].into_iter().chain(extra) {
+            u.check_reachable(&path).map_err(DaemonError::HostBrowser)?;
+        }
+    }
+    tracing::warn!(
+        user = %config.vm.unsafe_host_browser_user,
+        "browser VMs run as host processes (vm.unsafe_host_browser): fast tests only, never in production"
+    );
+    Ok(user)
 }
 
 fn watch_signals(tracker: &TaskTracker, shutdown: CancellationToken) -> Result<(), DaemonError> {

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod image;
 pub mod live;
 pub mod providers;

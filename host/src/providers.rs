@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use airlock_proto::{Confirm, CredentialSpec, LoginFlow, LoginSpec, PromptAnswer};
 use serde::{Deserialize, Serialize};
 
+use crate::egress::policy::DestPattern;
+
 /// The providers file is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -78,6 +80,10 @@ pub struct Provider {
     /// Only available when the built-in demo OAuth server is on.
     #[serde(default)]
     pub demo: bool,
+    /// Where the login may connect from the browser VM (Chromium, the CLI):
+    /// `host:port`, `*.example.com:443`, `host:*`. Nothing else is reachable.
+    #[serde(default)]
+    pub egress: Vec<String>,
 }
 
 /// The loaded profiles.
@@ -164,10 +170,18 @@ fn validate(name: &str, p: &Provider) -> Result<(), ProviderError> {
     {
         return bad("required fields are JSON pointers starting with /");
     }
+    if let Some(e) = p.egress.iter().find_map(|d| d.parse::<DestPattern>().err()) {
+        return bad(&e.to_string());
+    }
     Ok(())
 }
 
 impl Provider {
+    /// The destinations its login may reach (checked when loaded).
+    pub fn egress_patterns(&self) -> Vec<DestPattern> {
+        self.egress.iter().filter_map(|d| d.parse().ok()).collect()
+    }
+
     /// The agent's instructions for one session's login.
     pub fn login_spec(&self, name: &str, session_id: &str, d: &LoginDefaults) -> LoginSpec {
         let mut env: Vec<String> = Vec::new();

@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod b64;
+pub mod egress;
 pub mod elf;
 pub mod frame;
 pub mod limits;

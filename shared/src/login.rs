@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{MAX_PATH_BYTES, MAX_SHORT_STRING};
-use crate::message::InvalidMessage;
+use crate::message::{check_len, InvalidMessage};
 use crate::SecretBytes;
 
 /// Most input events in one batch.
@@ -46,6 +46,13 @@ pub struct BrowserInfo {
     pub display: String,
     /// Chromium's product string, e.g. `Chrome/156.0.8078.79`.
     pub chromium_version: String,
+    /// How long Xvfb took to serve its display (ms).
+    #[serde(default)]
+    pub xvfb_ms: u64,
+    /// How long Chromium took from its start to a working DevTools
+    /// connection (ms).
+    #[serde(default)]
+    pub chromium_ms: u64,
 }
 
 /// How a CLI's login reaches the user.
@@ -309,6 +316,32 @@ pub enum BrowserEvent {
         /// Restarts so far.
         restarts: u32,
     },
+    /// Chromium could not get memory (its own out-of-memory report, or the
+    /// kernel killing one of its processes): the VM is too small.
+    OutOfMemory {
+        /// The first line that said so.
+        detail: String,
+    },
+}
+
+/// Longest text in a [`BrowserEvent`] (bytes).
+pub const MAX_BROWSER_EVENT_TEXT: usize = 1024;
+
+impl BrowserEvent {
+    /// Checks the sizes of its texts.
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        match self {
+            Self::DisplayUp { display } => check_len("display", display, MAX_SHORT_STRING),
+            Self::BrowserUp => Ok(()),
+            Self::Crashed {
+                process, status, ..
+            } => {
+                check_len("process", process, MAX_SHORT_STRING)?;
+                check_len("status", status, MAX_BROWSER_EVENT_TEXT)
+            }
+            Self::OutOfMemory { detail } => check_len("detail", detail, MAX_BROWSER_EVENT_TEXT),
+        }
+    }
 }
 
 impl InputBatch {

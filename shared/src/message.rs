@@ -118,6 +118,12 @@ pub struct GuestConfig {
     pub log_level: String,
     /// Hostname to set inside the VM (PID 1 mode only).
     pub hostname: Option<String>,
+    /// The vsock port of the host's egress gateway, when this VM's traffic
+    /// may leave through it (see [`crate::egress`]); the agent then runs
+    /// its local proxies and points Chromium, logins, the streamer and
+    /// commands at them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_port: Option<u32>,
 }
 
 /// The host's refusal of an agent.
@@ -380,6 +386,8 @@ pub enum ErrorCode {
     Io,
     /// The agent is busy (too many concurrent requests).
     Busy,
+    /// The VM ran out of memory doing it (the browser could not start).
+    OutOfMemory,
 }
 
 // ---------------------------------------------------------------- events
@@ -441,6 +449,14 @@ pub struct LogLine {
     /// The formatted message with its fields.
     pub message: String,
 }
+
+/// Target prefix of [`LogLine`]s that carry a line of a program's error
+/// output (`airlock_guest::output::chromium`); the host keeps each
+/// program's lines in a file of its own.
+pub const OUTPUT_TARGET_PREFIX: &str = "airlock_guest::output::";
+
+/// The programs whose output the host keeps apart.
+pub const OUTPUT_PROGRAMS: [&str; 3] = ["xvfb", "chromium", "streamer"];
 
 /// Periodic liveness report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -75,6 +75,10 @@ pub struct StreamSpec {
     /// Local addresses ICE may use; empty means every interface.
     #[serde(default)]
     pub ice_addresses: Vec<String>,
+    /// HTTP proxy for TURN over TCP (`http://127.0.0.1:port`): set by the
+    /// agent of a VM without a network, whose media leaves only that way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_proxy: Option<String>,
 }
 
 /// A signalling message between one viewer and the streamer. The same JSON

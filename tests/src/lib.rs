@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 pub mod cdp;
+pub mod coturn;
 pub mod fake_guest;
 pub mod live;
 pub mod login;
@@ -37,7 +38,7 @@ pub struct Artifacts {
     pub build_dir: PathBuf,
     /// The static agent.
     pub guest_bin: PathBuf,
-    /// The static airlockd.
+    /// airlockd (`$AIRLOCK_DAEMON`, else `build/bin/airlockd`).
     pub airlockd_bin: PathBuf,
     /// The live view's streamer (beside the agent, where it looks).
     pub streamer_bin: PathBuf,
@@ -62,9 +63,14 @@ pub fn artifacts() -> Result<Artifacts> {
     let build_dir = std::env::var_os("AIRLOCK_BUILD_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("build"));
+    // `make test` runs the airlockd of its own (debug) build, which shares
+    // its compiled dependencies with the tests.
+    let airlockd_bin = std::env::var_os("AIRLOCK_DAEMON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| build_dir.join("bin/airlockd"));
     let a = Artifacts {
         guest_bin: build_dir.join("bin/airlock-guest"),
-        airlockd_bin: build_dir.join("bin/airlockd"),
+        airlockd_bin,
         streamer_bin: build_dir.join("bin/airlock-streamer"),
         kernel: build_dir.join("image/vmlinuz"),
         initramfs: build_dir.join("image/initramfs.cpio.gz"),
@@ -87,6 +93,56 @@ pub fn artifacts() -> Result<Artifacts> {
             );
         }
     }
+    reachable_by_others(a)
+}
+
+/// True when every directory from `p` up is searchable by others.
+fn searchable_by_others(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    p.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0))
+}
+
+/// The host-process browser's agent runs as an unprivileged account
+/// (`vm.unsafe_host_browser_user`), which must reach the agent, the
+/// streamer and the fake CLIs. When the checkout is out of its reach (a
+/// home directory), they are staged once under /tmp, named by their
+/// content, and the artifacts point there.
+fn reachable_by_others(mut a: Artifacts) -> Result<Artifacts> {
+    if searchable_by_others(&a.fakes_dir) && searchable_by_others(&a.build_dir.join("bin")) {
+        return Ok(a);
+    }
+    let fake_cli = a.build_dir.join("bin/fake-cli");
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    for f in [&a.guest_bin, &a.streamer_bin, &fake_cli] {
+        sha2::Digest::update(&mut hasher, std::fs::read(f)?);
+    }
+    let digest = sha2::Digest::finalize(hasher);
+    let stamp: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let dest = std::env::temp_dir().join(format!("airlock-build-{stamp}"));
+    if !dest.join("fakes").is_dir() {
+        let tmp =
+            std::env::temp_dir().join(format!("airlock-build-{stamp}.{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("bin"))?;
+        std::fs::create_dir_all(tmp.join("fakes"))?;
+        for f in [&a.guest_bin, &a.streamer_bin, &fake_cli] {
+            std::fs::copy(f, tmp.join("bin").join(f.file_name().context("name")?))?;
+        }
+        for cli in ["codex", "claude", "gemini", "airlock-demo-cli"] {
+            std::os::unix::fs::symlink("../bin/fake-cli", tmp.join("fakes").join(cli))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&tmp, &tmp.join("bin"), &tmp.join("fakes")] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        // Another test binary may have staged the same build meanwhile.
+        if std::fs::rename(&tmp, &dest).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    a.guest_bin = dest.join("bin/airlock-guest");
+    a.streamer_bin = dest.join("bin/airlock-streamer");
+    a.fakes_dir = dest.join("fakes");
     Ok(a)
 }
 
@@ -97,13 +153,19 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Defaults for tests: the given backend, quick timeouts, TCG.
+    /// Defaults for tests: the given backend, quick timeouts, TCG. With
+    /// the process backend, browser VMs are host processes, which airlockd
+    /// allows only when told it is unsafe.
     pub fn new(backend: &str) -> Self {
-        Self::default()
+        let s = Self::default()
             .set("vm", "backend", &format!("{backend:?}"))
             .set("server", "listen", "\"127.0.0.1:0\"")
             .set("qemu", "accel", "\"tcg\"")
-            .set("vm", "boot_timeout_ms", "60000")
+            .set("vm", "boot_timeout_ms", "60000");
+        match backend {
+            "process" => s.set("vm", "unsafe_host_browser", "true"),
+            _ => s,
+        }
     }
 
     /// Sets `key = value` in `[section]`; `value` is a TOML literal.
@@ -159,6 +221,12 @@ impl Daemon {
     pub async fn start_with(settings: Settings, client: reqwest::ClientBuilder) -> Result<Self> {
         let a = artifacts()?;
         let dir = tempfile::Builder::new().prefix("al").tempdir_in("/tmp")?;
+        // Search-only for others: a host-process browser's agent runs as
+        // another account and must reach its socket under run_dir.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )?;
         let mut settings = settings
             .set("paths", "run_dir", &toml_path(&dir.path().join("run")))
             .set("paths", "state_dir", &toml_path(&dir.path().join("state")));
@@ -378,7 +446,7 @@ impl Daemon {
     }
 
     /// Prints airlockd's log and the console tail of every VM (running or
-    /// failed), for a failing test.
+    /// failed), and the browser's program logs, for a failing test.
     pub fn print_diagnostics(&self) {
         eprintln!(
             "==== airlockd log (last 60 lines) ====\n{}",
@@ -389,13 +457,19 @@ impl Daemon {
             self.state_dir().join("failed-vms"),
         ] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let console = entry.path().join("console.log");
-                if let Ok(text) = std::fs::read(&console) {
-                    eprintln!(
-                        "==== console of {} (last 30 lines) ====\n{}",
-                        entry.path().display(),
-                        tail(&String::from_utf8_lossy(&text), 30)
-                    );
+                for (log, lines) in [
+                    ("console.log", 30),
+                    ("xvfb.log", 10),
+                    ("chromium.log", 20),
+                    ("streamer.log", 30),
+                ] {
+                    if let Ok(text) = std::fs::read(entry.path().join(log)) {
+                        eprintln!(
+                            "==== {log} of {} (last {lines} lines) ====\n{}",
+                            entry.path().display(),
+                            tail(&String::from_utf8_lossy(&text), lines)
+                        );
+                    }
                 }
             }
         }

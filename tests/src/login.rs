@@ -42,6 +42,7 @@ impl LoginRig {
         let a = artifacts()?;
         let settings = Settings::new("qemu")
             .set("vm", "browser_backend", "\"process\"")
+            .set("vm", "unsafe_host_browser", "true")
             .set(
                 "auth",
                 "login_path_append",
@@ -60,6 +61,28 @@ impl LoginRig {
             _server: server,
         })
     }
+}
+
+/// The account the host-process browser role (and so the login CLI) runs
+/// as in these tests (`vm.unsafe_host_browser_user`, when root).
+pub const BROWSER_ACCOUNT: &str = "nobody";
+
+/// Gives `dir` and everything in it to [`BROWSER_ACCOUNT`], so a login
+/// CLI may write there (a test's planted files); a no-op unless root.
+pub fn give_to_browser_account(dir: &std::path::Path) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let user = nix::unistd::User::from_name(BROWSER_ACCOUNT)?
+        .with_context(|| format!("no {BROWSER_ACCOUNT} account"))?;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        nix::unistd::chown(&p, Some(user.uid), Some(user.gid))?;
+        if p.is_dir() {
+            todo.extend(std::fs::read_dir(&p)?.flatten().map(|e| e.path()));
+        }
+    }
+    Ok(())
 }
 
 /// One rig at a time per test binary: the fake Codex and demo CLIs bind

@@ -131,7 +131,7 @@ async fn errors_are_json_with_a_message_a_person_can_act_on() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_as_a_host_process_serves_the_same_protocol() -> Result<()> {
     with_daemon(process(), async |d| {
-        let vm = d.ready_vm(json!({"kind": "browser"})).await?;
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
         let id = str_of(&vm, "id");
         assert!(vm["timings"]["requestToReadyMs"].is_u64());
         let out = d

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use airlock_host::store::{CredentialStore, StoreConfig};
-use airlock_tests::login::{state_is, step_events, with_rig, LoginRig};
+use airlock_tests::login::{give_to_browser_account, state_is, step_events, with_rig, LoginRig};
 use airlock_tests::{artifacts, Daemon};
 use anyhow::{ensure, Context, Result};
 use reqwest::Method;
@@ -259,6 +259,8 @@ async fn a_stale_credential_file_is_not_taken_for_a_login() -> Result<()> {
     std::fs::create_dir_all(&codex_home)?;
     let stale = r#"{"OPENAI_API_KEY":null,"tokens":{"id_token":"x","access_token":"STALE-TOKEN","refresh_token":"STALE-REFRESH","account_id":"a"}}"#;
     std::fs::write(codex_home.join("auth.json"), stale)?;
+    // The login CLI runs as the browser role's own account.
+    give_to_browser_account(home.path())?;
     let providers = home.path().join("providers.toml");
     let shipped = std::fs::read_to_string(artifacts()?.repo.join("config/providers.toml"))?;
     std::fs::write(

@@ -1,121 +1,24 @@
 //! TURN credentials against a real TURN server: the test starts coturn on
-//! 127.0.0.1 with `use-auth-secret` and a random shared secret, airlockd is
+//! 127.0.0.1 with `use-auth-secret` and a random shared secret (the
+//! harness's [`Coturn`]), airlockd is
 //! configured with the same secret and the server's URL, and a session's
 //! viewer asks airlockd for ICE servers. A TURN allocation (the `turn`
 //! crate's client) with airlockd's credentials succeeds; one with a
 //! credential whose expiry has passed, or signed with another secret, is
 //! refused. coturn is killed however the test ends.
 
-use std::net::{TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airlock_host::live::turn::rest_credential;
+use airlock_tests::coturn::{Coturn, REALM};
 use airlock_tests::login::LoginRig;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use reqwest::Method;
 use turn::client::{Client, ClientConfig};
 use webrtc::util::Conn;
 
-const REALM: &str = "airlock.test";
 const USER: &str = "turn-user";
-
-/// A coturn process; killed when dropped.
-struct Coturn {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Coturn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1 (coturn listens on both).
-fn free_port() -> Result<u16> {
-    for _ in 0..20 {
-        let udp = UdpSocket::bind("127.0.0.1:0")?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port")
-}
-
-/// A secret for this run: 32 random bytes as hex, from the kernel.
-fn random_secret() -> Result<String> {
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-impl Coturn {
-    /// Starts coturn and waits (up to 10 s) until it accepts connections.
-    fn start(secret: &str) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let arg = |k: &str, v: &Path| format!("--{k}={}", v.display());
-        let child = Command::new("/usr/bin/turnserver")
-            .args([
-                "-n",
-                "--listening-ip=127.0.0.1",
-                "--relay-ip=127.0.0.1",
-                &format!("--listening-port={port}"),
-                "--use-auth-secret",
-                &format!("--static-auth-secret={secret}"),
-                &format!("--realm={REALM}"),
-                "--no-cli",
-                "--no-tls",
-                "--no-dtls",
-                "--simple-log",
-                "--no-stdout-log",
-                &arg("log-file", &dir.path().join("turn.log")),
-                &arg("pidfile", &dir.path().join("turn.pid")),
-                &arg("userdb", &dir.path().join("turndb")),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start /usr/bin/turnserver (coturn)")?;
-        let mut coturn = Self { child, port, dir };
-        coturn.wait_listening(Duration::from_secs(10))?;
-        Ok(coturn)
-    }
-
-    fn wait_listening(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("coturn exited with {status}:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!("coturn did not listen within {timeout:?}:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        airlock_tests::tail(
-            &std::fs::read_to_string(self.dir.path().join("turn.log")).unwrap_or_default(),
-            30,
-        )
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
 
 /// Allocates a relay on the TURN server with `username`/`password`;
 /// returns the relayed address.
@@ -159,8 +62,8 @@ fn unix_now() -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn turn_credentials_from_airlockd_allocate_and_expired_ones_do_not() -> Result<()> {
-    let secret = random_secret()?;
-    let coturn = Coturn::start(&secret)?;
+    let coturn = Coturn::start()?;
+    let secret = coturn.secret.clone();
     let url = format!("turn:{}?transport=udp", coturn.addr());
     let rig = LoginRig::start(|s| {
         s.set("auth", "prestart_cli_vm", "false")

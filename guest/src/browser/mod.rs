@@ -10,7 +10,7 @@ pub mod x11;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use airlock_proto::{
     BrowserEvent, BrowserInfo, BrowserSpec, ErrorCode, ErrorReply, Event, InputBatch, Screenshot,
@@ -20,12 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::cdp::Cdp;
-use self::procs::{start_chromium, start_xvfb, Supervised};
+use self::procs::{first_oom, start_chromium, start_xvfb, Supervised};
 use self::x11::Display;
 use crate::process::Reaper;
+use crate::users::RunAs;
 
 /// Longest the first start may take (both processes and DevTools).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+const START_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// State shared between the role's handle and its supervisor task.
 #[derive(Debug)]
@@ -46,6 +47,8 @@ struct Running {
 #[derive(Debug)]
 pub struct BrowserRole {
     reaper: Reaper,
+    /// The account Chromium runs as (in an image).
+    run_as: Option<RunAs>,
     events: mpsc::Sender<Event>,
     profile_dir: PathBuf,
     shared: Arc<Shared>,
@@ -57,11 +60,25 @@ fn unavailable(message: impl Into<String>) -> ErrorReply {
     ErrorReply::new(ErrorCode::Io, message)
 }
 
+fn out_of_memory(line: &str) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::OutOfMemory,
+        format!("Chromium ran out of memory: {line}"),
+    )
+}
+
 impl BrowserRole {
-    /// A stopped role; `state_dir` (tmpfs) holds Chromium's profile.
-    pub fn new(reaper: Reaper, events: mpsc::Sender<Event>, state_dir: PathBuf) -> Self {
+    /// A stopped role; `state_dir` (tmpfs) holds Chromium's profile, and
+    /// Chromium runs as `run_as` when given.
+    pub fn new(
+        reaper: Reaper,
+        events: mpsc::Sender<Event>,
+        state_dir: PathBuf,
+        run_as: Option<RunAs>,
+    ) -> Self {
         Self {
             reaper,
+            run_as,
             events,
             profile_dir: state_dir.join("chromium-profile"),
             shared: Arc::new(Shared {
@@ -94,6 +111,7 @@ impl BrowserRole {
         let cancel = CancellationToken::new();
         let sup = Supervisor {
             reaper: self.reaper.clone(),
+            run_as: self.run_as,
             events: self.events.clone(),
             profile: self.profile_dir.clone(),
             shared: self.shared.clone(),
@@ -103,7 +121,7 @@ impl BrowserRole {
         self.tracker.spawn(sup.run(ready_tx));
         let info = match tokio::time::timeout(START_TIMEOUT, ready_rx).await {
             Ok(Ok(Ok(info))) => info,
-            Ok(Ok(Err(why))) => return Err(unavailable(why)),
+            Ok(Ok(Err(why))) => return Err(why),
             _ => {
                 cancel.cancel();
                 return Err(unavailable(format!(
@@ -211,6 +229,7 @@ impl BrowserRole {
 /// The task that keeps Xvfb and Chromium running.
 struct Supervisor {
     reaper: Reaper,
+    run_as: Option<RunAs>,
     events: mpsc::Sender<Event>,
     profile: PathBuf,
     shared: Arc<Shared>,
@@ -230,15 +249,16 @@ impl Supervisor {
         let _ = self.events.send(Event::Browser(e)).await;
     }
 
-    async fn run(self, ready: oneshot::Sender<Result<BrowserInfo, String>>) {
+    async fn run(self, ready: oneshot::Sender<Result<BrowserInfo, ErrorReply>>) {
         let mut ready = Some(ready);
         let mut number = None;
         let mut restarts = 0u32;
         while !self.cancel.is_cancelled() {
+            let xvfb_started = Instant::now();
             let (mut xvfb, n) = match start_xvfb(&self.reaper, &self.spec, number).await {
                 Ok(v) => v,
                 Err(e) => match ready.take() {
-                    Some(tx) => return drop(tx.send(Err(e.to_string()))),
+                    Some(tx) => return drop(tx.send(Err(unavailable(e.to_string())))),
                     None => {
                         self.backoff(&mut restarts, "xvfb", e.to_string()).await;
                         continue;
@@ -246,6 +266,7 @@ impl Supervisor {
                 },
             };
             number = Some(n);
+            let xvfb_ms = xvfb_started.elapsed().as_millis() as u64;
             let display = format!(":{n}");
             self.report(BrowserEvent::DisplayUp {
                 display: display.clone(),
@@ -262,7 +283,7 @@ impl Supervisor {
                 Err(e) => tracing::warn!(error = %e, "cannot connect to the display for input"),
             }
             let ended = self
-                .run_chromium(&mut xvfb, n, &mut ready, &mut restarts)
+                .run_chromium(&mut xvfb, (n, xvfb_ms), &mut ready, &mut restarts)
                 .await;
             *self
                 .shared
@@ -283,23 +304,13 @@ impl Supervisor {
     async fn run_chromium(
         &self,
         xvfb: &mut Supervised,
-        n: u32,
-        ready: &mut Option<oneshot::Sender<Result<BrowserInfo, String>>>,
+        (n, xvfb_ms): (u32, u64),
+        ready: &mut Option<oneshot::Sender<Result<BrowserInfo, ErrorReply>>>,
         restarts: &mut u32,
     ) -> Ended {
         loop {
-            let started = start_chromium(&self.reaper, &self.spec, n, &self.profile).await;
-            let connected = match started {
-                Ok((chrome, ws)) => match Cdp::connect(&ws).await {
-                    Ok(cdp) => Ok((chrome, cdp)),
-                    Err(e) => {
-                        chrome.kill().await;
-                        Err(e.to_string())
-                    }
-                },
-                Err(e) => Err(e.to_string()),
-            };
-            let (mut chrome, cdp) = match connected {
+            let chromium_started = Instant::now();
+            let (mut chrome, cdp) = match self.connect(n).await {
                 Ok(v) => v,
                 Err(why) => match ready.take() {
                     Some(tx) => {
@@ -307,7 +318,7 @@ impl Supervisor {
                         return Ended::Chromium("failed to start".into());
                     }
                     None => {
-                        self.backoff(restarts, "chromium", why).await;
+                        self.backoff(restarts, "chromium", why.message).await;
                         if self.cancel.is_cancelled() {
                             return Ended::Stopped;
                         }
@@ -318,6 +329,8 @@ impl Supervisor {
             let info = BrowserInfo {
                 display: format!(":{n}"),
                 chromium_version: cdp.version().to_string(),
+                xvfb_ms,
+                chromium_ms: chromium_started.elapsed().as_millis() as u64,
             };
             let cdp = Arc::new(cdp);
             self.shared.cdp.send_replace(Some(cdp.clone()));
@@ -335,11 +348,7 @@ impl Supervisor {
                     let _ = cdp.open(&url).await;
                 }
             }
-            let ended = tokio::select! {
-                s = chrome.wait() => Ended::Chromium(format!("{s:?} {}", chrome.last_error_line())),
-                s = xvfb.wait() => Ended::Display(format!("{s:?} {}", xvfb.last_error_line())),
-                _ = self.cancel.cancelled() => Ended::Stopped,
-            };
+            let ended = self.watch(&mut chrome, xvfb).await;
             self.shared.cdp.send_replace(None);
             chrome.kill().await;
             match ended {
@@ -352,6 +361,47 @@ impl Supervisor {
         }
     }
 
+    /// Starts Chromium on display `n` and connects to its DevTools. Under
+    /// too little memory its renderers die before any tab works: that
+    /// fails the start at once, saying so.
+    async fn connect(&self, n: u32) -> Result<(Supervised, Cdp), ErrorReply> {
+        let (chrome, ws) = start_chromium(&self.reaper, &self.spec, n, &self.profile, self.run_as)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let result = tokio::select! {
+            r = Cdp::connect(&ws) => r.map_err(|e| unavailable(e.to_string())),
+            line = chrome.oom() => Err(out_of_memory(&line)),
+        };
+        match result {
+            Ok(cdp) => Ok((chrome, cdp)),
+            Err(e) => {
+                chrome.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs until Chromium or Xvfb exits or the role stops; reports (once)
+    /// that Chromium ran out of memory, which leaves it running but unable
+    /// to show pages.
+    async fn watch(&self, chrome: &mut Supervised, xvfb: &mut Supervised) -> Ended {
+        let mut oom_reported = false;
+        let oom_of = chrome.out_of_memory.clone();
+        loop {
+            let oom = first_oom(oom_of.clone());
+            tokio::select! {
+                s = chrome.wait() => return Ended::Chromium(format!("{s:?} {}", chrome.last_error_line())),
+                s = xvfb.wait() => return Ended::Display(format!("{s:?} {}", xvfb.last_error_line())),
+                _ = self.cancel.cancelled() => return Ended::Stopped,
+                line = oom, if !oom_reported => {
+                    oom_reported = true;
+                    tracing::warn!(line = %line, "Chromium ran out of memory");
+                    self.report(BrowserEvent::OutOfMemory { detail: line }).await;
+                }
+            }
+        }
+    }
+
     /// Reports a crash and waits before the next start (0.5 s doubling to
     /// 10 s), unless the role is stopping.
     async fn backoff(&self, restarts: &mut u32, process: &str, status: String) {
@@ -359,7 +409,7 @@ impl Supervisor {
         tracing::warn!(process, status = %status, restarts = *restarts, "browser process died; restarting");
         self.report(BrowserEvent::Crashed {
             process: process.into(),
-            status,
+            status: crate::logging::truncate(status, airlock_proto::MAX_BROWSER_EVENT_TEXT),
             restarts: *restarts,
         })
         .await;

@@ -20,12 +20,15 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::net::unix::pipe;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::process::{ExitInfo, Reaper};
+use crate::users::RunAs;
 
-/// How long each process gets to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long each process gets to become ready: a cold Chromium in a VM
+/// under TCG takes about 36 s to its DevTools port (measured), more with
+/// another VM beside it.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A process of the browser role failed to start.
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +64,17 @@ pub struct Supervised {
     ended: Option<ExitInfo>,
     /// The end of its stderr, for crash reports.
     pub stderr_tail: Arc<Mutex<String>>,
+    /// The first line of its output that says it ran out of memory.
+    pub out_of_memory: watch::Receiver<Option<String>>,
 }
 
 impl Supervised {
+    /// Waits until the process reports that it ran out of memory (never,
+    /// if it does not); returns that line. Cancel-safe.
+    pub async fn oom(&self) -> String {
+        first_oom(self.out_of_memory.clone()).await
+    }
+
     /// Waits for the leader to exit. Cancel-safe; returns at once after the
     /// first time.
     pub async fn wait(&mut self) -> ExitInfo {
@@ -131,10 +142,11 @@ pub(crate) fn spawn(
         source,
     })?;
     let tail = Arc::new(Mutex::new(String::new()));
+    let (oom_tx, out_of_memory) = watch::channel(None);
     if let Some(err) = pipe_of(child.stderr.take()) {
         let tail = tail.clone();
         // Owned by the process: it ends at EOF, when the group is gone.
-        tokio::spawn(keep_tail(err, tail));
+        tokio::spawn(keep_tail(name, err, tail, oom_tx));
     }
     let stdout = pipe_of(child.stdout.take());
     let stdin = child
@@ -147,18 +159,74 @@ pub(crate) fn spawn(
         exit,
         ended: None,
         stderr_tail: tail,
+        out_of_memory,
     };
     Ok((sup, stdout, stdin))
 }
 
-async fn keep_tail(mut err: pipe::Receiver, tail: Arc<Mutex<String>>) {
+/// Forwards one line of a process's error output to the host, which keeps
+/// it in that process's own log file (`chromium.log`, ...), not the
+/// console.
+fn forward_output(process: &str, line: &str) {
+    match process {
+        "xvfb" => tracing::info!(target: "airlock_guest::output::xvfb", "{line}"),
+        "chromium" => tracing::info!(target: "airlock_guest::output::chromium", "{line}"),
+        "streamer" => tracing::info!(target: "airlock_guest::output::streamer", "{line}"),
+        _ => {}
+    }
+}
+
+/// The first out-of-memory line `rx` carries (pending forever if none).
+pub async fn first_oom(mut rx: watch::Receiver<Option<String>>) -> String {
+    let line = match rx.wait_for(Option::is_some).await {
+        Ok(line) => line.clone(),
+        Err(_) => None,
+    };
+    match line {
+        Some(line) => line,
+        None => std::future::pending().await,
+    }
+}
+
+/// Chromium's words for running out of memory: V8's ("V8 process OOM"),
+/// its allocator's ("Out of memory").
+pub fn says_out_of_memory(line: &str) -> bool {
+    let word = line.match_indices("OOM").any(|(i, _)| {
+        let before = line[..i].chars().next_back();
+        let after = line[i + 3..].chars().next();
+        !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+    });
+    word || line.to_ascii_lowercase().contains("out of memory")
+}
+
+async fn keep_tail(
+    name: &'static str,
+    mut err: pipe::Receiver,
+    tail: Arc<Mutex<String>>,
+    oom: watch::Sender<Option<String>>,
+) {
     let mut buf = vec![0u8; 4096];
+    let mut partial = String::new();
     while let Ok(n) = err.read(&mut buf).await {
         if n == 0 {
             break;
         }
+        let text = String::from_utf8_lossy(&buf[..n]);
+        partial.push_str(&text);
+        while let Some(i) = partial.find('\n') {
+            let line: String = partial.drain(..=i).collect();
+            let line = line.trim_end();
+            forward_output(name, line);
+            if oom.borrow().is_none() && says_out_of_memory(line) {
+                let first = crate::logging::truncate(line.to_string(), 512);
+                oom.send_replace(Some(first));
+            }
+        }
+        if partial.len() > 4096 {
+            forward_output(name, &std::mem::take(&mut partial));
+        }
         let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
-        t.push_str(&String::from_utf8_lossy(&buf[..n]));
+        t.push_str(&text);
         if t.len() > 4096 {
             let cut = t.len() - 4096;
             let cut = (cut..t.len())
@@ -247,13 +315,15 @@ pub fn chromium_args(spec: &BrowserSpec, profile: &Path, as_root: bool) -> Vec<S
     args
 }
 
-/// Starts Chromium on `display` with a fresh `profile` directory; returns
-/// the process and its browser-level DevTools WebSocket URL.
+/// Starts Chromium on `display` with a fresh `profile` directory, as
+/// `run_as` when given (its sandbox then works: it needs a non-root
+/// user); returns the process and its browser-level DevTools URL.
 pub async fn start_chromium(
     reaper: &Reaper,
     spec: &BrowserSpec,
     display: u32,
     profile: &Path,
+    run_as: Option<RunAs>,
 ) -> Result<(Supervised, String), ProcError> {
     let not_ready = |why: String| ProcError::NotReady {
         program: "chromium".into(),
@@ -264,6 +334,14 @@ pub async fn start_chromium(
         .map_err(|e| not_ready(format!("cannot create its profile: {e}")))?;
     write_preferences(profile)
         .map_err(|e| not_ready(format!("cannot write its preferences: {e}")))?;
+    // Its HOME (caches, NSS database) lives in the throwaway profile too.
+    let home = profile.join("home");
+    std::fs::create_dir_all(&home)
+        .map_err(|e| not_ready(format!("cannot create its home: {e}")))?;
+    if let Some(user) = run_as {
+        user.own_tree(profile)
+            .map_err(|e| not_ready(format!("cannot give its profile to its user: {e}")))?;
+    }
     // Watch before starting so the port file cannot be missed.
     let watch = Inotify::init()
         .and_then(|i| {
@@ -275,13 +353,14 @@ pub async fn start_chromium(
         .map_err(|e| not_ready(format!("cannot watch its profile: {e}")))?;
     let program = spec.chromium.clone().unwrap_or_else(|| "chromium".into());
     let mut cmd = Command::new(&program);
-    cmd.args(chromium_args(
-        spec,
-        profile,
-        nix::unistd::geteuid().is_root(),
-    ))
-    .env("DISPLAY", format!(":{display}"))
-    .stdout(Stdio::null());
+    let as_root = run_as.is_none() && nix::unistd::geteuid().is_root();
+    cmd.args(chromium_args(spec, profile, as_root))
+        .env("DISPLAY", format!(":{display}"))
+        .env("HOME", &home)
+        .stdout(Stdio::null());
+    if let Some(user) = run_as {
+        user.apply(&mut cmd);
+    }
     cmd.stdin(Stdio::null());
     let (mut sup, _, _) = spawn(reaper, "chromium", &mut cmd)?;
     let port_file = profile.join("DevToolsActivePort");
@@ -335,6 +414,22 @@ fn read_port_file(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chromiums_out_of_memory_lines_are_recognised() {
+        for line in [
+            "[179:1:1130/080155.353708:ERROR:v8_oom.cc(49)] V8 process OOM (Failed to reserve virtual memory for CodeRange).",
+            "[FATAL:memory.cc(22)] Out of memory. size=262144",
+        ] {
+            assert!(says_out_of_memory(line), "{line}");
+        }
+        for line in [
+            "ERROR:zoom_controller.cc ZOOM level",
+            "dbus: Failed to connect",
+        ] {
+            assert!(!says_out_of_memory(line), "{line}");
+        }
+    }
 
     #[test]
     fn port_file_must_be_complete() {

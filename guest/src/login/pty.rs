@@ -17,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use crate::process::{ExitInfo, Reaper};
+use crate::users::RunAs;
 
 /// The master side of a PTY, readable and writable without blocking.
 #[derive(Debug)]
@@ -35,12 +36,14 @@ pub struct PtyChild {
     pub pty: Pty,
 }
 
-/// Starts `argv` with exactly `env` in `cwd`, on a fresh 120x40 PTY.
+/// Starts `argv` with exactly `env` in `cwd`, on a fresh 120x40 PTY, as
+/// `run_as` when given.
 pub fn spawn(
     reaper: &Reaper,
     argv: &[String],
     env: &[(String, String)],
     cwd: &Path,
+    run_as: Option<RunAs>,
 ) -> std::io::Result<PtyChild> {
     let size = Winsize {
         ws_row: 40,
@@ -57,6 +60,9 @@ pub fn spawn(
         .stdin(Stdio::from(pair.slave.try_clone()?))
         .stdout(Stdio::from(pair.slave.try_clone()?))
         .stderr(Stdio::from(pair.slave));
+    if let Some(user) = run_as {
+        user.apply(&mut cmd);
+    }
     // SAFETY: runs in the forked child before exec; setsid and ioctl are
     // async-signal-safe and touch no memory of the parent. They make the
     // child a session leader whose controlling terminal is the PTY (fd 0).

@@ -10,9 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use airlock_proto::egress::EgressClient;
 use airlock_proto::{
     CapturedCredential, CapturedFile, Confirm, Event, ExecRequest, LoginEvent, LoginFlow,
     LoginSpec, LoginStep,
@@ -27,7 +28,9 @@ use super::pty::{self, PtyChild};
 use super::text::{auth_urls, expand, location, redirects_to_hosted_page, strip_ansi};
 use super::watch::{CredentialWatch, WatchSpec};
 use crate::browser::BrowserRole;
+use crate::egress::ProxyPorts;
 use crate::process::{ExitInfo, Reaper};
+use crate::users::RunAs;
 
 /// How long a URL seen in the output waits for the shim to deliver the
 /// same login (the shim is preferred: it is exactly what the CLI opens).
@@ -49,6 +52,11 @@ pub struct LoginCtx {
     pub events: mpsc::Sender<Event>,
     /// tmpfs directory for login homes.
     pub state_dir: PathBuf,
+    /// The account the CLI runs as (in an image).
+    pub run_as: Option<RunAs>,
+    /// The agent's egress proxies, once the host enabled them (browser
+    /// VMs without a network); the login's traffic goes through them.
+    pub proxies: Arc<OnceLock<ProxyPorts>>,
 }
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -130,6 +138,9 @@ impl Login {
         ] {
             vars.insert(k.into(), v);
         }
+        if let Some(proxies) = self.ctx.proxies.get() {
+            vars.extend(proxies.env(EgressClient::Login));
+        }
         for entry in &self.spec.env {
             let (name, template) = entry
                 .split_once('=')
@@ -150,6 +161,11 @@ impl Login {
         }
         let watch = CredentialWatch::start(specs)
             .map_err(|e| format!("cannot watch the credential files: {e}"))?;
+        // Last: the watch created the credential files' directories.
+        if let Some(user) = self.ctx.run_as {
+            user.own_tree(dir)
+                .map_err(|e| format!("cannot give the login's files to its user: {e}"))?;
+        }
         Ok(Prepared {
             env: vars.into_iter().collect(),
             home,
@@ -176,8 +192,14 @@ impl Login {
             loads: cdp.loads().await.map_err(|e| e.to_string())?,
             cdp,
         };
-        let mut child = pty::spawn(&self.ctx.reaper, &self.spec.argv, &p.env, &p.home)
-            .map_err(|e| format!("cannot start {:?}: {e}", self.spec.argv[0]))?;
+        let mut child = pty::spawn(
+            &self.ctx.reaper,
+            &self.spec.argv,
+            &p.env,
+            &p.home,
+            self.ctx.run_as,
+        )
+        .map_err(|e| format!("cannot start {:?}: {e}", self.spec.argv[0]))?;
         self.report(LoginStep::Started).await;
         let result = self
             .event_loop(&mut p, &mut child, &mut pages, cancel)

@@ -33,6 +33,9 @@ pub enum IceError {
     /// The ICE stream could not be restarted.
     #[error("cannot restart ICE: {0}")]
     Restart(&'static str),
+    /// The HTTP proxy is not `http://<ip>:<port>`.
+    #[error("the HTTP proxy {0:?} is not http://<ip>:<port>")]
+    Proxy(String),
 }
 
 #[link(name = "libnice.so.10", kind = "dylib", modifiers = "+verbatim")]
@@ -77,6 +80,35 @@ pub fn restart(
     Ok(())
 }
 
+/// libnice's `NICE_PROXY_TYPE_HTTP` (its `proxy-type` is a plain uint).
+const NICE_PROXY_TYPE_HTTP: u32 = 2;
+
+/// Points libnice's TURN-over-TCP connections at the HTTP proxy
+/// `http://<ip>:<port>`. Set on the agent directly: webrtcbin's own
+/// `http-proxy` (GStreamer 1.22) resolves the proxy's host asynchronously
+/// and, measured here, gathering had started without it, so TURN went
+/// around the proxy.
+fn set_proxy(webrtc: &gst::Element, proxy: &str) -> Result<(), IceError> {
+    let bad = || IceError::Proxy(proxy.to_string());
+    let authority = proxy.strip_prefix("http://").ok_or_else(bad)?;
+    let authority = authority.trim_end_matches('/');
+    let (ip, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
+    let port: u32 = port.parse().map_err(|_| bad())?;
+    let ice = webrtc
+        .property::<Option<gst_webrtc::WebRTCICE>>("ice-agent")
+        .ok_or(IceError::NoAgent)?;
+    let agent = ice
+        .find_property("agent")
+        .filter(|p| p.value_type().name() == "NiceAgent")
+        .and_then(|_| ice.property::<Option<gst::glib::Object>>("agent"))
+        .ok_or(IceError::Restart("the ICE agent is not libnice"))?;
+    agent.set_property("proxy-ip", ip.to_string());
+    agent.set_property("proxy-port", port);
+    agent.set_property("proxy-type", NICE_PROXY_TYPE_HTTP);
+    Ok(())
+}
+
 /// Fresh ICE credentials for an answer (RFC 8839 `ice-char`s: 24 for the
 /// ufrag, 32 for the password; at least 4 and 22 are required).
 pub fn credentials() -> (String, String) {
@@ -92,6 +124,14 @@ pub fn credentials() -> (String, String) {
 /// Applies STUN/TURN servers and the local address restriction. Servers
 /// with URLs `webrtcbin` cannot use are skipped with a warning.
 pub fn configure(webrtc: &gst::Element, spec: &StreamSpec) -> Result<(), IceError> {
+    if let Some(proxy) = &spec.http_proxy {
+        // A VM without a network: its only way out is TURN over TCP
+        // through the agent's proxy, from a loopback base (libnice needs a
+        // local address to relay from); its loopback host candidates
+        // would only mislead the viewer.
+        set_proxy(webrtc, proxy)?;
+        webrtc.set_property_from_str("ice-transport-policy", "relay");
+    }
     let mut stun_set = false;
     for server in &spec.ice_servers {
         for url in &server.urls {

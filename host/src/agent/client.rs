@@ -277,7 +277,10 @@ fn handle(inner: &Inner, log: &GuestLog, msg: GuestMessage) -> Result<Option<Eve
                 .map_err(|e| e.to_string())?;
             return Ok(Some(Event::Credential(c)));
         }
-        GuestMessage::Event(e @ Event::Browser(_)) => return Ok(Some(e)),
+        GuestMessage::Event(Event::Browser(e)) => {
+            e.validate().map_err(|e| e.to_string())?;
+            return Ok(Some(Event::Browser(e)));
+        }
         GuestMessage::Event(Event::Stream(e)) => {
             e.validate().map_err(|e| e.to_string())?;
             return Ok(Some(Event::Stream(e)));

@@ -29,6 +29,8 @@ pub struct HandshakeConfig {
     pub vm_id: String,
     /// The build the host expects, and where that expectation comes from.
     pub expected: Arc<ExpectedAgent>,
+    /// The image the VM booted, as refusals name it.
+    pub image: String,
     /// Largest frame accepted.
     pub max_frame: usize,
     /// Deadline for the hello after the connection arrives.
@@ -117,7 +119,7 @@ pub async fn handshake(
         ));
     };
     hello.validate()?;
-    if let Some(reason) = refusal(&hello, &cfg.expected) {
+    if let Some(reason) = refusal(&hello, &cfg.expected, &cfg.image) {
         let _ = writer
             .send(HostMessage::Refused(Refused {
                 reason: reason.clone(),
@@ -171,18 +173,18 @@ async fn wait_ready(reader: &mut Reader, log: &GuestLog) -> Result<(), Handshake
     }
 }
 
-/// The reason to refuse this agent, if any.
-pub fn refusal(hello: &Hello, expected: &ExpectedAgent) -> Option<String> {
-    let image = expected.image.display();
+/// The reason to refuse this agent, if any; `image` names what the VM
+/// booted ("image /path/initramfs.cpio.gz", "browser image /dir").
+pub fn refusal(hello: &Hello, expected: &ExpectedAgent, image: &str) -> Option<String> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Some(format!(
-            "incompatible agent in image {image}: it speaks protocol v{}, airlockd speaks v{PROTOCOL_VERSION}; rebuild the image with `make image`",
+            "incompatible agent in {image}: it speaks protocol v{}, airlockd speaks v{PROTOCOL_VERSION}; rebuild the image with `make image`",
             hello.protocol_version
         ));
     }
     if hello.build_id != expected.build_id {
         return Some(format!(
-            "stale image {image}: its agent is build {} (version {}), but airlockd expects build {} ({}); rebuild the image with `make image`",
+            "stale {image}: its agent is build {} (version {}), but airlockd expects build {} ({}); rebuild the image with `make image`",
             hello.build_id, hello.agent_version, expected.build_id, expected.source
         ));
     }
@@ -208,29 +210,33 @@ mod tests {
         }
     }
 
+    const IMAGE: &str = "image /img/initramfs.cpio.gz";
+
     fn expected() -> ExpectedAgent {
         ExpectedAgent {
             build_id: "aaaa".into(),
             source: "agent binary /x/airlock-guest".into(),
-            image: "/img/initramfs.cpio.gz".into(),
         }
     }
 
     #[test]
     fn stale_build_is_refused_naming_the_image() {
-        let r = refusal(&hello("bbbb", PROTOCOL_VERSION), &expected()).unwrap();
+        let r = refusal(&hello("bbbb", PROTOCOL_VERSION), &expected(), IMAGE).unwrap();
         assert!(r.contains("stale image /img/initramfs.cpio.gz"), "{r}");
         assert!(r.contains("bbbb") && r.contains("aaaa"), "{r}");
     }
 
     #[test]
     fn other_protocol_is_refused() {
-        let r = refusal(&hello("aaaa", PROTOCOL_VERSION + 1), &expected()).unwrap();
+        let r = refusal(&hello("aaaa", PROTOCOL_VERSION + 1), &expected(), IMAGE).unwrap();
         assert!(r.contains("protocol"), "{r}");
     }
 
     #[test]
     fn matching_agent_is_accepted() {
-        assert_eq!(refusal(&hello("aaaa", PROTOCOL_VERSION), &expected()), None);
+        assert_eq!(
+            refusal(&hello("aaaa", PROTOCOL_VERSION), &expected(), IMAGE),
+            None
+        );
     }
 }

@@ -54,7 +54,9 @@ fn vm_status(e: &VmError) -> StatusCode {
     match e {
         VmError::NotFound(_) => StatusCode::NOT_FOUND,
         VmError::Invalid(_) => StatusCode::BAD_REQUEST,
-        VmError::Capacity(_) | VmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        VmError::Capacity(_) | VmError::ShuttingDown | VmError::Image(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         VmError::NotReady { .. } => StatusCode::CONFLICT,
         VmError::Agent { source, .. } => agent_status(source),
     }
@@ -70,7 +72,7 @@ fn agent_status(e: &AgentError) -> StatusCode {
             ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Unsupported => StatusCode::NOT_IMPLEMENTED,
-            ErrorCode::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Busy | ErrorCode::OutOfMemory => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Io => StatusCode::BAD_GATEWAY,
         },
     }

@@ -32,14 +32,9 @@ pub struct AppState {
     pub started: Instant,
 }
 
-/// Builds the router; `extra` is mounted beside the API (the demo OAuth
-/// server, when on).
-pub fn router(state: AppState, max_body_bytes: usize, extra: Option<(&str, Router)>) -> Router {
-    let mut router = Router::new();
-    if let Some((path, service)) = extra {
-        router = router.nest_service(path, service);
-    }
-    router
+/// Builds the API's router.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
         .route("/health", get(health))
         .route("/api/vms", post(vms::create).get(vms::list))
         .route("/api/vms/{id}", get(vms::get).delete(vms::delete))

@@ -475,6 +475,7 @@ impl Hub {
                 self.streamer_turn_ttl,
             ),
             ice_addresses: self.cfg.ice_addresses.clone(),
+            http_proxy: None,
         }
     }
 

@@ -82,8 +82,47 @@ pub fn ice_servers(cfg: &LiveConfig, user: &str, now: SystemTime, ttl: Duration)
     servers
 }
 
+/// The TURN servers a streamer without a network reaches through the
+/// egress gateway: `(host, port)` of each `turn:` URL with
+/// `transport=tcp` (UDP cannot cross a TCP proxy).
+pub fn tcp_servers(cfg: &LiveConfig) -> Vec<(String, u16)> {
+    cfg.turn_urls
+        .iter()
+        .filter(|u| u.starts_with("turn:") && u.contains("transport=tcp"))
+        .filter_map(|u| {
+            let rest = u.strip_prefix("turn:")?;
+            let authority = rest.split('?').next()?;
+            let (host, port) = match authority.strip_prefix('[') {
+                Some(v6) => v6.split_once("]:")?,
+                None => authority.rsplit_once(':').unwrap_or((authority, "3478")),
+            };
+            Some((host.to_ascii_lowercase(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tcp_servers_are_the_tcp_turn_urls() {
+        let cfg = LiveConfig {
+            turn_urls: vec![
+                "turn:127.0.0.1:3478?transport=udp".into(),
+                "turn:127.0.0.1:3478?transport=tcp".into(),
+                "turn:Turn.Example.com?transport=tcp".into(),
+                "turns:t.example.com:5349?transport=tcp".into(),
+            ],
+            ..LiveConfig::default()
+        };
+        assert_eq!(
+            tcp_servers(&cfg),
+            vec![
+                ("127.0.0.1".into(), 3478),
+                ("turn.example.com".into(), 3478)
+            ]
+        );
+    }
+
     use super::*;
     use crate::config::ConfigSecret;
 

@@ -10,15 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock_proto::{
-    BrowserEvent, BrowserSpec, CapturedCredential, Event, LoginStep, Operation, Reply,
+    BrowserEvent, BrowserSpec, CapturedCredential, ErrorCode, Event, LoginStep, Operation, Reply,
 };
 use tokio::sync::mpsc;
 
 use super::delivery;
 use super::{Inner, SessionHandle, SessionState};
+use crate::agent::AgentError;
+use crate::egress::policy::EgressPolicy;
 use crate::providers::Provider;
 use crate::store::{CredentialBundle, CredentialFile};
-use crate::vm::{CreateVm, VmKind, VmState};
+use crate::vm::{CreateVm, VmError, VmKind, VmManager, VmState};
 
 /// How a session's login part ended.
 enum End {
@@ -91,6 +93,17 @@ async fn release_browser(ctx: &Inner, h: &SessionHandle, end: &End) {
     let Some(vm) = h.view().browser_vm_id else {
         return;
     };
+    // The VM's egress counters go with it: keep them in the history.
+    if let Some(e) = ctx.vms.get(&vm).ok().and_then(|v| v.egress) {
+        let mut detail = format!(
+            "{} streams out, {} refused, {} bytes out, {} bytes in",
+            e.streams, e.refused, e.bytes_out, e.bytes_in
+        );
+        if let Some(last) = e.last_refused {
+            detail.push_str(&format!("; last refused: {last}"));
+        }
+        ctx.record(h, None, "egress", Some(detail));
+    }
     let result = match end {
         End::Failed(reason) => {
             ctx.vms
@@ -116,7 +129,7 @@ async fn drive(
     let browser_deadline = started + Duration::from_millis(ctx.cfg.browser_timeout_ms);
     let user_deadline = started + Duration::from_millis(ctx.cfg.user_timeout_ms);
     let vm = tokio::select! {
-        r = start_browser(ctx, h, tx, browser_deadline) => match r {
+        r = start_browser(ctx, h, provider, tx, browser_deadline) => match r {
             Ok(vm) => vm,
             Err(end) => return end,
         },
@@ -140,10 +153,25 @@ async fn drive(
     follow(ctx, h, provider, &vm, events, user_deadline).await
 }
 
+/// What the session's browser VM may reach: its provider's destinations
+/// and the operator's, and the TURN servers for the live view.
+fn egress_policy(ctx: &Inner, h: &SessionHandle, provider: &Provider) -> EgressPolicy {
+    let view = h.view();
+    let mut allow = provider.egress_patterns();
+    allow.extend_from_slice(ctx.vms.egress().allowed());
+    EgressPolicy {
+        label: format!("provider {}", view.provider),
+        allow,
+        turn: crate::live::turn::tcp_servers(ctx.live.config()),
+        user: Some(view.user_id),
+    }
+}
+
 /// Boots the browser VM and starts Chromium in it; returns the VM id.
 async fn start_browser(
     ctx: &Inner,
     h: &SessionHandle,
+    provider: &Provider,
     tx: mpsc::Sender<Event>,
     deadline: Instant,
 ) -> Result<String, End> {
@@ -156,7 +184,7 @@ async fn start_browser(
     };
     let vm = ctx
         .vms
-        .create_with(req, Some(tx))
+        .create_with(req, Some(tx), egress_policy(ctx, h, provider))
         .map_err(|e| End::Failed(format!("cannot create the browser VM: {e}")))?;
     h.view
         .send_modify(|v| v.browser_vm_id = Some(vm.id.clone()));
@@ -193,19 +221,29 @@ async fn start_browser(
         extra_args: ctx.cfg.chromium_args.clone(),
     };
     let left = deadline.saturating_duration_since(Instant::now());
-    match ctx
-        .vms
-        .call(&vm.id, Operation::StartBrowser(spec), left)
-        .await
-    {
+    let started = tokio::select! {
+        r = ctx.vms.call(&vm.id, Operation::StartBrowser(spec), left) => r,
+        why = vm_trouble(&ctx.vms, &vm.id) => return Err(End::Failed(why)),
+    };
+    match started {
         Ok(Reply::BrowserStarted(info)) => {
-            let detail = format!("{} on display {}", info.chromium_version, info.display);
+            let detail = format!(
+                "{} on display {} (Xvfb {} ms, Chromium {} ms)",
+                info.chromium_version, info.display, info.xvfb_ms, info.chromium_ms
+            );
             ctx.record(h, Some(SessionState::BrowserReady), "state", Some(detail));
             Ok(vm.id)
         }
         Ok(_) => Err(End::Failed(
             "the agent answered StartBrowser with the wrong reply".into(),
         )),
+        Err(VmError::Agent {
+            source: AgentError::Guest(reply),
+            ..
+        }) if reply.code == ErrorCode::OutOfMemory => Err(End::Failed(out_of_memory(
+            memory_of(ctx, &vm.id),
+            &reply.message,
+        ))),
         Err(e) => Err(End::Failed(format!("Chromium did not start: {e}"))),
     }
 }
@@ -220,7 +258,8 @@ async fn follow(
     deadline: Instant,
 ) -> End {
     let mut denied: Option<String> = None;
-    let mut vm_states = ctx.vms.subscribe_states();
+    let trouble = vm_trouble(&ctx.vms, vm);
+    tokio::pin!(trouble);
     // The streamer starts beside the login, so neither waits for the other
     // and the agent's events keep flowing meanwhile.
     let hub = h.hub.clone();
@@ -238,14 +277,7 @@ async fn follow(
                 Some(e) => e,
                 None => return End::Failed("the browser VM's event stream ended".into()),
             },
-            s = vm_states.recv() => {
-                if let Ok(v) = s {
-                    if v.id == vm && v.state == VmState::Failed {
-                        return End::Failed(format!("the browser VM failed: {}", v.error.unwrap_or_default()));
-                    }
-                }
-                continue;
-            }
+            why = &mut trouble => return End::Failed(why),
             _ = h.cancel.cancelled() => {
                 let session_id = h.view().session_id;
                 let _ = ctx.vms.call(vm, Operation::CancelLogin { session_id }, Duration::from_secs(5)).await;
@@ -273,6 +305,9 @@ async fn follow(
                 let detail = format!("{process} crashed ({status}); restart {restarts}");
                 ctx.record(h, None, "browserCrashed", Some(detail));
             }
+            Event::Browser(BrowserEvent::OutOfMemory { detail }) => {
+                return End::Failed(out_of_memory(memory_of(ctx, vm), &detail));
+            }
             Event::Browser(_) => {}
             Event::Stream(e) => {
                 if let Some((event, detail)) = h.hub.on_event(e) {
@@ -280,6 +315,45 @@ async fn follow(
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// A session's error when its browser VM is too small.
+fn out_of_memory(memory_mib: u32, what: &str) -> String {
+    format!(
+        "the browser VM ran out of memory ({memory_mib} MiB): {what}; give browser VMs more memory (vm.browser_memory_mib)"
+    )
+}
+
+/// The memory of VM `id` (for messages).
+fn memory_of(ctx: &Inner, id: &str) -> u32 {
+    ctx.vms.get(id).map(|v| v.memory_mib).unwrap_or(0)
+}
+
+/// Resolves, with the reason, once the browser VM fails, stops, or runs
+/// out of memory (a VM given too little memory must fail its session at
+/// once with that reason, not at a timeout).
+async fn vm_trouble(vms: &VmManager, id: &str) -> String {
+    let mut changes = vms.subscribe_states();
+    loop {
+        let view = match vms.get(id) {
+            Ok(v) => v,
+            Err(_) => return "the browser VM is gone".into(),
+        };
+        if let Some(oom) = view.out_of_memory {
+            return out_of_memory(view.memory_mib, &oom);
+        }
+        match view.state {
+            VmState::Failed => {
+                return format!("the browser VM failed: {}", view.error.unwrap_or_default())
+            }
+            VmState::Stopped => return "the browser VM stopped".into(),
+            _ => {}
+        }
+        // Any change (or a lagged receiver) re-reads the VM's state.
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = changes.recv().await {
+            return std::future::pending().await;
         }
     }
 }

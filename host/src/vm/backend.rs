@@ -24,6 +24,33 @@ use super::layout::{LayoutError, VmDir};
 /// A boxed future, for the object-safe backend trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What a VM boots.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// `vm.kernel` with `vm.initramfs` (the agent as `/init`): the test VMs.
+    Initramfs,
+    /// A golden image: its stage-1 initrd assembles the root from its
+    /// read-only layers under a tmpfs and executes `init`.
+    Image {
+        /// The image (checked against the expected agent).
+        image: crate::image::GoldenImage,
+        /// The init of the assembled root.
+        init: &'static str,
+        /// The user's persistent home disk (CLI VMs), mounted on `/root`.
+        home: Option<std::path::PathBuf>,
+    },
+}
+
+impl Boot {
+    /// How refusals and errors name what the VM booted.
+    pub fn describe(&self, initramfs: &std::path::Path) -> String {
+        match self {
+            Boot::Initramfs => format!("image {}", initramfs.display()),
+            Boot::Image { image, .. } => image.describe(),
+        }
+    }
+}
+
 /// What to launch.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -37,6 +64,10 @@ pub struct LaunchSpec {
     pub vcpus: u32,
     /// The vsock port the agent must dial.
     pub agent_port: u32,
+    /// What it boots (the process backend ignores this).
+    pub boot: Boot,
+    /// What it is for.
+    pub kind: super::VmKind,
 }
 
 /// A backend could not start a VM.
@@ -117,6 +148,13 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
 
     /// Facts for `/health`.
     fn info(&self) -> BackendInfo;
+
+    /// True when its guests have no network of their own, so a browser
+    /// VM's traffic must go through the host's egress gateway (QEMU: no
+    /// network device). The process backend shares the host's network.
+    fn isolates_network(&self) -> bool {
+        false
+    }
 }
 
 /// One process of a VM (the VMM, or a device helper).

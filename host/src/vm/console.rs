@@ -1,6 +1,8 @@
 //! Capture of a VM's serial console: every byte goes to `console.log` (up to
-//! a cap), the last 64 KiB stay in memory for error messages, and the moment
-//! the agent's init marker appears is timestamped on the host clock.
+//! a cap), the last 64 KiB stay in memory for error messages, the moment
+//! the agent's init marker appears is timestamped on the host clock, and
+//! the kernel's out-of-memory kills are noticed (so a VM given too little
+//! memory fails with that reason, not with a timeout).
 //!
 //! Backends feed it: QEMU through a Unix socket airlockd listens on before
 //! QEMU starts (so not a byte of early boot is lost), the process backend
@@ -41,6 +43,19 @@ pub struct Console {
     sink: Arc<Mutex<Sink>>,
     init_at: watch::Receiver<Option<Instant>>,
     init_tx: Arc<watch::Sender<Option<Instant>>>,
+    oom: Arc<watch::Sender<Option<String>>>,
+}
+
+/// What the kernel prints when it kills a process for memory.
+const OOM_MARKER: &[u8] = b"Out of memory: Killed process";
+
+/// `Out of memory: Killed process 812 (chromium) total-vm:...` -> `chromium`.
+fn oom_victim(line: &[u8]) -> String {
+    let text = sanitize(line);
+    text.split_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(name, _)| name.chars().take(64).collect())
+        .unwrap_or_else(|| "a process".into())
 }
 
 impl Console {
@@ -59,7 +74,13 @@ impl Console {
             })),
             init_at,
             init_tx: Arc::new(init_tx),
+            oom: Arc::new(watch::channel(None).0),
         })
+    }
+
+    /// The first process the guest's kernel killed for lack of memory.
+    pub fn oom(&self) -> watch::Receiver<Option<String>> {
+        self.oom.subscribe()
     }
 
     /// Feeds console bytes.
@@ -83,6 +104,9 @@ impl Console {
             if b == b'\n' {
                 if self.init_tx.borrow().is_none() && contains(&sink.line, INIT_MARKER.as_bytes()) {
                     let _ = self.init_tx.send(Some(Instant::now()));
+                }
+                if self.oom.borrow().is_none() && contains(&sink.line, OOM_MARKER) {
+                    self.oom.send_replace(Some(oom_victim(&sink.line)));
                 }
                 sink.line.clear();
             } else if sink.line.len() < LINE_BYTES {
@@ -209,6 +233,9 @@ mod tests {
         assert!(c.init_at().is_none());
         c.feed(b);
         assert!(c.init_at().is_some());
+        assert!(c.oom().borrow().is_none());
+        c.feed(b"[  9.1] Out of memory: Killed process 812 (chromium) total-vm:1kB\n");
+        assert_eq!(c.oom().borrow().as_deref(), Some("chromium"));
     }
 
     #[test]

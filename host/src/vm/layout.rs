@@ -32,7 +32,15 @@ impl LayoutError {
 }
 
 /// Log files worth keeping when a VM fails.
-const LOG_FILES: &[&str] = &["console.log", "agent.log", "vmm.log", "vhost.log"];
+const LOG_FILES: &[&str] = &[
+    "console.log",
+    "agent.log",
+    "vmm.log",
+    "vhost.log",
+    "xvfb.log",
+    "chromium.log",
+    "streamer.log",
+];
 
 /// The working directory of one VM.
 #[derive(Debug, Clone)]

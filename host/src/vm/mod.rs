@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod backend;
 pub mod console;
+pub mod home;
 pub mod layout;
 pub mod process;
 pub mod qemu;
@@ -24,8 +25,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::agent::{AgentClient, AgentError};
 use crate::config::Config;
-use crate::image::ExpectedAgent;
-use backend::{BackendInfo, VmBackend};
+use crate::egress::policy::EgressPolicy;
+use crate::egress::{Egress, EgressStats, EgressView};
+use crate::image::{ExpectedAgent, GoldenImage, ImageError};
+use backend::{BackendInfo, Boot, VmBackend};
+
+/// The init a browser image's stage 1 executes: the agent itself, as PID 1
+/// (a browser VM needs no service manager).
+pub const BROWSER_INIT: &str = "/usr/lib/airlock/airlock-guest";
+/// The init of a CLI image: systemd, which starts the agent's unit.
+pub const CLI_INIT: &str = "/lib/systemd/systemd";
 
 /// What a VM is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +123,12 @@ pub struct VmView {
     /// Directory with the kept console and agent logs of a failed VM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logs_dir: Option<String>,
+    /// What left the VM through the egress gateway (browser VMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressView>,
+    /// Set when the guest's kernel ran out of memory and killed a process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_of_memory: Option<String>,
 }
 
 /// A VM operation failed.
@@ -148,6 +163,9 @@ pub enum VmError {
     /// airlockd is shutting down.
     #[error("airlockd is shutting down")]
     ShuttingDown,
+    /// The image VMs of this kind boot from is unusable.
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 /// A request to create a VM.
@@ -176,6 +194,8 @@ struct VmHandle {
     /// Set by [`VmManager::delete_keeping_logs`]: keep the logs of this
     /// stopped VM, with this reason.
     keep_logs: Mutex<Option<String>>,
+    /// Its egress gateway's policy and counters (browser VMs only).
+    egress: Option<(Arc<EgressPolicy>, Arc<EgressStats>)>,
     stop: CancellationToken,
     finished: CancellationToken,
 }
@@ -194,6 +214,13 @@ impl VmHandle {
         self.agent.borrow().clone()
     }
 
+    /// The view, with the egress counters as they are now.
+    fn current(&self) -> VmView {
+        let mut view = self.view.borrow().clone();
+        view.egress = self.egress.as_ref().map(|(_, stats)| stats.view());
+        view
+    }
+
     fn set_agent(&self, client: Option<AgentClient>) {
         self.agent.send_replace(client);
     }
@@ -209,6 +236,8 @@ struct Inner {
     /// Every change of every VM, for whoever needs to react to one.
     states: broadcast::Sender<VmView>,
     expected: Arc<ExpectedAgent>,
+    /// Egress settings every browser VM's gateway uses.
+    egress: Arc<Egress>,
     vms: Mutex<BTreeMap<String, Arc<VmHandle>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -228,6 +257,7 @@ impl VmManager {
         config: Arc<Config>,
         backends: (Arc<dyn VmBackend>, Option<Arc<dyn VmBackend>>),
         expected: ExpectedAgent,
+        egress: Arc<Egress>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -237,6 +267,7 @@ impl VmManager {
                 browser_backend: backends.1,
                 states: broadcast::channel(256).0,
                 expected: Arc::new(expected),
+                egress,
                 vms: Mutex::default(),
                 tracker: TaskTracker::new(),
                 shutdown,
@@ -268,17 +299,31 @@ impl VmManager {
         self.inner.browser_backend.as_ref().map(|b| b.info())
     }
 
-    /// Starts a VM; it boots in the background (state `booting`).
+    /// Starts a VM; it boots in the background (state `booting`). A
+    /// browser VM made this way may reach only `egress.allow`.
     pub fn create(&self, req: CreateVm) -> Result<VmView, VmError> {
-        self.create_with(req, None)
+        let policy = EgressPolicy {
+            label: "browser VMs created through the API".into(),
+            allow: self.inner.egress.allowed().to_vec(),
+            turn: Vec::new(),
+            user: req.user_id.clone(),
+        };
+        self.create_with(req, None, policy)
+    }
+
+    /// The daemon's egress settings.
+    pub fn egress(&self) -> &Egress {
+        &self.inner.egress
     }
 
     /// Starts a VM whose agent's session events (logins, credentials,
-    /// browser state) go to `events`.
+    /// browser state) go to `events`; a browser VM's traffic leaves
+    /// through a gateway applying `egress` (CLI VMs have none).
     pub fn create_with(
         &self,
         req: CreateVm,
         events: Option<mpsc::Sender<Event>>,
+        egress: EgressPolicy,
     ) -> Result<VmView, VmError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(VmError::ShuttingDown);
@@ -291,8 +336,13 @@ impl VmManager {
             }
         }
         let cfg = &self.inner.config.vm;
-        let memory_mib = req.memory_mib.unwrap_or(cfg.default_memory_mib);
-        let vcpus = req.vcpus.unwrap_or(cfg.default_vcpus);
+        let boot = self.boot_for(req.kind)?;
+        let (memory_default, vcpus_default) = match req.kind {
+            VmKind::Browser => (cfg.browser_memory_mib, cfg.browser_vcpus),
+            VmKind::Cli => (cfg.default_memory_mib, cfg.default_vcpus),
+        };
+        let memory_mib = req.memory_mib.unwrap_or(memory_default);
+        let vcpus = req.vcpus.unwrap_or(vcpus_default);
         if !(64..=cfg.max_memory_mib).contains(&memory_mib) {
             return Err(VmError::Invalid(format!(
                 "memoryMib must be between 64 and {}",
@@ -321,12 +371,19 @@ impl VmManager {
             created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             timings: Timings::default(),
             logs_dir: None,
+            egress: None,
+            out_of_memory: None,
         };
+        // Only a browser VM without a network of its own has a gateway.
+        let egress = (req.kind == VmKind::Browser
+            && self.inner.backend_for(req.kind).isolates_network())
+        .then(|| (Arc::new(egress), Arc::new(EgressStats::default())));
         let handle = Arc::new(VmHandle {
             view: watch::channel(view.clone()).0,
             agent: watch::channel(None).0,
             events,
             keep_logs: Mutex::new(None),
+            egress,
             stop: self.inner.shutdown.child_token(),
             finished: CancellationToken::new(),
         });
@@ -338,22 +395,38 @@ impl VmManager {
             vms.insert(id.clone(), handle.clone());
         }
         tracing::info!(vm_id = %id, kind = ?req.kind, memory_mib, vcpus, "creating VM");
-        let sv = supervisor::Supervisor::new(self.inner.clone(), handle, Instant::now());
+        let sv = supervisor::Supervisor::new(self.inner.clone(), handle, boot, Instant::now());
         self.inner.tracker.spawn(sv.run());
         Ok(view)
     }
 
+    /// What a new VM of `kind` boots: its golden image when one is
+    /// configured (refused at once when missing or stale), else the
+    /// initramfs.
+    fn boot_for(&self, kind: VmKind) -> Result<Boot, VmError> {
+        let cfg = &self.inner.config.vm;
+        let (name, dir, init) = match kind {
+            VmKind::Browser => ("browser", &cfg.browser_image, BROWSER_INIT),
+            VmKind::Cli => ("cli", &cfg.cli_image, CLI_INIT),
+        };
+        match dir {
+            None => Ok(Boot::Initramfs),
+            Some(dir) => Ok(Boot::Image {
+                image: GoldenImage::open(name, dir, &self.inner.expected)?,
+                init,
+                home: None,
+            }),
+        }
+    }
+
     /// All VMs, oldest id first.
     pub fn list(&self) -> Vec<VmView> {
-        self.vms()
-            .values()
-            .map(|h| h.view.borrow().clone())
-            .collect()
+        self.vms().values().map(|h| h.current()).collect()
     }
 
     /// One VM.
     pub fn get(&self, id: &str) -> Result<VmView, VmError> {
-        Ok(self.handle(id)?.view.borrow().clone())
+        Ok(self.handle(id)?.current())
     }
 
     /// Waits up to `timeout` for the VM to reach one of `states`, then
@@ -364,14 +437,14 @@ impl VmManager {
         states: &[VmState],
         timeout: Duration,
     ) -> Result<VmView, VmError> {
-        let mut rx = self.handle(id)?.view.subscribe();
+        let handle = self.handle(id)?;
+        let mut rx = handle.view.subscribe();
         // Shutdown ends the wait early so it cannot hold up the drain.
         tokio::select! {
             _ = tokio::time::timeout(timeout, rx.wait_for(|v| states.contains(&v.state))) => {}
             _ = self.inner.shutdown.cancelled() => {}
         }
-        let view = rx.borrow().clone();
-        Ok(view)
+        Ok(handle.current())
     }
 
     /// Like [`VmManager::delete`], but keeps the VM's console and agent
@@ -407,7 +480,7 @@ impl VmManager {
         handle.stop.cancel();
         handle.finished.cancelled().await;
         self.vms().remove(id);
-        let view = handle.view.borrow().clone();
+        let view = handle.current();
         tracing::info!(vm_id = %id, state = ?view.state, "VM deleted");
         Ok(view)
     }

@@ -1,33 +1,120 @@
 //! The process backend: the agent runs as a plain host process and dials
 //! the same `<dir>/vsock.sock_<port>` listener over a Unix socket, with the
-//! same protocol. No isolation: for tests of host logic and for roles that
-//! later issues run on the host in development. Its stdout and stderr are
+//! same protocol. No isolation from the host's network: for tests of host
+//! logic, and for fast tests of the browser role (only with
+//! `vm.unsafe_host_browser`). A browser "VM" then gets an empty
+//! environment and, when airlockd runs as root, an unprivileged account
+//! (`vm.unsafe_host_browser_user`), so neither Chromium nor a login CLI can
+//! read airlockd's keys, database or secrets. Its stdout and stderr are
 //! the VM's "console".
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
+
+use super::VmKind;
 
 use super::backend::{
     BackendError, BackendInfo, BoxFuture, LaunchSpec, RunningVm, VmBackend, VmProcess,
 };
 use super::console::Console;
 
+/// The account a host-process browser runs as.
+#[derive(Debug, Clone, Copy)]
+pub struct HostBrowserUser {
+    uid: Uid,
+    gid: Gid,
+}
+
+impl HostBrowserUser {
+    /// The account `name`; `None` when airlockd is not root (it cannot
+    /// switch, and runs the browser as itself).
+    pub fn lookup(name: &str) -> Result<Option<Self>, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        match User::from_name(name) {
+            Ok(Some(u)) => Ok(Some(Self {
+                uid: u.uid,
+                gid: u.gid,
+            })),
+            _ => Err(format!(
+                "vm.unsafe_host_browser_user {name:?} is not an account on this host"
+            )),
+        }
+    }
+
+    /// Refuses `path` unless this account can reach it (every directory
+    /// above it searchable by others).
+    pub fn check_reachable(&self, path: &Path) -> Result<(), String> {
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            let mode = std::fs::metadata(d).map(|m| m.mode()).unwrap_or(0);
+            if mode & 0o001 == 0 {
+                return Err(format!(
+                    "{} is out of reach of the unprivileged host-browser account: {} is not searchable by others",
+                    path.display(),
+                    d.display()
+                ));
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+}
+
 /// Runs the agent binary as a child process.
 #[derive(Debug)]
 pub struct ProcessBackend {
     agent_binary: PathBuf,
     console_max_bytes: u64,
+    /// For browser VMs: run as this account (when set).
+    browser_user: Option<HostBrowserUser>,
 }
 
 impl ProcessBackend {
-    /// A backend that runs `agent_binary`.
-    pub fn new(agent_binary: PathBuf, console_max_bytes: u64) -> Self {
+    /// A backend that runs `agent_binary`; browser VMs run as
+    /// `browser_user` when given.
+    pub fn new(
+        agent_binary: PathBuf,
+        console_max_bytes: u64,
+        browser_user: Option<HostBrowserUser>,
+    ) -> Self {
         Self {
             agent_binary,
             console_max_bytes,
+            browser_user,
         }
+    }
+
+    /// A browser VM's agent: nothing of airlockd's environment, and its
+    /// own account, which is given the VM's directory and agent socket.
+    fn confine(&self, spec: &LaunchSpec, cmd: &mut Command) -> Result<(), BackendError> {
+        if spec.kind != VmKind::Browser {
+            return Ok(());
+        }
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LANG", "C.UTF-8");
+        let Some(user) = self.browser_user else {
+            return Ok(());
+        };
+        for path in [
+            spec.dir.root().to_path_buf(),
+            spec.dir.agent_listener(spec.agent_port),
+        ] {
+            nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| {
+                BackendError::Io {
+                    context: format!("give {} to the host-browser account", path.display()),
+                    source: e.into(),
+                }
+            })?;
+        }
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        Ok(())
     }
 
     async fn launch_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
@@ -45,19 +132,19 @@ impl ProcessBackend {
                 source,
             },
         )?;
-        let mut child = Command::new(&self.agent_binary)
-            .args(["--mode", "process", "--log-level", "debug", "--unix"])
+        let mut cmd = Command::new(&self.agent_binary);
+        cmd.args(["--mode", "process", "--log-level", "debug", "--unix"])
             .arg(dir.agent_listener(spec.agent_port))
             .current_dir(dir.root())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| BackendError::Spawn {
-                program: self.agent_binary.display().to_string(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        self.confine(spec, &mut cmd)?;
+        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
+            program: self.agent_binary.display().to_string(),
+            source,
+        })?;
         let mut vm = RunningVm::new(console.clone(), None);
         {
             let (tracker, cancel) = vm.io();

@@ -21,7 +21,8 @@ use tokio::sync::OnceCell;
 
 use super::accel::{self, Accel, AccelDecision, ProbeInputs};
 use super::backend::{
-    file_tail, BackendError, BackendInfo, BoxFuture, LaunchSpec, RunningVm, VmBackend, VmProcess,
+    file_tail, BackendError, BackendInfo, Boot, BoxFuture, LaunchSpec, RunningVm, VmBackend,
+    VmProcess,
 };
 use super::console::Console;
 use crate::config::{QemuConfig, VmConfig};
@@ -77,7 +78,11 @@ impl QemuBackend {
             .clone()
     }
 
-    fn check_inputs(&self) -> Result<(), BackendError> {
+    fn check_inputs(&self, boot: &Boot) -> Result<(), BackendError> {
+        if matches!(boot, Boot::Image { .. }) {
+            // GoldenImage::open checked its files when the VM was created.
+            return Ok(());
+        }
         for (what, path) in [
             ("kernel", &self.vm.kernel),
             ("initramfs", &self.vm.initramfs),
@@ -94,7 +99,7 @@ impl QemuBackend {
     }
 
     async fn launch_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
-        self.check_inputs()?;
+        self.check_inputs(&spec.boot)?;
         let accel = self.detect_accel().await.accel;
         let dir = &spec.dir;
         let console = Console::create(&dir.file("console.log"), self.vm.console_max_bytes)
@@ -193,6 +198,10 @@ impl VmBackend for QemuBackend {
         Box::pin(self.launch_inner(spec))
     }
 
+    fn isolates_network(&self) -> bool {
+        true
+    }
+
     fn info(&self) -> BackendInfo {
         let d = self.accel.get();
         BackendInfo {
@@ -239,7 +248,12 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     push(&["-name", &format!("airlock-{}", spec.vm_id)]);
     push(&["-M", &format!("{},memory-backend=mem", q.machine)]);
-    push(&["-accel", accel.as_str(), "-cpu", &q.cpu]);
+    let accel_arg = match accel {
+        // TCG's translation cache otherwise grows to 1 GiB of host memory.
+        Accel::Tcg => format!("tcg,tb-size={}", q.tcg_tb_size_mib),
+        Accel::Kvm => "kvm".into(),
+    };
+    push(&["-accel", &accel_arg, "-cpu", &q.cpu]);
     push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
     // vhost-user devices need guest memory the backend process can map.
     push(&[
@@ -268,19 +282,65 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
     if let Some(fw) = &q.firmware {
         push(&["-bios", &fw.display().to_string()]);
     }
-    push(&[
-        "-kernel",
-        &vm.kernel.display().to_string(),
-        "-initrd",
-        &vm.initramfs.display().to_string(),
-    ]);
+    let (kernel, initrd, boot_words) = boot_args(vm, &spec.boot, &mut args);
+    args.extend(["-kernel".into(), kernel, "-initrd".into(), initrd]);
     let append = format!(
-        "console=ttyS0 panic=-1 quiet {BOOT_SPEEDUPS} airlock.port={} {}",
+        "console=ttyS0 panic=-1 quiet {BOOT_SPEEDUPS} airlock.port={}{boot_words} {}",
         spec.agent_port, q.extra_append
     );
     args.push("-append".into());
     args.push(append.trim_end().into());
     args
+}
+
+/// Kernel, initrd, drives and kernel words of what the VM boots. A golden
+/// image's layers are shared read-only by every VM (nothing is copied);
+/// drives appear in order as vda, vdb, ... for stage 1.
+fn boot_args(vm: &VmConfig, boot: &Boot, args: &mut Vec<OsString>) -> (OsString, OsString, String) {
+    let Boot::Image { image, init, home } = boot else {
+        return (
+            vm.kernel.clone().into(),
+            vm.initramfs.clone().into(),
+            String::new(),
+        );
+    };
+    let mut names = Vec::new();
+    for (i, layer) in image.layers.iter().enumerate() {
+        args.push("-drive".into());
+        args.push(
+            format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                drive_path(layer)
+            )
+            .into(),
+        );
+        names.push(format!("vd{}", (b'a' + i as u8) as char));
+    }
+    let mut words = format!(" airlock.layers={} airlock.init={init}", names.join(","));
+    if let Some(home) = home {
+        args.push("-drive".into());
+        args.push(
+            format!(
+                "file={},if=virtio,format=raw,discard=unmap",
+                drive_path(home)
+            )
+            .into(),
+        );
+        words.push_str(&format!(
+            " airlock.home=vd{}",
+            (b'a' + names.len() as u8) as char
+        ));
+    }
+    (
+        image.kernel.clone().into(),
+        image.initrd.clone().into(),
+        words,
+    )
+}
+
+/// A path inside QEMU's `-drive` option, where a comma must be doubled.
+fn drive_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
 }
 
 #[cfg(test)]
@@ -297,6 +357,8 @@ mod tests {
             memory_mib: 256,
             vcpus: 2,
             agent_port: 1024,
+            boot: Boot::Initramfs,
+            kind: crate::vm::VmKind::Cli,
         };
         let q = QemuConfig {
             extra_append: "airlock.port=9".into(),
@@ -307,7 +369,7 @@ mod tests {
             .map(|a| a.into_string().unwrap())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("-accel tcg,tb-size=256"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
         assert!(joined.contains("vhost-user-vsock-pci"));
         assert!(joined.contains("-smp 2"));
@@ -316,6 +378,59 @@ mod tests {
         // extra_append comes last so that it overrides airlock's own words.
         assert!(
             append.ends_with("airlock.port=1024 airlock.port=9"),
+            "{append}"
+        );
+    }
+
+    #[test]
+    fn a_golden_image_boots_its_layers_read_only_and_the_home_disk_writable() {
+        let run = tempfile::tempdir().unwrap();
+        let image = crate::image::GoldenImage {
+            kind: "cli",
+            dir: "/img".into(),
+            sha256: "abc".into(),
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.cpio.gz".into(),
+            layers: vec!["/img/base.squashfs".into(), "/img/air,lock.squashfs".into()],
+        };
+        let spec = LaunchSpec {
+            vm_id: "vm-y".into(),
+            dir: VmDir::create(run.path(), "vm-y").unwrap(),
+            memory_mib: 512,
+            vcpus: 1,
+            agent_port: 1024,
+            boot: Boot::Image {
+                image,
+                init: "/lib/systemd/systemd",
+                home: Some("/homes/h.ext4".into()),
+            },
+            kind: crate::vm::VmKind::Cli,
+        };
+        let args: Vec<String> = qemu_args(
+            &QemuConfig::default(),
+            &VmConfig::default(),
+            &spec,
+            Accel::Kvm,
+        )
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("-kernel /img/vmlinuz -initrd /img/initrd.cpio.gz"),
+            "{joined}"
+        );
+        assert!(joined.contains("-drive file=/img/base.squashfs,if=virtio,format=raw,readonly=on"));
+        assert!(
+            joined.contains("-drive file=/img/air,,lock.squashfs,if=virtio,format=raw,readonly=on")
+        );
+        assert!(joined.contains("-drive file=/homes/h.ext4,if=virtio,format=raw,discard=unmap"));
+        assert!(joined.contains("-accel kvm -cpu"), "{joined}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(
+            append.contains(
+                "airlock.layers=vda,vdb airlock.init=/lib/systemd/systemd airlock.home=vdc"
+            ),
             "{append}"
         );
     }

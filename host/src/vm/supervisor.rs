@@ -16,13 +16,14 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::backend::{LaunchSpec, RunningVm};
+use super::backend::{Boot, LaunchSpec, RunningVm};
 use super::layout::{prune_failed, VmDir};
-use super::{Inner, VmHandle, VmState, VmView};
+use super::{Inner, VmHandle, VmKind, VmState, VmView};
 use crate::agent::guestlog::GuestLog;
 use crate::agent::handshake::{Accepted, HandshakeConfig};
 use crate::agent::listener::{spawn_acceptor, AgentEvent};
 use crate::agent::ClientOptions;
+use crate::egress::gateway::Gateway;
 
 /// How a VM's life ended.
 #[derive(Debug)]
@@ -40,6 +41,7 @@ const HELPER_GRACE: Duration = Duration::from_millis(500);
 pub(super) struct Supervisor {
     inner: Arc<Inner>,
     handle: Arc<VmHandle>,
+    boot: Boot,
     requested: Instant,
     id: String,
     /// The acceptor and agent connection tasks of this VM.
@@ -52,11 +54,17 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Supervisor {
-    pub(super) fn new(inner: Arc<Inner>, handle: Arc<VmHandle>, requested: Instant) -> Self {
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        handle: Arc<VmHandle>,
+        boot: Boot,
+        requested: Instant,
+    ) -> Self {
         let id = handle.view.borrow().id.clone();
         Self {
             inner,
             handle,
+            boot,
             requested,
             id,
             tasks: TaskTracker::new(),
@@ -91,6 +99,7 @@ impl Supervisor {
         HandshakeConfig {
             vm_id: self.id.clone(),
             expected: self.inner.expected.clone(),
+            image: self.boot.describe(&vm.initramfs),
             max_frame: vm.max_frame_bytes,
             hello_timeout: Duration::from_millis(vm.hello_timeout_ms),
             ready_timeout: Duration::from_millis(vm.ready_timeout_ms),
@@ -104,6 +113,11 @@ impl Supervisor {
                 heartbeat_interval_ms: vm.heartbeat_interval_ms,
                 log_level: vm.guest_log_level.clone(),
                 hostname: Some(self.id.clone()),
+                egress_port: self
+                    .handle
+                    .egress
+                    .as_ref()
+                    .map(|_| egress_port(vm.agent_port)),
             },
         }
     }
@@ -134,6 +148,9 @@ impl Supervisor {
                 )
             }
         };
+        if let Err(e) = self.start_gateway(dir) {
+            return (Outcome::Failed(e), None);
+        }
         let (tx, mut events) = mpsc::channel(4);
         spawn_acceptor(
             listener,
@@ -143,12 +160,18 @@ impl Supervisor {
             &self.tasks,
             self.cancel.clone(),
         );
+        let boot = match self.with_home(self.boot.clone()).await {
+            Ok(boot) => boot,
+            Err(e) => return (Outcome::Failed(e), None),
+        };
         let spec = LaunchSpec {
             vm_id: self.id.clone(),
             dir: dir.clone(),
             memory_mib: self.handle.view.borrow().memory_mib,
             vcpus: self.handle.view.borrow().vcpus,
             agent_port: cfg.agent_port,
+            boot,
+            kind: self.handle.view.borrow().kind,
         };
         let mut vm = tokio::select! {
             r = self.inner.backend_for(self.handle.view.borrow().kind).launch(&spec) => match r {
@@ -168,6 +191,56 @@ impl Supervisor {
             Err(outcome) => outcome,
         };
         (outcome, Some(vm))
+    }
+
+    /// Records that the guest ran out of memory (the VM goes on; whoever
+    /// uses it decides, e.g. a session fails with this reason).
+    fn out_of_memory(&self, victim: &str) {
+        let mib = self.handle.view.borrow().memory_mib;
+        tracing::warn!(vm_id = %self.id, victim, memory_mib = mib, "VM out of memory");
+        self.update(|v| v.out_of_memory = Some(format!("its kernel killed {victim}")));
+    }
+
+    /// A browser VM's egress gateway listens before the VM starts, like
+    /// the agent's socket.
+    fn start_gateway(&self, dir: &VmDir) -> Result<(), String> {
+        let Some((policy, stats)) = &self.handle.egress else {
+            return Ok(());
+        };
+        let port = egress_port(self.inner.config.vm.agent_port);
+        let listener = UnixListener::bind(dir.agent_listener(port))
+            .map_err(|e| format!("cannot listen for the VM's egress: {e}"))?;
+        let gateway = Gateway {
+            egress: self.inner.egress.clone(),
+            policy: policy.clone(),
+            stats: stats.clone(),
+            vm_id: self.id.clone(),
+        };
+        gateway.spawn(listener, &self.tasks, self.cancel.clone());
+        Ok(())
+    }
+
+    /// A CLI VM of a user, booting a golden image, gets that user's
+    /// persistent home disk (created on first use).
+    async fn with_home(&self, boot: Boot) -> Result<Boot, String> {
+        let (kind, owner) = {
+            let v = self.handle.view.borrow();
+            (v.kind, v.owner.clone())
+        };
+        match (boot, kind, owner) {
+            (Boot::Image { image, init, .. }, VmKind::Cli, Some(user)) => {
+                let cfg = &self.inner.config;
+                let disk = super::home::ensure(&cfg.paths.state_dir, &user, cfg.vm.home_disk_mib)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Boot::Image {
+                    image,
+                    init,
+                    home: Some(disk),
+                })
+            }
+            (boot, _, _) => Ok(boot),
+        }
     }
 
     async fn boot(
@@ -227,9 +300,18 @@ impl Supervisor {
     ) -> Outcome {
         let reconnect = Duration::from_millis(self.inner.config.vm.reconnect_timeout_ms);
         let mut lost: Option<Pin<Box<Sleep>>> = None;
+        let mut oom = vm.console.oom();
+        let mut oom_open = true;
         loop {
             let agent = self.handle.agent();
             tokio::select! {
+                r = oom.changed(), if oom_open => {
+                    oom_open = r.is_ok();
+                    let victim = oom.borrow_and_update().clone();
+                    if let Some(victim) = victim {
+                        self.out_of_memory(&victim);
+                    }
+                }
                 exit = vm.wait_exit() => return Outcome::Failed(format!("the VM stopped unexpectedly: {exit}")),
                 _ = async { match &agent { Some(a) => a.closed().await, None => pending().await } } => {
                     self.handle.set_agent(None);
@@ -324,6 +406,11 @@ impl Supervisor {
         prune_failed(&failed_dir, self.inner.config.vm.failed_logs_keep);
         kept.ok().map(|p| p.display().to_string())
     }
+}
+
+/// The egress gateway's vsock port.
+fn egress_port(agent_port: u32) -> u32 {
+    agent_port + airlock_proto::egress::EGRESS_PORT_OFFSET
 }
 
 /// A failed VM's error: the reason, then the console's last lines.

@@ -21,14 +21,14 @@ fn hub(max_viewers: usize) -> Arc<Hub> {
     let vms = VmManager::new(
         Arc::new(Config::default()),
         (
-            Arc::new(ProcessBackend::new("/nonexistent".into(), 0)),
+            Arc::new(ProcessBackend::new("/nonexistent".into(), 0, None)),
             None,
         ),
         ExpectedAgent {
             build_id: "00".into(),
             source: "test".into(),
-            image: "/nonexistent".into(),
         },
+        Arc::new(crate::egress::Egress::new(Default::default()).unwrap()),
         CancellationToken::new(),
     );
     let cfg = LiveConfig {

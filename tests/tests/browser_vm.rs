@@ -1,0 +1,419 @@
+//! Browser VMs for real: logins run in QEMU microVMs booted from the
+//! `browser` golden image (Chromium, Xvfb and the streamer inside, no
+//! network interface), and credentials land in CLI VMs booted from the
+//! `cli` image (systemd starts the agent, the home disk persists).
+//!
+//! - The demo login end to end, driven through the viewer page in a
+//!   headless Chromium on this host (clicks and keys on the video, which
+//!   reaches the viewer over a real coturn: the VM's media leaves as TURN
+//!   over TCP through airlockd's egress gateway), the credential read back
+//!   in the CLI VM with mode 0600, and no browser-role Chromium on the host.
+//! - Egress: the VM has no interface but `lo`; a command and a page are
+//!   refused for a destination the profile does not name, airlockd's API,
+//!   a loopback service of this host (also by a name that resolves to it)
+//!   and a private address; an allowed destination works; refusals count.
+//! - A browser VM killed mid-login fails its session at once with the
+//!   console's tail, and its logs are kept.
+//! - A browser VM with too little memory fails with a reason that says so.
+//! - A browser image whose agent differs is refused, naming the image.
+//! - The CLI image: systemd is PID 1 and started the agent; the home disk
+//!   keeps its files across that user's VMs.
+//!
+//! Every VM is torn down however a test ends (the harness's `Daemon`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use airlock_tests::cdp::Viewer;
+use airlock_tests::coturn::Coturn;
+use airlock_tests::live::{click_screen, press_key, type_keys};
+use airlock_tests::login::{state_is, step_events};
+use airlock_tests::{artifacts, Daemon, Settings};
+use anyhow::{ensure, Context, Result};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Under TCG a browser VM shows its first page about a minute after it
+/// was asked for; two tests may share the two cores.
+const BROWSER_UP: Duration = Duration::from_secs(300);
+
+fn image(kind: &str) -> Result<PathBuf> {
+    let dir = artifacts()?.build_dir.join("images").join(kind);
+    ensure!(
+        dir.join("manifest.json").is_file(),
+        "{} is missing: run `make image`",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// airlockd with browser and CLI VMs from the golden images, the demo
+/// provider, and `coturn` for the live view.
+fn settings(coturn: &Coturn) -> Result<Settings> {
+    let path = |p: PathBuf| format!("{:?}", p.display().to_string());
+    let s = Settings::new("qemu")
+        .set("vm", "browser_image", &path(image("browser")?))
+        .set("vm", "cli_image", &path(image("cli")?))
+        .set("vm", "boot_timeout_ms", "180000")
+        .set("auth", "demo", "true")
+        .set("auth", "browser_timeout_ms", "400000")
+        .set("auth", "login_path_append", "[\"/usr/lib/airlock/fakes\"]");
+    Ok(coturn.settings(s))
+}
+
+/// Starts a demo session and waits until its sign-in page is on screen;
+/// returns the session's view then, with its viewer link.
+async fn awaiting_user(d: &Daemon, user: &str) -> Result<Value> {
+    let started = d.start_view(user, "demo").await?;
+    let id = started["sessionId"]
+        .as_str()
+        .context("sessionId")?
+        .to_string();
+    let v = d
+        .wait_session(&id, BROWSER_UP, |v| {
+            state_is(v, "awaiting_user") || v["state"] == "failed"
+        })
+        .await?;
+    ensure!(
+        state_is(&v, "awaiting_user"),
+        "the session did not reach awaiting_user: {v:#}"
+    );
+    let mut v = d.wait_page(&id, "/authorize", 1).await?;
+    ensure!(state_is(&v, "awaiting_user"), "{v}");
+    v["viewerUrl"] = started["viewerUrl"].clone();
+    Ok(v)
+}
+
+/// Runs `body` against a fresh airlockd (and coturn); prints sessions and
+/// diagnostics when it fails.
+async fn with_vms(
+    tune: impl FnOnce(Settings) -> Settings,
+    body: impl AsyncFnOnce(&Daemon, &Coturn) -> Result<()>,
+) -> Result<()> {
+    let coturn = Coturn::start()?;
+    let d = Daemon::start(tune(settings(&coturn)?)).await?;
+    let result = body(&d, &coturn).await;
+    if result.is_err() {
+        d.print_sessions().await;
+        d.print_diagnostics();
+        eprintln!("==== coturn log ====\n{}", coturn.log());
+    }
+    result
+}
+
+fn chromium_children_of(pid: i32) -> Vec<i32> {
+    airlock_tests::cdp::children_named(pid, "chromium")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_login_runs_in_a_browser_vm_through_the_viewer_page() -> Result<()> {
+    with_vms(|s| s, async |d, _| {
+        let v = awaiting_user(d, "vm-alice").await?;
+        let id = v["sessionId"].as_str().context("sessionId")?;
+        let link = format!("{}{}", d.base, v["viewerUrl"].as_str().context("viewerUrl")?);
+        let viewer = Viewer::open(&link).await?;
+        viewer
+            .tab
+            .wait_for(
+                "(() => { const v = document.querySelector('#screen'); return v && v.videoWidth > 0 && v.currentTime > 0 ? true : null; })()",
+                Duration::from_secs(90),
+            )
+            .await
+            .context("the viewer never showed video (TURN over TCP through the egress gateway)")?;
+        // Above the form: focus the page, then Tab to the username field.
+        click_screen(&viewer.tab, 20.0, 140.0).await?;
+        press_key(&viewer.tab, "Tab", 9).await?;
+        type_keys(&viewer.tab, "alice").await?;
+        press_key(&viewer.tab, "Tab", 9).await?;
+        type_keys(&viewer.tab, "correct horse").await?;
+        press_key(&viewer.tab, "Enter", 13).await?;
+        d.wait_page(id, "/authorize/login", 1).await?;
+        // The consent page has Allow focused.
+        press_key(&viewer.tab, "Enter", 13).await?;
+        ensure!(
+            chromium_children_of(d.pid()).is_empty(),
+            "a browser-role Chromium runs on the host"
+        );
+        let done = d
+            .wait_session(id, Duration::from_secs(300), |v| {
+                v["state"] == "completed" || v["state"] == "failed"
+            })
+            .await?;
+        ensure!(state_is(&done, "completed"), "{done}");
+        let events = step_events(&done);
+        ensure!(events.iter().any(|e| e == "streamerRunning"), "{events:?}");
+        ensure!(events.iter().any(|e| e == "egress"), "{events:?}");
+        let vm = done["cliVmId"].as_str().context("cliVmId")?;
+        let stat = d
+            .exec(vm, &["stat", "-c", "%a %U", "/root/.airlock-demo/credentials.json"])
+            .await?;
+        ensure!(stat["stdout"] == "600 root\n", "{stat}");
+        let init = d.exec(vm, &["cat", "/proc/1/comm"]).await?;
+        ensure!(init["stdout"] == "systemd\n", "PID 1 of the CLI VM: {init}");
+        Ok(())
+    })
+    .await
+}
+
+/// Runs `curl` in the VM (through the agent, so through its proxy unless
+/// `--noproxy` says otherwise); returns its exit code and output.
+async fn curl(d: &Daemon, vm: &str, args: &[&str]) -> Result<(i64, String)> {
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ];
+    argv.extend_from_slice(args);
+    let out = d.exec(vm, &argv).await?;
+    let text = format!(
+        "{}{}",
+        out["stdout"].as_str().unwrap_or(""),
+        out["stderr"].as_str().unwrap_or("")
+    );
+    Ok((out["exitCode"].as_i64().unwrap_or(-1), text))
+}
+
+async fn egress_of(d: &Daemon, vm: &str) -> Result<Value> {
+    let (status, v) = d
+        .request(Method::GET, &format!("/api/vms/{vm}"), None)
+        .await?;
+    ensure!(status == 200, "{status} {v}");
+    Ok(v["egress"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_vm_reaches_only_what_its_profile_allows() -> Result<()> {
+    let service = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let service_port = service.local_addr()?.port();
+    // `localhost` is allowed by name here, so that the gateway's address
+    // check (not the allow-list) is what refuses it.
+    let tune = |s: Settings| s.set("egress", "allow", "[\"localhost:*\"]");
+    with_vms(tune, async |d, _| {
+        let v = awaiting_user(d, "vm-bob").await?;
+        let vm = v["browserVmId"].as_str().context("browserVmId")?;
+        let nics = d.exec(vm, &["ls", "/sys/class/net"]).await?;
+        ensure!(nics["stdout"] == "lo\n", "network interfaces: {nics}");
+        // No route at all without the proxy (a documentation address:
+        // nothing could answer even if a packet left).
+        let (code, out) = curl(d, vm, &["--noproxy", "*", "http://192.0.2.1/"]).await?;
+        ensure!(
+            code == 7,
+            "a direct connection did not fail at once: {code} {out}"
+        );
+
+        let api_port = d.base.rsplit(':').next().context("port")?;
+        let refused = [
+            "https://blocked.example/".to_string(),
+            format!("http://127.0.0.1:{api_port}/health"),
+            format!("http://127.0.0.1:{service_port}/"),
+            format!("http://localhost:{service_port}/"),
+            "http://10.1.2.3/".to_string(),
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+        ];
+        for url in &refused {
+            let (code, out) = curl(d, vm, &["--noproxy", "", url]).await?;
+            ensure!(
+                code != 0 || out.starts_with("403"),
+                "{url} was not refused: {code} {out}"
+            );
+        }
+        let before = egress_of(d, vm).await?["refused"].as_u64().unwrap_or(0);
+        ensure!(before >= refused.len() as u64, "refusals counted: {before}");
+
+        // The demo OAuth server is the profile's destination.
+        let demo_url = v["steps"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["event"] == "urlOpened"))
+            .and_then(|s| s["detail"].as_str())
+            .and_then(|d| d.split_whitespace().next())
+            .context("urlOpened")?
+            .to_string();
+        let origin: String = demo_url.split('/').take(3).collect::<Vec<_>>().join("/");
+        let (code, out) = curl(
+            d,
+            vm,
+            &[&format!(
+                "{origin}/demo/oauth/.well-known/openid-configuration"
+            )],
+        )
+        .await?;
+        ensure!(
+            code == 0 && !out.starts_with("403"),
+            "allowed destination: {code} {out}"
+        );
+
+        // A page in the VM's Chromium: the address bar, through the input
+        // endpoint, to a host the profile does not name.
+        let id = v["sessionId"].as_str().context("sessionId")?;
+        let keys = json!([
+            {"type": "keyDown", "keysym": 0xffe3}, {"type": "keyDown", "keysym": 0x6c},
+            {"type": "keyUp", "keysym": 0x6c}, {"type": "keyUp", "keysym": 0xffe3},
+            {"type": "text", "text": "https://not-allowed.example/"},
+            {"type": "keyDown", "keysym": 0xff0d}, {"type": "keyUp", "keysym": 0xff0d}]);
+        d.input(id, keys).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let e = egress_of(d, vm).await?;
+            if e["lastRefused"]
+                .as_str()
+                .is_some_and(|l| l.contains("browser stream to not-allowed.example:443"))
+            {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "Chromium's request was not refused: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        drop(service);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_vm_killed_mid_login_fails_its_session_at_once() -> Result<()> {
+    with_vms(
+        |s| s.set("auth", "prestart_cli_vm", "false"),
+        async |d, _| {
+            let v = awaiting_user(d, "vm-carol").await?;
+            let id = v["sessionId"].as_str().context("sessionId")?;
+            let vm = v["browserVmId"].as_str().context("browserVmId")?;
+            let (_, view) = d
+                .request(Method::GET, &format!("/api/vms/{vm}"), None)
+                .await?;
+            let pid = view["vmmPid"].as_i64().context("vmmPid")? as i32;
+            let killed = std::time::Instant::now();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            let done = d
+                .wait_session(id, Duration::from_secs(20), |v| v["state"] == "failed")
+                .await?;
+            let error = done["error"].as_str().unwrap_or("");
+            ensure!(
+                killed.elapsed() < Duration::from_secs(10),
+                "took {:?}",
+                killed.elapsed()
+            );
+            ensure!(error.contains("last console lines"), "{error}");
+            let kept = d.state_dir().join("failed-vms").join(vm);
+            for file in ["console.log", "agent.log", "error.txt"] {
+                ensure!(
+                    kept.join(file).is_file(),
+                    "{file} not kept in {}",
+                    kept.display()
+                );
+            }
+            Ok(())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_vm_with_too_little_memory_fails_saying_so() -> Result<()> {
+    let tune = |s: Settings| {
+        s.set("vm", "browser_memory_mib", "320")
+            .set("auth", "prestart_cli_vm", "false")
+    };
+    with_vms(tune, async |d, _| {
+        let id = d.start_session("vm-dave", "demo").await?;
+        let done = d
+            .wait_session(&id, BROWSER_UP, |v| {
+                v["state"] == "failed" || v["state"] == "awaiting_user"
+            })
+            .await?;
+        let error = done["error"].as_str().unwrap_or("");
+        ensure!(state_is(&done, "failed"), "{done}");
+        ensure!(
+            error.contains("ran out of memory") && error.contains("320 MiB"),
+            "{error}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_image_with_another_agent_is_refused_by_name() -> Result<()> {
+    let real = image("browser")?;
+    let copy = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(&real)? {
+        let entry = entry?;
+        std::os::unix::fs::symlink(entry.path(), copy.path().join(entry.file_name()))?;
+    }
+    let manifest_path = copy.path().join("manifest.json");
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+    manifest["agentBuildId"] = json!("0123456789abcdef0123456789abcdef01234567");
+    std::fs::remove_file(&manifest_path)?;
+    std::fs::write(&manifest_path, manifest.to_string())?;
+    let dir = copy.path().display().to_string();
+    let tune = |s: Settings| s.set("vm", "browser_image", &format!("{dir:?}"));
+    with_vms(tune, async |d, _| {
+        let (status, v) = d
+            .request(Method::POST, "/api/vms", Some(json!({"kind": "browser"})))
+            .await?;
+        let error = v["error"].as_str().unwrap_or("");
+        ensure!(status == 503, "{status} {v}");
+        ensure!(
+            error.contains("stale browser image") && error.contains(&dir),
+            "{error}"
+        );
+        let id = d.start_session("vm-erin", "demo").await?;
+        let done = d
+            .wait_session(&id, Duration::from_secs(30), |v| v["state"] == "failed")
+            .await?;
+        ensure!(
+            done["error"].as_str().unwrap_or("").contains(&dir),
+            "{done}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_image_runs_the_agent_under_systemd_and_keeps_the_home_disk() -> Result<()> {
+    with_vms(
+        |s| s,
+        async |d, _| {
+            let first = d
+                .ready_vm(json!({"kind": "cli", "userId": "vm-frank"}))
+                .await?;
+            let vm = first["id"].as_str().context("id")?;
+            let init = d.exec(vm, &["cat", "/proc/1/comm"]).await?;
+            ensure!(init["stdout"] == "systemd\n", "{init}");
+            let unit = d
+                .exec(vm, &["systemctl", "is-active", "airlock-guest.service"])
+                .await?;
+            ensure!(unit["stdout"] == "active\n", "{unit}");
+            let put = d
+                .http
+                .put(format!(
+                    "{}/api/vms/{vm}/files?path=/root/notes.txt&mode=600",
+                    d.base
+                ))
+                .body("kept")
+                .send()
+                .await?;
+            ensure!(put.status() == 200, "{}", put.status());
+            d.delete_vm(vm).await?;
+            let second = d
+                .ready_vm(json!({"kind": "cli", "userId": "vm-frank"}))
+                .await?;
+            let vm = second["id"].as_str().context("id")?;
+            let cat = d.exec(vm, &["cat", "/root/notes.txt"]).await?;
+            ensure!(cat["stdout"] == "kept", "{cat}");
+            Ok(())
+        },
+    )
+    .await
+}

@@ -1,0 +1,708 @@
+//! Checks of the golden VM images that `make image` builds into
+//! `build/images/browser` and `build/images/cli` (image/build-image.sh):
+//! a fresh build from the same inputs gives the same bytes (imageSha256 and
+//! every component), each manifest describes its files truthfully, the
+//! initramfs holds stage 1 (agent, marker, modules), the Debian layer holds
+//! nothing of the build host, and the airlock layer holds our files with
+//! the right modes.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use airlock_tests::{artifacts, Artifacts};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const KINDS: [&str; 2] = ["browser", "cli"];
+/// The files an image's identity covers, in the order of `imageSha256`.
+const COMPONENTS: [&str; 4] = [
+    "vmlinuz",
+    "initrd.cpio.gz",
+    "base.squashfs",
+    "airlock.squashfs",
+];
+const MAX_BROWSER_IMAGE_BYTES: u64 = 600 << 20;
+
+fn image_dir(a: &Artifacts, kind: &str) -> PathBuf {
+    a.build_dir.join("images").join(kind)
+}
+
+fn read_manifest(dir: &Path) -> Result<Value> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {} (run `make image`)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn sha256_bytes(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Runs a command; its stdout, or an error with its stderr.
+fn run(cmd: &mut Command) -> Result<Vec<u8>> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+fn run_text(cmd: &mut Command) -> Result<String> {
+    Ok(String::from_utf8_lossy(&run(cmd)?).into_owned())
+}
+
+/// One entry of `unsquashfs -lln`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    mode: String,
+    owner: String,
+    target: Option<String>,
+}
+
+/// `unsquashfs -lln` of a layer, by path relative to its root ("" is the root).
+fn squashfs_listing(image: &Path) -> Result<BTreeMap<String, Entry>> {
+    let text = run_text(Command::new("unsquashfs").arg("-lln").arg(image))?;
+    let mut entries = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(at) = words.iter().position(|w| w.starts_with("squashfs-root")) else {
+            continue;
+        };
+        let path = words[at]
+            .trim_start_matches("squashfs-root")
+            .trim_start_matches('/')
+            .to_string();
+        let target = (words.get(at + 1) == Some(&"->")).then(|| words[at + 2..].join(" "));
+        entries.insert(
+            path,
+            Entry {
+                mode: words[0].to_string(),
+                owner: words[1].to_string(),
+                target,
+            },
+        );
+    }
+    ensure!(
+        !entries.is_empty(),
+        "unsquashfs listed nothing in {}",
+        image.display()
+    );
+    Ok(entries)
+}
+
+fn squashfs_cat(image: &Path, path: &str) -> Result<Vec<u8>> {
+    run(Command::new("unsquashfs").arg("-cat").arg(image).arg(path))
+        .with_context(|| format!("{path} in {}", image.display()))
+}
+
+/// `cpio -t` (names) of the gzip'd initramfs.
+fn initrd_names(initrd: &Path) -> Result<Vec<String>> {
+    let text = run_text(Command::new("sh").arg("-c").arg(format!(
+        "gzip -dc '{}' | cpio -it --quiet",
+        initrd.display()
+    )))?;
+    Ok(text.lines().map(str::to_string).collect())
+}
+
+fn initrd_cat(initrd: &Path, name: &str) -> Result<Vec<u8>> {
+    run(Command::new("sh").arg("-c").arg(format!(
+        "gzip -dc '{}' | cpio -i --quiet --to-stdout '{name}'",
+        initrd.display()
+    )))
+}
+
+/// Lines only in `a` ("-") or only in `b` ("+"), at most `max`.
+fn line_diff(a: &str, b: &str, max: usize) -> String {
+    let left: std::collections::BTreeSet<&str> = a.lines().collect();
+    let right: std::collections::BTreeSet<&str> = b.lines().collect();
+    let mut out: Vec<String> = left
+        .difference(&right)
+        .map(|l| format!("- {l}"))
+        .chain(right.difference(&left).map(|l| format!("+ {l}")))
+        .collect();
+    let total = out.len();
+    out.truncate(max);
+    if total > max {
+        out.push(format!("... and {} more lines", total - max));
+    }
+    out.join("\n")
+}
+
+/// Says which files of a component differ between two builds: the listings
+/// first (names, modes, owners, sizes, times), then, when those agree, the
+/// contents (both extracted and compared).
+fn explain_component(component: &str, old: &Path, new: &Path, scratch: &Path) -> Result<String> {
+    let (a, b) = (old.join(component), new.join(component));
+    let (list_a, list_b, extract): (String, String, bool) = match component {
+        "base.squashfs" | "airlock.squashfs" => {
+            let l = |p: &Path| run_text(Command::new("unsquashfs").arg("-lln").arg(p));
+            (l(&a)?, l(&b)?, true)
+        }
+        "initrd.cpio.gz" => {
+            let l = |p: &Path| {
+                run_text(
+                    Command::new("sh")
+                        .arg("-c")
+                        .arg(format!("gzip -dc '{}' | cpio -itv --quiet", p.display())),
+                )
+            };
+            (l(&a)?, l(&b)?, true)
+        }
+        _ => (String::new(), String::new(), false),
+    };
+    if list_a != list_b {
+        return Ok(format!(
+            "listings differ (- {}, + {}):\n{}",
+            a.display(),
+            b.display(),
+            line_diff(&list_a, &list_b, 60)
+        ));
+    }
+    if !extract {
+        return Ok("contents differ".into());
+    }
+    let (xa, xb) = (scratch.join("old"), scratch.join("new"));
+    for (src, dst) in [(&a, &xa), (&b, &xb)] {
+        let _ = std::fs::remove_dir_all(dst);
+        if component.ends_with(".squashfs") {
+            run(Command::new("unsquashfs")
+                .args(["-q", "-n", "-d"])
+                .arg(dst)
+                .arg(src))?;
+        } else {
+            std::fs::create_dir_all(dst)?;
+            run(Command::new("sh").arg("-c").arg(format!(
+                "cd '{}' && gzip -dc '{}' | cpio -id --quiet",
+                dst.display(),
+                src.display()
+            )))?;
+        }
+    }
+    let out = Command::new("diff")
+        .args(["-rq", "--no-dereference"])
+        .arg(&xa)
+        .arg(&xb)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = text.lines().take(60).collect();
+    if lines.is_empty() {
+        lines.push("(same names, metadata and file contents: the difference is in the packing)");
+    }
+    let _ = std::fs::remove_dir_all(&xa);
+    let _ = std::fs::remove_dir_all(&xb);
+    Ok(format!(
+        "same listing, different contents:\n{}",
+        lines.join("\n")
+    ))
+}
+
+fn package_map(manifest: &Value) -> BTreeMap<String, String> {
+    manifest["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                format!(
+                    "{} {}",
+                    p["version"].as_str().unwrap_or_default(),
+                    p["architecture"].as_str().unwrap_or_default()
+                ),
+            )
+        })
+        .collect()
+}
+
+fn build_image_command(a: &Artifacts, kind: &str, out: &Path) -> Command {
+    let mut cmd = Command::new(a.repo.join("image/build-image.sh"));
+    cmd.args(["--kind", kind, "--rebuild", "--agent"])
+        .arg(&a.guest_bin)
+        .arg("--out")
+        .arg(out);
+    if kind == "browser" {
+        cmd.arg("--streamer")
+            .arg(&a.streamer_bin)
+            .arg("--fake-cli")
+            .arg(a.build_dir.join("bin/fake-cli"));
+    } else {
+        cmd.arg("--unit")
+            .arg(a.repo.join("systemd/airlock-guest.service"));
+    }
+    cmd
+}
+
+#[test]
+fn browser_and_cli_images_rebuild_to_the_same_hash() -> Result<()> {
+    let a = artifacts()?;
+    let scratch = tempfile::tempdir()?;
+    let mut problems = Vec::new();
+    for kind in KINDS {
+        let cached_dir = image_dir(&a, kind);
+        let cached = read_manifest(&cached_dir)?;
+        let out = scratch.path().join(kind);
+        // Every layer afresh (--rebuild); only the .deb cache is shared.
+        let output = build_image_command(&a, kind, &out)
+            .stdin(Stdio::null())
+            .output()
+            .context("run image/build-image.sh")?;
+        ensure!(
+            output.status.success(),
+            "rebuilding the {kind} image failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        let fresh = read_manifest(&out)?;
+        ensure!(
+            fresh["inputsKey"] == cached["inputsKey"],
+            "{} was built from other inputs than the current ones (inputsKey {} there, {} now): run `make image`",
+            cached_dir.display(),
+            cached["inputsKey"],
+            fresh["inputsKey"]
+        );
+        if fresh["imageSha256"] == cached["imageSha256"] {
+            for c in COMPONENTS {
+                assert_eq!(fresh["files"][c], cached["files"][c], "{kind} {c}");
+            }
+            println!(
+                "{kind}: rebuilt to the same imageSha256 {}",
+                fresh["imageSha256"]
+            );
+        } else {
+            let mut report = format!(
+                "{kind}: the rebuild's imageSha256 {} differs from {}'s {}",
+                fresh["imageSha256"],
+                cached_dir.display(),
+                cached["imageSha256"]
+            );
+            let (old_pkgs, new_pkgs) = (package_map(&cached), package_map(&fresh));
+            if old_pkgs != new_pkgs {
+                let fmt = |m: &BTreeMap<String, String>| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}\n"))
+                        .collect::<String>()
+                };
+                report += &format!(
+                    "\n  the Debian packages differ (the mirror has moved on since the cached build; raise image/debian/SOURCE_DATE_EPOCH to rebuild with the new versions):\n{}",
+                    line_diff(&fmt(&old_pkgs), &fmt(&new_pkgs), 40)
+                );
+            }
+            for c in COMPONENTS {
+                if fresh["files"][c]["sha256"] != cached["files"][c]["sha256"] {
+                    let why = explain_component(c, &cached_dir, &out, scratch.path())
+                        .unwrap_or_else(|e| format!("(could not compare: {e:#})"));
+                    report += &format!("\n  {c} differs: {why}");
+                }
+            }
+            problems.push(report);
+        }
+        std::fs::remove_dir_all(&out)?;
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n\n"));
+    }
+    Ok(())
+}
+
+#[test]
+fn manifests_describe_the_images() -> Result<()> {
+    let a = artifacts()?;
+    let agent = std::fs::read(&a.guest_bin)?;
+    let agent_sha = sha256_bytes(&agent);
+    let build_id = airlock_proto::elf::gnu_build_id(&agent)?;
+    let epoch: u64 = std::fs::read_to_string(a.repo.join("image/debian/SOURCE_DATE_EPOCH"))?
+        .trim()
+        .parse()?;
+    let unit_path = a.repo.join("systemd/airlock-guest.service");
+    let unit = std::fs::read_to_string(&unit_path)?;
+    let mut problems: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+
+    for kind in KINDS {
+        let dir = image_dir(&a, kind);
+        let m = read_manifest(&dir)?;
+        check(m["kind"] == kind, format!("{kind}: kind is {}", m["kind"]));
+
+        // Files: hashes and sizes as on disk, and the identity over them.
+        let mut lines = String::new();
+        let mut total = 0u64;
+        for c in COMPONENTS {
+            let path = dir.join(c);
+            let sha = sha256_file(&path)?;
+            let size = std::fs::metadata(&path)?.len();
+            total += size;
+            check(
+                m["files"][c]["sha256"] == sha.as_str(),
+                format!(
+                    "{kind}: {c} has sha256 {sha}, the manifest says {}",
+                    m["files"][c]["sha256"]
+                ),
+            );
+            check(
+                m["files"][c]["size"] == size,
+                format!(
+                    "{kind}: {c} has {size} bytes, the manifest says {}",
+                    m["files"][c]["size"]
+                ),
+            );
+            lines += &format!("{sha}  {c}\n");
+        }
+        total += std::fs::metadata(dir.join("manifest.json"))?.len();
+        check(
+            m["imageSha256"] == sha256_bytes(lines.as_bytes()).as_str(),
+            format!("{kind}: imageSha256 is not the hash of the component hashes"),
+        );
+        println!("{kind}: {} bytes in {}", total, dir.display());
+        if kind == "browser" {
+            check(
+                total <= MAX_BROWSER_IMAGE_BYTES,
+                format!("browser image is {} MiB, over 600 MiB", total >> 20),
+            );
+        }
+
+        // Agent, kernel, sources, packages.
+        check(
+            m["agentBuildId"] == build_id.as_str(),
+            format!(
+                "{kind}: agentBuildId {} is not the build's {build_id}",
+                m["agentBuildId"]
+            ),
+        );
+        check(
+            m["agentSha256"] == agent_sha.as_str(),
+            format!("{kind}: agentSha256 is not build/bin/airlock-guest's"),
+        );
+        check(
+            m["agentVersion"].as_str().is_some_and(|v| !v.is_empty()),
+            format!("{kind}: no agentVersion"),
+        );
+        for key in [
+            "kernelVersion",
+            "kernelPackage",
+            "kernelPackageVersion",
+            "inputsKey",
+        ] {
+            check(
+                m[key].as_str().is_some_and(|v| !v.is_empty()),
+                format!("{kind}: no {key}"),
+            );
+        }
+        check(
+            m["vendorClis"].as_object().is_some(),
+            format!("{kind}: vendorClis is not an object"),
+        );
+        check(
+            m["sourceDateEpoch"] == epoch,
+            format!(
+                "{kind}: sourceDateEpoch {} is not {epoch}",
+                m["sourceDateEpoch"]
+            ),
+        );
+        check(
+            m["aptSources"].as_array().is_some_and(|s| !s.is_empty()),
+            format!("{kind}: no aptSources"),
+        );
+        check(
+            m["buildSeconds"].is_number(),
+            format!("{kind}: no buildSeconds"),
+        );
+        match m["nonReproducible"].as_array() {
+            Some(list) => {
+                for item in list {
+                    println!(
+                        "{kind}: not reproducible: {} ({})",
+                        item["path"], item["why"]
+                    );
+                    check(
+                        item["path"].is_string() && item["why"].is_string(),
+                        format!("{kind}: nonReproducible entry {item} lacks path or why"),
+                    );
+                }
+            }
+            None => check(false, format!("{kind}: no nonReproducible list")),
+        }
+        let packages = package_map(&m);
+        let wanted: &[&str] = if kind == "browser" {
+            &[
+                "chromium",
+                "xvfb",
+                "fonts-liberation",
+                "gstreamer1.0-plugins-bad",
+                "curl",
+            ]
+        } else {
+            &["systemd", "ca-certificates", "curl", "git"]
+        };
+        for p in wanted {
+            check(
+                packages.contains_key(*p),
+                format!("{kind}: package {p} is not in the manifest"),
+            );
+        }
+        if kind == "browser" {
+            for p in ["systemd", "apt", "chromium-sandbox"] {
+                check(
+                    !packages.contains_key(p),
+                    format!("browser: package {p} should not be installed"),
+                );
+            }
+        }
+        check(
+            m["packages"].as_array().into_iter().flatten().all(|p| {
+                ["name", "version", "architecture"]
+                    .iter()
+                    .all(|k| p[*k].as_str().is_some_and(|v| !v.is_empty()))
+            }),
+            format!("{kind}: a package lacks name, version or architecture"),
+        );
+        if kind == "browser" {
+            check(
+                m["streamerSha256"] == sha256_file(&a.streamer_bin)?.as_str(),
+                "browser: streamerSha256 is not build/bin/airlock-streamer's".into(),
+            );
+            check(
+                m["fakeCliSha256"] == sha256_file(&a.build_dir.join("bin/fake-cli"))?.as_str(),
+                "browser: fakeCliSha256 is not build/bin/fake-cli's".into(),
+            );
+        }
+
+        // initrd.cpio.gz: stage 1.
+        let initrd = dir.join("initrd.cpio.gz");
+        let names = initrd_names(&initrd)?;
+        for n in ["init", "etc/airlock/stage1", "etc/airlock/modules"] {
+            check(
+                names.iter().any(|x| x == n),
+                format!("{kind}: the initrd has no /{n}"),
+            );
+        }
+        check(
+            sha256_bytes(&initrd_cat(&initrd, "init")?) == agent_sha,
+            format!("{kind}: the initrd's /init is not build/bin/airlock-guest"),
+        );
+        let release = m["kernelVersion"].as_str().unwrap_or_default();
+        let modules = String::from_utf8(initrd_cat(&initrd, "etc/airlock/modules")?)?;
+        let modules: Vec<&str> = modules.lines().collect();
+        for rel in &modules {
+            check(
+                names
+                    .iter()
+                    .any(|x| *x == format!("lib/modules/{release}/{rel}")),
+                format!("{kind}: module {rel} is listed but not in the initrd"),
+            );
+            check(
+                rel.ends_with(".ko"),
+                format!("{kind}: module {rel} is not an uncompressed .ko"),
+            );
+        }
+        let position = |name: &str| {
+            modules
+                .iter()
+                .position(|r| r.ends_with(&format!("/{name}.ko")))
+        };
+        for name in [
+            "virtio_ring",
+            "virtio",
+            "virtio_pci",
+            "vsock",
+            "vmw_vsock_virtio_transport",
+            "virtio_blk",
+            "squashfs",
+            "overlay",
+        ] {
+            check(
+                position(name).is_some(),
+                format!("{kind}: the initrd does not load {name}"),
+            );
+        }
+        check(
+            position("virtio") < position("virtio_blk")
+                && position("vsock") < position("vmw_vsock_virtio_transport"),
+            format!("{kind}: modules are not in dependency order: {modules:?}"),
+        );
+        check(
+            m["initrdModules"].as_array().map(Vec::len) == Some(modules.len()),
+            format!("{kind}: initrdModules does not match /etc/airlock/modules"),
+        );
+
+        // base.squashfs: Debian, and nothing of the build host.
+        let base = dir.join("base.squashfs");
+        check(
+            squashfs_cat(&base, "etc/resolv.conf")?.is_empty(),
+            format!("{kind}: /etc/resolv.conf is not empty"),
+        );
+        check(
+            squashfs_cat(&base, "etc/hostname")? == b"airlock\n",
+            format!("{kind}: /etc/hostname is not airlock"),
+        );
+        check(
+            squashfs_cat(&base, "etc/hosts")?
+                == b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n",
+            format!("{kind}: /etc/hosts is not the fixed one"),
+        );
+        let listing = squashfs_listing(&base)?;
+        // No machine id of the build: empty where systemd wants the file
+        // (it makes one per boot), absent in the browser image.
+        for id in ["etc/machine-id", "var/lib/dbus/machine-id"] {
+            if listing.contains_key(id) {
+                check(
+                    squashfs_cat(&base, id)?.is_empty(),
+                    format!("{kind}: /{id} is not empty"),
+                );
+            }
+        }
+        if kind == "cli" {
+            check(
+                listing.contains_key("etc/machine-id"),
+                "cli: no (empty) /etc/machine-id".into(),
+            );
+        }
+        check(
+            !listing
+                .keys()
+                .any(|p| p.starts_with("usr/lib/modules/") || p.starts_with("boot/")),
+            format!("{kind}: a kernel or modules are in the base layer"),
+        );
+        for (path, entry) in &listing {
+            if path.starts_with("etc/apt/apt.conf.d/") && entry.mode.starts_with('-') {
+                let text = String::from_utf8_lossy(&squashfs_cat(&base, path)?).to_lowercase();
+                check(
+                    !text.contains("proxy"),
+                    format!("{kind}: /{path} sets an apt proxy"),
+                );
+            }
+        }
+        let passwd = String::from_utf8(squashfs_cat(&base, "etc/passwd")?)?;
+        if kind == "browser" {
+            for line in [
+                "airlock-browser:x:1001:1001:airlock browser:/nonexistent:/usr/sbin/nologin",
+                "airlock-login:x:1002:1002:airlock login:/nonexistent:/usr/sbin/nologin",
+            ] {
+                check(
+                    passwd.lines().any(|l| l == line),
+                    format!("browser: /etc/passwd lacks {line}"),
+                );
+            }
+            check(
+                listing.contains_key("usr/bin/chromium"),
+                "browser: no /usr/bin/chromium".into(),
+            );
+            check(
+                listing.contains_key("usr/bin/Xvfb"),
+                "browser: no /usr/bin/Xvfb".into(),
+            );
+        } else {
+            check(
+                listing.contains_key("usr/lib/systemd/systemd"),
+                "cli: no /usr/lib/systemd/systemd".into(),
+            );
+            for unit in ["apt-daily.timer", "apt-daily-upgrade.timer"] {
+                let target = listing
+                    .get(&format!("etc/systemd/system/{unit}"))
+                    .and_then(|e| e.target.clone());
+                check(
+                    target.as_deref() == Some("/dev/null"),
+                    format!("cli: {unit} is not masked"),
+                );
+            }
+        }
+
+        // airlock.squashfs: our files, modes and owners.
+        let layer = dir.join("airlock.squashfs");
+        let ours = squashfs_listing(&layer)?;
+        let expect = |path: &str, mode: &str, target: Option<&str>| -> Option<String> {
+            match ours.get(path) {
+                Some(e) if e.mode == mode && e.owner == "0/0" && e.target.as_deref() == target => {
+                    None
+                }
+                other => Some(format!(
+                    "{kind}: airlock layer /{path} is {other:?}, want {mode} 0/0 {target:?}"
+                )),
+            }
+        };
+        let mut wants = vec![
+            expect("", "drwxr-xr-x", None),
+            expect("usr/lib/airlock/airlock-guest", "-rwxr-xr-x", None),
+        ];
+        if kind == "browser" {
+            wants.push(expect(
+                "usr/lib/airlock/airlock-streamer",
+                "-rwxr-xr-x",
+                None,
+            ));
+            wants.push(expect("usr/lib/airlock/fakes/fake-cli", "-rwxr-xr-x", None));
+            for cli in ["codex", "claude", "gemini", "airlock-demo-cli"] {
+                wants.push(expect(
+                    &format!("usr/lib/airlock/fakes/{cli}"),
+                    "lrwxrwxrwx",
+                    Some("fake-cli"),
+                ));
+            }
+            check(
+                sha256_bytes(&squashfs_cat(&layer, "usr/lib/airlock/airlock-streamer")?)
+                    == sha256_file(&a.streamer_bin)?,
+                "browser: the layer's streamer is not build/bin/airlock-streamer".into(),
+            );
+        } else {
+            wants.push(expect(
+                "etc/systemd/system/airlock-guest.service",
+                "-rw-r--r--",
+                None,
+            ));
+            check(
+                squashfs_cat(&layer, "etc/systemd/system/airlock-guest.service")?
+                    == unit.as_bytes(),
+                "cli: the layer's unit is not systemd/airlock-guest.service".into(),
+            );
+            for target in unit
+                .lines()
+                .filter_map(|l| l.strip_prefix("WantedBy="))
+                .flat_map(str::split_whitespace)
+            {
+                wants.push(expect(
+                    &format!("etc/systemd/system/{target}.wants/airlock-guest.service"),
+                    "lrwxrwxrwx",
+                    Some("/etc/systemd/system/airlock-guest.service"),
+                ));
+            }
+        }
+        for w in wants.into_iter().flatten() {
+            check(false, w);
+        }
+        check(
+            sha256_bytes(&squashfs_cat(&layer, "usr/lib/airlock/airlock-guest")?) == agent_sha,
+            format!("{kind}: the layer's agent is not build/bin/airlock-guest"),
+        );
+    }
+    if !problems.is_empty() {
+        bail!("{} problem(s):\n{}", problems.len(), problems.join("\n"));
+    }
+    Ok(())
+}
