@@ -16,7 +16,10 @@
 #                     to build, so cached by a hash of what shapes it
 #   airlock.squashfs  airlock's own files, layered on top (seconds):
 #                     /usr/lib/airlock/airlock-guest, and for browser the
-#                     streamer and fakes/fake-cli (+ codex, claude, gemini,
+#                     Chromium policy image/chromium-policy.json (no search
+#                     engine or suggestions, no prediction or background
+#                     requests: a login browser sends only what the page
+#                     asks for), the streamer and fakes/fake-cli (+ codex, claude, gemini,
 #                     airlock-demo-cli links); for cli the agent's systemd
 #                     unit, enabled, and checked with systemd-analyze verify
 #   manifest.json     kind, imageSha256 (sha256 of the `sha256sum` lines of
@@ -130,6 +133,7 @@ inputs_key=$({
     echo "base $base_key"
     echo "script $(sha "$here/build-image.sh")"
     echo "modules $(cat "$here/modules.txt" "$here/stage1-modules.txt" | sha_text)"
+    echo "chromium-policy $(sha "$here/chromium-policy.json")"
     echo "agent $agent_sha"
     echo "streamer $streamer_sha"
     echo "fake-cli $fake_cli_sha"
@@ -294,6 +298,8 @@ if [ "$kind" = browser ]; then
         die "$streamer links ${missing[*]}, which the browser image lacks: add the package(s) (on this host: ${hint:-unknown}) to image/debian/browser.packages"
     fi
     install -m 0755 "$streamer" "$layer/usr/lib/airlock/airlock-streamer"
+    mkdir -p "$layer/etc/chromium/policies/managed"
+    install -m 0644 "$here/chromium-policy.json" "$layer/etc/chromium/policies/managed/airlock.json"
     mkdir -p "$layer/usr/lib/airlock/fakes"
     install -m 0755 "$fake_cli" "$layer/usr/lib/airlock/fakes/fake-cli"
     for cli in codex claude gemini airlock-demo-cli; do ln -s fake-cli "$layer/usr/lib/airlock/fakes/$cli"; done

@@ -41,4 +41,13 @@ CONF
 turnserver -c "$conf" &
 turn=$!
 trap 'kill "$turn" 2>/dev/null || true; wait "$turn" 2>/dev/null || true' EXIT
+# coturn listens within a second; the live view needs it (viewers fall back
+# to JPEG frames without it), the login does not.
+for _ in $(seq 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/3478) 2>/dev/null && break
+    kill -0 "$turn" 2>/dev/null || break
+    sleep 0.1
+done
+(exec 3<>/dev/tcp/127.0.0.1/3478) 2>/dev/null \
+    || echo "run-dev: coturn is not listening on 127.0.0.1:3478 (see $state/turnserver.log); the live view will fall back to JPEG frames" >&2
 build/bin/airlockd --config config/dev.toml

@@ -255,10 +255,13 @@ async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Vec<u8>,
     }
 }
 
+/// The proxy's own answer. Readable by any page's script (it says only
+/// that airlock refused the request and why), so a page can tell a refusal
+/// from the destination's answer.
 async fn respond<S: AsyncWrite + Unpin>(s: &mut S, status: &str, why: &str) -> std::io::Result<()> {
     let body = format!("airlock: {why}\n");
     let text = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(text.as_bytes()).await

@@ -68,14 +68,16 @@ fn initramfs_build_is_reproducible_and_names_the_agent_build() -> Result<()> {
 fn systemd_units_verify_without_warnings() -> Result<()> {
     let a = artifacts()?;
     let dir = tempfile::tempdir()?;
-    // verify wants the ExecStart binaries to exist: point them at the build.
+    // verify wants the ExecStart binaries to exist: point them at the ones
+    // under test.
+    let airlockd = a.airlockd_bin.display().to_string();
     let bin_dir = format!("{}/", a.build_dir.join("bin").display());
     let mut units = Vec::new();
     for name in ["airlockd.service", "airlock-guest.service"] {
         let text = std::fs::read_to_string(a.repo.join("systemd").join(name))?;
         let path = dir.path().join(name);
         let text = text
-            .replace("/usr/local/bin/", &bin_dir)
+            .replace("/usr/local/bin/airlockd", &airlockd)
             .replace("/usr/lib/airlock/", &bin_dir);
         std::fs::write(&path, text)?;
         units.push(path);

@@ -22,12 +22,13 @@
 //! Every VM is torn down however a test ends (the harness's `Daemon`).
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use airlock_tests::cdp::Viewer;
 use airlock_tests::coturn::Coturn;
 use airlock_tests::live::{click_screen, press_key, type_keys};
-use airlock_tests::login::{state_is, step_events};
+use airlock_tests::login::{loaded, state_is, step_events};
 use airlock_tests::{artifacts, Daemon, Settings};
 use anyhow::{ensure, Context, Result};
 use reqwest::Method;
@@ -186,16 +187,154 @@ async fn egress_of(d: &Daemon, vm: &str) -> Result<Value> {
     Ok(v["egress"].clone())
 }
 
+/// Where a probe page's reports arrive: `(target, outcome)`, the outcome
+/// `unreachable`, `refused` (by airlock's proxy) or `reached`.
+type Reports = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+/// The probe page's server. `GET /` is a page that asks `GET /targets`
+/// for its list (set by the test once airlockd listens), tries to fetch
+/// each (as a hostile page would) and reports each outcome with
+/// `GET /report?outcome=...&target=...`, which lands on the returned
+/// receiver.
+async fn probe_server() -> Result<(u16, Arc<Mutex<Vec<String>>>, Reports)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let targets = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
+    // A no-cors fetch rejects only when nothing answered; a readable
+    // answer starting with "airlock:" is the agent's proxy refusing.
+    let page = "<!doctype html><title>probe</title><script>(async () => {\n\
+        const targets = await (await fetch('/targets')).json();\n\
+        for (const t of targets) { let outcome = 'unreachable';\n\
+          try { await fetch(t, { mode: 'no-cors', cache: 'no-store', signal: AbortSignal.timeout(30000) });\n\
+            outcome = 'reached';\n\
+            try { const r = await fetch(t, { cache: 'no-store', signal: AbortSignal.timeout(30000) });\n\
+              if (r.status === 403 && (await r.text()).startsWith('airlock:')) outcome = 'refused'; } catch (e) {}\n\
+          } catch (e) {}\n\
+          await fetch('/report?outcome=' + outcome + '&target=' + encodeURIComponent(t)); }\n\
+        })();</script>";
+    let list = targets.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (tx, list) = (tx.clone(), list.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let Ok(n) = s.read(&mut buf).await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let body = if path == "/targets" {
+                    serde_json::to_string(&*list.lock().unwrap_or_else(|p| p.into_inner()))
+                        .unwrap_or_default()
+                } else if let Some(query) = path.strip_prefix("/report?") {
+                    let q: std::collections::HashMap<String, String> =
+                        url::form_urlencoded::parse(query.as_bytes())
+                            .into_owned()
+                            .collect();
+                    let target = q.get("target").cloned().unwrap_or_default();
+                    let _ = tx.send((target, q.get("outcome").cloned().unwrap_or_default()));
+                    String::new()
+                } else {
+                    page.to_string()
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok((port, targets, reports))
+}
+
+/// A provider whose "login" opens the probe page in Chromium: what a
+/// hostile page in a browser VM can reach.
+fn probe_provider(dir: &std::path::Path, port: u16) -> Result<String> {
+    let shipped = std::fs::read_to_string(artifacts()?.repo.join("config/providers.toml"))?;
+    let probe = format!(
+        "\n[probe]\ndisplay_name = \"probe\"\n\
+         command = [\"sh\", \"-c\", \"xdg-open http://probe.test:{port}/ && exec sleep 3600\"]\n\
+         flow = {{ type = \"loopback\" }}\nconfirm = {{ type = \"file\" }}\n\
+         egress = [\"probe.test:{port}\"]\n\
+         [[probe.credentials]]\npath = \"${{HOME}}/never.json\"\ndeliver_to = \"/root/never.json\"\n"
+    );
+    let path = dir.join("providers.toml");
+    std::fs::write(&path, shipped + &probe)?;
+    Ok(format!("{:?}", path.display().to_string()))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_browser_vm_reaches_only_what_its_profile_allows() -> Result<()> {
     let service = std::net::TcpListener::bind("127.0.0.1:0")?;
     let service_port = service.local_addr()?.port();
-    // `localhost` is allowed by name here, so that the gateway's address
-    // check (not the allow-list) is what refuses it.
-    let tune = |s: Settings| s.set("egress", "allow", "[\"localhost:*\"]");
+    let dir = tempfile::tempdir()?;
+    let (probe_port, targets, mut reports) = probe_server().await?;
+    let providers = probe_provider(dir.path(), probe_port)?;
+    // `localhost` is allowed by name, so that the gateway's address check
+    // (not the allow-list) is what refuses it; the probe page's name is
+    // routed to the test's server, as an operator routes a stand-in.
+    let tune = |s: Settings| {
+        s.set("auth", "providers_file", &providers)
+            .set("auth", "prestart_cli_vm", "false")
+            .set("egress", "allow", "[\"localhost:*\"]")
+            .set(
+                "egress",
+                "routes",
+                &format!("{{ \"probe.test:{probe_port}\" = \"127.0.0.1:{probe_port}\" }}"),
+            )
+    };
     with_vms(tune, async |d, _| {
-        let v = awaiting_user(d, "vm-bob").await?;
+        let api_port = d.base.rsplit(':').next().context("port")?.to_string();
+        let page_targets = vec![
+            "https://not-allowed.example/".to_string(),
+            "http://10.1.2.3/".to_string(),
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            format!("http://127.0.0.1:{api_port}/health"),
+            format!("http://127.0.0.1:{service_port}/"),
+        ];
+        *targets.lock().unwrap_or_else(|p| p.into_inner()) = page_targets.clone();
+        let id = d.start_session("vm-bob", "probe").await?;
+        let v = d
+            .wait_session(&id, BROWSER_UP, |v| {
+                loaded(v).iter().any(|l| l.contains("probe.test")) || v["state"] == "failed"
+            })
+            .await?;
+        ensure!(state_is(&v, "awaiting_user"), "{v:#}");
         let vm = v["browserVmId"].as_str().context("browserVmId")?;
+
+        // The page: every target failed, reported through the allowed
+        // destination (the page's own server).
+        let mut seen = std::collections::BTreeMap::new();
+        while seen.len() < page_targets.len() {
+            let (target, ok) = tokio::time::timeout(Duration::from_secs(180), reports.recv())
+                .await
+                .context("the probe page stopped reporting")?
+                .context("the probe server ended")?;
+            seen.insert(target, ok);
+        }
+        for (target, outcome) in &seen {
+            ensure!(
+                outcome == "unreachable" || outcome == "refused",
+                "the page in the browser VM got {outcome} for {target}"
+            );
+        }
+        // (Chromium declines link-local addresses itself: the metadata
+        // request never leaves it, so only these two reach the gateway.)
+        let e = egress_of(d, vm).await?;
+        for refused in ["not-allowed.example:443", "10.1.2.3:80"] {
+            let wanted = format!("browser stream to {refused} refused");
+            ensure!(
+                e["recentRefusals"].as_array().is_some_and(|r| r
+                    .iter()
+                    .any(|l| l.as_str().is_some_and(|l| l.contains(&wanted)))),
+                "no refusal of the page's request to {refused}: {e}"
+            );
+        }
+
+        // Commands, through the agent's proxy.
         let nics = d.exec(vm, &["ls", "/sys/class/net"]).await?;
         ensure!(nics["stdout"] == "lo\n", "network interfaces: {nics}");
         // No route at all without the proxy (a documentation address:
@@ -205,8 +344,6 @@ async fn a_browser_vm_reaches_only_what_its_profile_allows() -> Result<()> {
             code == 7,
             "a direct connection did not fail at once: {code} {out}"
         );
-
-        let api_port = d.base.rsplit(':').next().context("port")?;
         let refused = [
             "https://blocked.example/".to_string(),
             format!("http://127.0.0.1:{api_port}/health"),
@@ -215,6 +352,7 @@ async fn a_browser_vm_reaches_only_what_its_profile_allows() -> Result<()> {
             "http://10.1.2.3/".to_string(),
             "http://169.254.169.254/latest/meta-data/".to_string(),
         ];
+        let before = e["refused"].as_u64().unwrap_or(0);
         for url in &refused {
             let (code, out) = curl(d, vm, &["--noproxy", "", url]).await?;
             ensure!(
@@ -222,55 +360,17 @@ async fn a_browser_vm_reaches_only_what_its_profile_allows() -> Result<()> {
                 "{url} was not refused: {code} {out}"
             );
         }
-        let before = egress_of(d, vm).await?["refused"].as_u64().unwrap_or(0);
-        ensure!(before >= refused.len() as u64, "refusals counted: {before}");
-
-        // The demo OAuth server is the profile's destination.
-        let demo_url = v["steps"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["event"] == "urlOpened"))
-            .and_then(|s| s["detail"].as_str())
-            .and_then(|d| d.split_whitespace().next())
-            .context("urlOpened")?
-            .to_string();
-        let origin: String = demo_url.split('/').take(3).collect::<Vec<_>>().join("/");
-        let (code, out) = curl(
-            d,
-            vm,
-            &[&format!(
-                "{origin}/demo/oauth/.well-known/openid-configuration"
-            )],
-        )
-        .await?;
+        let after = egress_of(d, vm).await?["refused"].as_u64().unwrap_or(0);
         ensure!(
-            code == 0 && !out.starts_with("403"),
+            after >= before + refused.len() as u64,
+            "refusals counted: {before} -> {after}"
+        );
+        // The profile's destination works for a command too.
+        let (code, out) = curl(d, vm, &[&format!("http://probe.test:{probe_port}/")]).await?;
+        ensure!(
+            code == 0 && out.starts_with("200"),
             "allowed destination: {code} {out}"
         );
-
-        // A page in the VM's Chromium: the address bar, through the input
-        // endpoint, to a host the profile does not name.
-        let id = v["sessionId"].as_str().context("sessionId")?;
-        let keys = json!([
-            {"type": "keyDown", "keysym": 0xffe3}, {"type": "keyDown", "keysym": 0x6c},
-            {"type": "keyUp", "keysym": 0x6c}, {"type": "keyUp", "keysym": 0xffe3},
-            {"type": "text", "text": "https://not-allowed.example/"},
-            {"type": "keyDown", "keysym": 0xff0d}, {"type": "keyUp", "keysym": 0xff0d}]);
-        d.input(id, keys).await?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let e = egress_of(d, vm).await?;
-            if e["lastRefused"]
-                .as_str()
-                .is_some_and(|l| l.contains("browser stream to not-allowed.example:443"))
-            {
-                break;
-            }
-            ensure!(
-                std::time::Instant::now() < deadline,
-                "Chromium's request was not refused: {e}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
         drop(service);
         Ok(())
     })
@@ -285,6 +385,11 @@ async fn a_browser_vm_killed_mid_login_fails_its_session_at_once() -> Result<()>
             let v = awaiting_user(d, "vm-carol").await?;
             let id = v["sessionId"].as_str().context("sessionId")?;
             let vm = v["browserVmId"].as_str().context("browserVmId")?;
+            // Everything runs (and has written to its log) when it dies.
+            d.wait_session(id, BROWSER_UP, |v| {
+                step_events(v).iter().any(|e| e == "streamerRunning")
+            })
+            .await?;
             let (_, view) = d
                 .request(Method::GET, &format!("/api/vms/{vm}"), None)
                 .await?;
@@ -305,7 +410,13 @@ async fn a_browser_vm_killed_mid_login_fails_its_session_at_once() -> Result<()>
             );
             ensure!(error.contains("last console lines"), "{error}");
             let kept = d.state_dir().join("failed-vms").join(vm);
-            for file in ["console.log", "agent.log", "error.txt"] {
+            for file in [
+                "console.log",
+                "agent.log",
+                "chromium.log",
+                "streamer.log",
+                "error.txt",
+            ] {
                 ensure!(
                     kept.join(file).is_file(),
                     "{file} not kept in {}",

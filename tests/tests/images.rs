@@ -670,6 +670,13 @@ fn manifests_describe_the_images() -> Result<()> {
                     == sha256_file(&a.streamer_bin)?,
                 "browser: the layer's streamer is not build/bin/airlock-streamer".into(),
             );
+            let policy = "etc/chromium/policies/managed/airlock.json";
+            wants.push(expect(policy, "-rw-r--r--", None));
+            check(
+                squashfs_cat(&layer, policy)?
+                    == std::fs::read(a.repo.join("image/chromium-policy.json"))?,
+                "browser: the layer's Chromium policy is not image/chromium-policy.json".into(),
+            );
         } else {
             wants.push(expect(
                 "etc/systemd/system/airlock-guest.service",

@@ -387,13 +387,19 @@ pub async fn start_chromium(
 }
 
 /// A throwaway browser offers to save nothing: no password manager or
-/// autofill bubbles (they would also take keyboard focus from the page).
+/// autofill bubbles (they would also take keyboard focus from the page),
+/// and sends nothing the person did not ask for: no search suggestions
+/// for what is typed into the address bar (each keystroke would be a
+/// request to the search engine, refused by the egress gateway anyway).
 fn write_preferences(profile: &Path) -> std::io::Result<()> {
     let prefs = serde_json::json!({
         "credentials_enable_service": false,
         "profile": { "password_manager_enabled": false, "exit_type": "Normal" },
         "autofill": { "profile_enabled": false, "credit_card_enabled": false },
         "translate": { "enabled": false },
+        "search": { "suggest_enabled": false },
+        "alternate_error_pages": { "enabled": false },
+        "safebrowsing": { "enabled": false },
     });
     let dir = profile.join("Default");
     std::fs::create_dir_all(&dir)?;

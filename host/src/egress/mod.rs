@@ -222,11 +222,14 @@ pub struct EgressStats {
     log: Mutex<RefusalLog>,
 }
 
+/// Refusals kept in a VM's view, newest last.
+const RECENT_REFUSALS: usize = 16;
+
 #[derive(Debug, Default)]
 struct RefusalLog {
     window: Option<Instant>,
     in_window: u32,
-    last: Option<String>,
+    recent: std::collections::VecDeque<String>,
 }
 
 /// A VM's egress counters (`egress` in its view).
@@ -241,9 +244,9 @@ pub struct EgressView {
     pub bytes_out: u64,
     /// Bytes back into the VM.
     pub bytes_in: u64,
-    /// The latest refusal.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_refused: Option<String>,
+    /// The latest refusals, newest last (at most sixteen).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recent_refusals: Vec<String>,
 }
 
 impl EgressStats {
@@ -261,7 +264,10 @@ impl EgressStats {
     fn refused(&self, vm_id: &str, what: &str, per_min: u32) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        log.last = Some(what.chars().take(300).collect());
+        if log.recent.len() == RECENT_REFUSALS {
+            log.recent.pop_front();
+        }
+        log.recent.push_back(what.chars().take(300).collect());
         let now = Instant::now();
         if log
             .window
@@ -285,12 +291,14 @@ impl EgressStats {
             refused: self.refused.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
-            last_refused: self
+            recent_refusals: self
                 .log
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .last
-                .clone(),
+                .recent
+                .iter()
+                .cloned()
+                .collect(),
         }
     }
 }

@@ -99,7 +99,7 @@ async fn release_browser(ctx: &Inner, h: &SessionHandle, end: &End) {
             "{} streams out, {} refused, {} bytes out, {} bytes in",
             e.streams, e.refused, e.bytes_out, e.bytes_in
         );
-        if let Some(last) = e.last_refused {
+        if let Some(last) = e.recent_refusals.last() {
             detail.push_str(&format!("; last refused: {last}"));
         }
         ctx.record(h, None, "egress", Some(detail));
@@ -112,8 +112,15 @@ async fn release_browser(ctx: &Inner, h: &SessionHandle, end: &End) {
         }
         _ => ctx.vms.delete(&vm).await,
     };
-    if let Err(e) = result {
-        tracing::warn!(vm_id = %vm, error = %e, "cannot delete the browser VM");
+    match result {
+        // Where its console, agent and program logs are, for whoever
+        // diagnoses the failure.
+        Ok(view) => {
+            if let Some(dir) = view.logs_dir {
+                ctx.record(h, None, "logsKept", Some(dir));
+            }
+        }
+        Err(e) => tracing::warn!(vm_id = %vm, error = %e, "cannot delete the browser VM"),
     }
     h.view.send_modify(|v| v.browser_vm_id = None);
 }
