@@ -781,6 +781,16 @@ mod tests {
     }
 
     #[test]
+    fn a_host_process_browser_needs_the_unsafe_flag() {
+        let mut c = Config::default();
+        c.vm.browser_backend = Some(BackendKind::Process);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("vm.unsafe_host_browser"), "{e}");
+        c.vm.unsafe_host_browser = true;
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn half_tls_is_rejected() {
         let mut c = Config::default();
         c.server.tls_cert = Some("/x.pem".into());

@@ -12,7 +12,9 @@
 //! Figures, not assertions; `SPECIFICATION.md` records them.
 //!
 //! `AIRLOCK_BENCH_RUNS` sets the number of sessions (default 5);
-//! `AIRLOCK_BENCH_REBUILD=0` skips the Debian layers' rebuild (minutes).
+//! `AIRLOCK_BENCH_MEMORY_MIB` the browser VM's memory (default 1024, as
+//! `vm.browser_memory_mib`); `AIRLOCK_BENCH_REBUILD=0` skips the Debian
+//! layers' rebuild (minutes).
 
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -43,11 +45,12 @@ fn env_or(name: &str, default: usize) -> usize {
 
 async fn run() -> Result<()> {
     let runs = env_or("AIRLOCK_BENCH_RUNS", 5);
+    let memory = env_or("AIRLOCK_BENCH_MEMORY_MIB", 1024);
     let a = artifacts()?;
     let image = |kind: &str| a.build_dir.join("images").join(kind);
     println!(
         "\nairlock browser VM benchmark: {runs} demo sessions one after another, browser VMs\n\
-         from the browser image under QEMU (TCG), POST /api/auth/start -> sign-in page shown"
+         from the browser image under QEMU (TCG) with {memory} MiB, POST /api/auth/start -> sign-in page shown"
     );
     let coturn = Coturn::start()?;
     let path = |p: std::path::PathBuf| format!("{:?}", p.display().to_string());
@@ -55,6 +58,7 @@ async fn run() -> Result<()> {
         .set("vm", "browser_image", &path(image("browser")))
         .set("vm", "cli_image", &path(image("cli")))
         .set("vm", "boot_timeout_ms", "180000")
+        .set("vm", "browser_memory_mib", &memory.to_string())
         .set("auth", "demo", "true")
         .set("auth", "prestart_cli_vm", "false")
         .set("auth", "login_path_append", "[\"/usr/lib/airlock/fakes\"]");
@@ -321,24 +325,38 @@ fn report(samples: &[Sample], figures: &mut serde_json::Map<String, Value>) {
 /// Input-to-photon through the VM: with nothing focused on the sign-in
 /// page, Ctrl+A highlights its text; the viewer measures from its own
 /// keydown (a capturing listener, before the page sends the key) to the
-/// first decoded frame whose probe pixel shows the highlight. A click on
-/// an empty spot clears it between rounds.
+/// expected display time of the first decoded frame that looks more like
+/// the highlighted screen than the plain one, compared over the pixels
+/// where the two differ (so codec noise on one pixel cannot fake a hit).
+/// A click on an empty spot clears the highlight between rounds.
 const PROBE: &str = r#"(() => {
   const v = document.querySelector('#screen');
   const c = document.createElement('canvas'); c.width = 128; c.height = 72;
   const ctx = c.getContext('2d', { willReadFrequently: true });
   const grab = () => { ctx.drawImage(v, 0, 0, 128, 72); return ctx.getImageData(0, 0, 128, 72).data; };
-  window.i2p = { grab, base: null, probe: null, ref: null, t0: null, hits: [] };
+  const s = { grab, plain: null, lit: null, mask: [], t0: null, hits: [] };
+  window.i2p = s;
+  s.calibrate = () => {
+    s.mask = [];
+    for (let i = 0; i < s.plain.length; i += 4) {
+      const d = Math.abs(s.plain[i] - s.lit[i]) + Math.abs(s.plain[i+1] - s.lit[i+1]) + Math.abs(s.plain[i+2] - s.lit[i+2]);
+      if (d > 90) s.mask.push(i);
+    }
+    return s.mask.length;
+  };
+  const lit = (f) => {
+    let toPlain = 0, toLit = 0;
+    for (const i of s.mask) for (let k = 0; k < 3; k++) {
+      toPlain += Math.abs(f[i+k] - s.plain[i+k]); toLit += Math.abs(f[i+k] - s.lit[i+k]);
+    }
+    return toLit < toPlain;
+  };
   document.addEventListener('keydown', (e) => {
-    if (e.key === 'a' && e.ctrlKey) window.i2p.t0 = performance.now();
+    if (e.key === 'a' && e.ctrlKey) s.t0 = performance.now();
   }, true);
-  const cb = (now) => {
-    const s = window.i2p;
-    if (s.probe !== null && s.t0 !== null) {
-      ctx.drawImage(v, 0, 0, 128, 72);
-      const p = ctx.getImageData(s.probe % 128, Math.floor(s.probe / 128), 1, 1).data;
-      const d = Math.abs(p[0] - s.ref[0]) + Math.abs(p[1] - s.ref[1]) + Math.abs(p[2] - s.ref[2]);
-      if (d > 60) { s.hits.push(now - s.t0); s.t0 = null; }
+  const cb = (now, meta) => {
+    if (s.mask.length > 0 && s.t0 !== null && lit(grab())) {
+      s.hits.push((meta.expectedDisplayTime || now) - s.t0); s.t0 = null;
     }
     v.requestVideoFrameCallback(cb);
   };
@@ -368,24 +386,20 @@ async fn latency(d: &Daemon, figures: &mut serde_json::Map<String, Value>) -> Re
     .await
     .context("no video in the viewer")?;
     tab.eval(PROBE).await?;
+    // Pacing, not synchronisation: each change must have reached the
+    // screen (tens of ms) before the next, and rounds stay independent.
     let settle = Duration::from_millis(1500);
-    // Calibrate: the pixel that changes most between plain and highlighted.
     click_screen(tab, 12.0, 700.0).await?;
     tokio::time::sleep(settle).await;
-    tab.eval("(() => { window.i2p.base = Array.from(window.i2p.grab()); return true; })()")
+    tab.eval("(() => { window.i2p.plain = window.i2p.grab().slice(); return true; })()")
         .await?;
     ctrl_a(tab).await?;
     tokio::time::sleep(settle).await;
-    let probe = tab
-        .eval(
-            r#"(() => { const s = window.i2p; const b = s.base, h = s.grab(); let best = 0, at = 0;
-               for (let i = 0; i < b.length; i += 4) { const d = Math.abs(b[i]-h[i]) + Math.abs(b[i+1]-h[i+1]) + Math.abs(b[i+2]-h[i+2]);
-                 if (d > best) { best = d; at = i / 4; } }
-               s.probe = at; s.ref = [b[at*4], b[at*4+1], b[at*4+2]]; s.t0 = null; return best; })()"#,
-        )
+    let pixels = tab
+        .eval("(() => { const s = window.i2p; s.lit = s.grab().slice(); s.t0 = null; return s.calibrate(); })()")
         .await?;
-    if probe.as_f64().unwrap_or(0.0) < 60.0 {
-        bail!("Ctrl+A changed no pixel of the viewer's video ({probe})");
+    if pixels.as_f64().unwrap_or(0.0) < 20.0 {
+        bail!("Ctrl+A changed too few pixels of the viewer's video ({pixels})");
     }
     for _ in 0..rounds {
         click_screen(tab, 12.0, 700.0).await?;
@@ -395,18 +409,18 @@ async fn latency(d: &Daemon, figures: &mut serde_json::Map<String, Value>) -> Re
     }
     let hits: Vec<f64> = serde_json::from_value(tab.eval("window.i2p.hits").await?)?;
     println!(
-        "\nlive view with the source in the VM, input to photon ({} of {rounds} rounds seen):",
+        "\nlive view with the source in the VM, input to photon ({} of {rounds} rounds seen, {pixels} of 9216 probe pixels change):",
         hits.len()
     );
     println!(
-        "  key pressed in the viewer -> highlight on its screen: median {:.0} ms, p95 {:.0} ms (min {:.0}, max {:.0})",
+        "  key pressed in the viewer -> highlight displayed by it: median {:.0} ms, p95 {:.0} ms (min {:.0}, max {:.0})",
         median(&hits),
         percentile(&hits, 95.0),
         percentile(&hits, 0.0),
         percentile(&hits, 100.0)
     );
     println!(
-        "  (data channel and video both through TURN over TCP and the egress gateway; under TCG)"
+        "  (key over the data channel, video back; both through TURN over TCP and the egress gateway; under TCG)"
     );
     figures.insert("inputToPhotonMedianMs".into(), json!(median(&hits)));
     figures.insert("inputToPhotonP95Ms".into(), json!(percentile(&hits, 95.0)));
@@ -420,11 +434,23 @@ async fn latency(d: &Daemon, figures: &mut serde_json::Map<String, Value>) -> Re
     Ok(())
 }
 
+/// Ctrl+A as a person types it: Control goes down first (the viewer
+/// sends it to the VM as its own keysym), then A, then both come up.
 async fn ctrl_a(tab: &airlock_tests::cdp::Tab) -> Result<()> {
-    for kind in ["rawKeyDown", "keyUp"] {
-        let params = json!({
-            "type": kind, "key": "a", "code": "KeyA", "windowsVirtualKeyCode": 65, "modifiers": 2,
-        });
+    let control = |kind: &str, modifiers: u8| {
+        json!({ "type": kind, "key": "Control", "code": "ControlLeft",
+                "windowsVirtualKeyCode": 17, "modifiers": modifiers })
+    };
+    let a = |kind: &str| {
+        json!({ "type": kind, "key": "a", "code": "KeyA",
+                "windowsVirtualKeyCode": 65, "modifiers": 2 })
+    };
+    for params in [
+        control("rawKeyDown", 2),
+        a("rawKeyDown"),
+        a("keyUp"),
+        control("keyUp", 0),
+    ] {
         tab.call("Input.dispatchKeyEvent", params).await?;
     }
     Ok(())

@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use airlock_host::store::{CredentialStore, StoreConfig};
-use airlock_tests::login::{give_to_browser_account, state_is, step_events, with_rig, LoginRig};
+use airlock_tests::login::{
+    give_to_browser_account, state_is, step_events, with_rig, LoginRig, BROWSER_ACCOUNT,
+};
 use airlock_tests::{artifacts, Daemon};
 use anyhow::{ensure, Context, Result};
 use reqwest::Method;
@@ -395,6 +397,80 @@ async fn cancelling_destroys_the_browser_and_stores_nothing() -> Result<()> {
 }
 
 /// The pid of the browser VM's agent (a host process here).
+/// The host-process browser (`vm.unsafe_host_browser`, fast tests only)
+/// gets none of airlockd's environment and, airlockd being root here, the
+/// unprivileged account: a command run in it cannot read the store's key
+/// file or airlockd's environment.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_process_browser_cannot_reach_airlockds_keys_or_environment() -> Result<()> {
+    with_rig(
+        |s| s,
+        async |rig| {
+            let d = &rig.daemon;
+            let id = d.start_session(USER, "codex").await?;
+            let waiting = d
+                .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+                .await?;
+            let agent = browser_agent_pid(d, &waiting).await?;
+            let marker = format!("airlock-agent-{agent}");
+            let chromium = airlock_tests::processes_naming(Path::new(&marker), None);
+            let chromium: i32 = chromium
+                .first()
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .context("no Chromium of the browser VM found")?;
+            let root = nix::unistd::geteuid().is_root();
+            for pid in [agent, chromium] {
+                let env = std::fs::read(format!("/proc/{pid}/environ"))?;
+                let names: Vec<String> = env
+                    .split(|b| *b == 0)
+                    .filter_map(|kv| kv.split(|b| *b == b'=').next())
+                    .filter(|k| !k.is_empty())
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .collect();
+                ensure!(
+                    !names.iter().any(|n| n == "RUST_LOG"),
+                    "process {pid} has airlockd's environment: {names:?}"
+                );
+                if root {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+                    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+                    let want = nix::unistd::User::from_name(BROWSER_ACCOUNT)?
+                        .context("account")?
+                        .uid
+                        .to_string();
+                    ensure!(
+                        uid.split_whitespace().skip(1).all(|u| u == want),
+                        "process {pid} does not run as {BROWSER_ACCOUNT}: {uid}"
+                    );
+                }
+            }
+            ensure!(
+                waiting["browserVmId"].is_string(),
+                "no browser VM: {waiting}"
+            );
+            let vm = waiting["browserVmId"].as_str().unwrap_or_default();
+            let key_file = d.state_dir().join("store.keys");
+            ensure!(key_file.exists(), "airlockd made no key file");
+            let airlockd_env = format!("/proc/{}/environ", d.pid());
+            // Not root: the browser runs as this same account, which owns both.
+            let forbidden = if root {
+                vec![key_file.display().to_string(), airlockd_env]
+            } else {
+                Vec::new()
+            };
+            for path in forbidden {
+                let out = d.exec(vm, &["cat", &path]).await?;
+                ensure!(
+                    out["exitCode"] != 0 && out["stdout"].as_str().unwrap_or("x").is_empty(),
+                    "the browser read {path}: {out}"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await
+}
+
 async fn browser_agent_pid(d: &Daemon, view: &Value) -> Result<i32> {
     let vm = view["browserVmId"].as_str().context("browserVmId")?;
     let (_, v) = d

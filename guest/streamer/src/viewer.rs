@@ -27,8 +27,10 @@ use crate::pipe::Reporter;
 use crate::pipeline::WEBRTC_PREFIX;
 use crate::sdp::{self, Choice, SdpError};
 
-/// How long one `webrtcbin` negotiation step may take.
-const STEP_DEADLINE: Duration = Duration::from_secs(10);
+/// How long one `webrtcbin` negotiation step may take. A viewer's first
+/// `set-remote-description` in a browser VM under TCG (DTLS key made,
+/// branch linked, on two busy emulated cores) once took over 10 s.
+const STEP_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Why a viewer could not be served.
 #[derive(Debug, thiserror::Error)]

@@ -42,7 +42,9 @@
   let dc = null;
   let pending = [];
   let restarting = false;
-  const timers = { restart: 0, fallback: 0, ping: 0, socket: 0 };
+  const timers = { restart: 0, fallback: 0, ping: 0, socket: 0, retry: 0 };
+  // A refused offer (the streamer busy or slow) is tried again, backing off.
+  let offerBackoff = 2000;
 
   // ------------------------------------------------------------ messages
 
@@ -175,6 +177,7 @@
       case 'state': hook.remoteState = m.state; return undefined;
       case 'error':
         hook.errors.push(m.message);
+        if (pc && pc.signalingState === 'have-local-offer') retryOffer();
         return banner(m.message, 'error');
       case 'token': return onToken(m);
       case 'stats': hook.stats = m; return undefined;
@@ -229,7 +232,19 @@
 
   // ------------------------------------------------------------ WebRTC
 
+  // The offer got an error instead of an answer: a new connection after a
+  // while (the JPEG fallback, if armed, shows the screen meanwhile).
+  function retryOffer() {
+    clearTimeout(timers.retry);
+    hook.offerRetries = (hook.offerRetries || 0) + 1;
+    timers.retry = setTimeout(() => {
+      if (!ended && hook.streamer === 'running' && (!pc || pc.connectionState !== 'connected')) startPeer();
+    }, offerBackoff);
+    offerBackoff = Math.min(offerBackoff * 2, 30000);
+  }
+
   function closePeer() {
+    clearTimeout(timers.retry);
     clearTimeout(timers.restart);
     clearTimeout(timers.fallback);
     clearInterval(timers.ping);
@@ -351,6 +366,7 @@
       clearTimeout(timers.restart);
       clearTimeout(timers.fallback);
       restarting = false;
+      offerBackoff = 2000;
       clearBanner('peer');
       if (hook.fallback) stopFallback();
     } else if (s === 'failed') {
