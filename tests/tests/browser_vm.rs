@@ -516,6 +516,15 @@ async fn the_cli_image_runs_the_agent_under_systemd_and_keeps_the_home_disk() ->
                 .send()
                 .await?;
             ensure!(put.status() == 200, "{}", put.status());
+            // Created on first use, sparse: nothing like a full image copied.
+            let disk = airlock_host::vm::home::disk_path(&d.state_dir(), "vm-frank");
+            let meta = std::fs::metadata(&disk).with_context(|| format!("{}", disk.display()))?;
+            let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+            ensure!(
+                allocated * 8 < meta.len(),
+                "the home disk is not sparse: {allocated} of {} bytes allocated",
+                meta.len()
+            );
             d.delete_vm(vm).await?;
             let second = d
                 .ready_vm(json!({"kind": "cli", "userId": "vm-frank"}))
