@@ -410,6 +410,22 @@ async fn a_browser_vm_killed_mid_login_fails_its_session_at_once() -> Result<()>
             );
             ensure!(error.contains("last console lines"), "{error}");
             let kept = d.state_dir().join("failed-vms").join(vm);
+            // The session names where the logs are.
+            let done = d
+                .wait_session(id, Duration::from_secs(20), |v| {
+                    step_events(v).iter().any(|e| e == "logsKept")
+                })
+                .await?;
+            let named = done["steps"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["event"] == "logsKept"))
+                .and_then(|s| s["detail"].as_str())
+                .unwrap_or_default();
+            ensure!(
+                std::path::Path::new(named) == kept,
+                "logsKept names {named:?}, the logs are in {}",
+                kept.display()
+            );
             for file in [
                 "console.log",
                 "agent.log",
