@@ -55,14 +55,48 @@ impl Coturn {
     /// Relays to loopback peers are allowed: viewers and relays all live
     /// on this machine's loopback in tests.
     pub fn start() -> Result<Self> {
+        Self::launch(
+            "use-auth-secret\nfingerprint\nno-cli\nno-tls\nno-dtls\nallow-loopback-peers\n",
+        )
+    }
+
+    /// Starts coturn from a production config (such as
+    /// `config/turnserver.example.conf`) moved onto loopback: its
+    /// addresses, port, secret, realm and files are replaced by the
+    /// test's, everything else is kept as written.
+    pub fn start_from(config: &str) -> Result<Self> {
+        const OURS: [&str; 11] = [
+            "listening-ip",
+            "relay-ip",
+            "external-ip",
+            "listening-port",
+            "static-auth-secret",
+            "realm",
+            "log-file",
+            "pidfile",
+            "userdb",
+            "simple-log",
+            "syslog",
+        ];
+        let kept: String = config
+            .lines()
+            .filter(|l| {
+                let key = l.trim().split('=').next().unwrap_or("").trim();
+                !OURS.contains(&key)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        Self::launch(&kept)
+    }
+
+    fn launch(body: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let secret = random_secret()?;
         let p = |name: &str| dir.path().join(name).display().to_string();
         let conf = format!(
-            "listening-ip=127.0.0.1\nrelay-ip=127.0.0.1\nlistening-port={port}\n\
-             use-auth-secret\nstatic-auth-secret={secret}\nrealm={REALM}\nfingerprint\n\
-             no-cli\nno-tls\nno-dtls\nallow-loopback-peers\nsimple-log\nno-stdout-log\n\
+            "{body}listening-ip=127.0.0.1\nrelay-ip=127.0.0.1\nlistening-port={port}\n\
+             static-auth-secret={secret}\nrealm={REALM}\nsimple-log\nno-stdout-log\n\
              log-file={}\npidfile={}\nuserdb={}\n",
             p("turn.log"),
             p("turn.pid"),

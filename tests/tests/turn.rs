@@ -131,3 +131,24 @@ async fn turn_credentials_from_airlockd_allocate_and_expired_ones_do_not() -> Re
     }
     result
 }
+
+/// The production coturn config the README points to
+/// (`config/turnserver.example.conf`), moved onto loopback, takes the TURN
+/// REST credentials airlockd hands out and refuses forged ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_production_config_takes_airlockds_credentials() -> Result<()> {
+    let path = airlock_tests::artifacts()?
+        .repo
+        .join("config/turnserver.example.conf");
+    let coturn = Coturn::start_from(&std::fs::read_to_string(path)?)?;
+    let now = unix_now();
+    let good = rest_credential(&coturn.secret, USER, now + 600);
+    let relayed = allocate(&coturn.addr(), &good.username, &good.credential.0)
+        .await
+        .with_context(|| coturn.log())?;
+    ensure!(relayed.starts_with("127.0.0.1:"), "relayed at {relayed}");
+    let forged = rest_credential("another-secret", USER, now + 600);
+    let refused = allocate(&coturn.addr(), &forged.username, &forged.credential.0).await;
+    ensure!(unauthorized(&refused), "a forged credential: {refused:?}");
+    Ok(())
+}
