@@ -121,6 +121,17 @@ async fn the_demo_login_runs_in_a_browser_vm_through_the_viewer_page() -> Result
             )
             .await
             .context("the viewer never showed video (TURN over TCP through the egress gateway)")?;
+        // Chromium in the VM: an unprivileged user, its own sandbox on.
+        let vm = v["browserVmId"].as_str().context("browserVmId")?;
+        let list = "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \
+                    case \"$c\" in /usr/lib/chromium/*) echo \"$(awk '/^Uid:/ {print $2}' $p/status) $c\";; esac; done";
+        let out = d.exec(vm, &["sh", "-c", list]).await?;
+        let procs: Vec<&str> = out["stdout"].as_str().unwrap_or("").lines().collect();
+        ensure!(procs.len() >= 3, "Chromium's processes in the VM: {out}");
+        for p in &procs {
+            ensure!(!p.starts_with("0 "), "a Chromium process runs as root: {p}");
+            ensure!(!p.contains("--no-sandbox"), "Chromium runs without its sandbox: {p}");
+        }
         // Above the form: focus the page, then Tab to the username field.
         click_screen(&viewer.tab, 20.0, 140.0).await?;
         press_key(&viewer.tab, "Tab", 9).await?;
