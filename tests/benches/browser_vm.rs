@@ -137,14 +137,7 @@ async fn sessions(
             sample.qemu_rss_mib
         );
         samples.push(sample);
-        let (status, v) = d
-            .request(
-                Method::POST,
-                &format!("/api/auth/session/{id}/cancel"),
-                None,
-            )
-            .await?;
-        anyhow::ensure!(status == 200, "cancel: {status} {v}");
+        d.cancel_session(&id).await?;
     }
     report(&samples, figures);
     Ok(())
@@ -424,13 +417,7 @@ async fn latency(d: &Daemon, figures: &mut serde_json::Map<String, Value>) -> Re
     );
     figures.insert("inputToPhotonMedianMs".into(), json!(median(&hits)));
     figures.insert("inputToPhotonP95Ms".into(), json!(percentile(&hits, 95.0)));
-    let _ = d
-        .request(
-            Method::POST,
-            &format!("/api/auth/session/{id}/cancel"),
-            None,
-        )
-        .await;
+    d.cancel_session(&id).await?;
     Ok(())
 }
 

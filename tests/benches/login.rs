@@ -146,14 +146,7 @@ async fn series(d: &Daemon, runs: usize) -> Result<Series> {
         for (i, ms) in stage_durations(&full)?.into_iter().enumerate() {
             stages[i].push(ms);
         }
-        let (status, v) = d
-            .request(
-                Method::POST,
-                &format!("/api/auth/session/{id}/cancel"),
-                None,
-            )
-            .await?;
-        anyhow::ensure!(status == 200, "cancel: {status} {v}");
+        d.cancel_session(&id).await?;
         d.wait_session(&id, Duration::from_secs(30), |v| {
             v["browserVmId"].is_null() && state_is(v, "cancelled")
         })

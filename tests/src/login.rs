@@ -119,6 +119,21 @@ impl Daemon {
         Ok(v["sessionId"].as_str().context("sessionId")?.to_string())
     }
 
+    /// `POST /api/auth/session/:id/cancel`, expecting 200; returns the view.
+    pub async fn cancel_session(&self, id: &str) -> Result<Value> {
+        let (status, v) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/auth/session/{id}/cancel"),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            bail!("cancel {id}: {status} {v}");
+        }
+        Ok(v)
+    }
+
     /// `POST /api/auth/start`; returns the new session's view (remembered
     /// for [`Daemon::print_sessions`]).
     pub async fn start_view(&self, user: &str, provider: &str) -> Result<Value> {

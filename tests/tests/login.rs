@@ -26,6 +26,16 @@ use sha2::{Digest, Sha256};
 const USER: &str = "user-42";
 const COMPLETE: Duration = Duration::from_secs(300);
 
+/// Starts a `provider` login for [`USER`] and waits until it awaits the
+/// person; returns its id and view.
+async fn awaiting_user(d: &Daemon, provider: &str) -> Result<(String, Value)> {
+    let id = d.start_session(USER, provider).await?;
+    let v = d
+        .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
+        .await?;
+    Ok((id, v))
+}
+
 /// The store airlockd uses, opened from this process.
 async fn store(d: &Daemon) -> Result<CredentialStore> {
     let state = d.state_dir();
@@ -47,9 +57,7 @@ fn hex(bytes: &[u8]) -> String {
 /// CLI VM and the store; returns the final view.
 async fn complete(rig: &LoginRig, provider: &str, file_in_vm: &str) -> Result<Value> {
     let d = &rig.daemon;
-    let id = d.start_session(USER, provider).await?;
-    d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-        .await?;
+    let (id, _) = awaiting_user(d, provider).await?;
     d.sign_in_and(&id, true).await?;
     let done = d
         .wait_session(&id, COMPLETE, |v| state_is(v, "completed"))
@@ -231,9 +239,7 @@ async fn denying_consent_fails_the_session_and_stores_nothing() -> Result<()> {
         |s| s,
         async |rig| {
             let d = &rig.daemon;
-            let id = d.start_session(USER, "codex").await?;
-            d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-                .await?;
+            let (id, _) = awaiting_user(d, "codex").await?;
             d.sign_in_and(&id, false).await?;
             let v = d
                 .wait_session(&id, COMPLETE, |v| state_is(v, "failed"))
@@ -277,9 +283,7 @@ async fn a_stale_credential_file_is_not_taken_for_a_login() -> Result<()> {
         |s| s.set("auth", "providers_file", &path),
         async |rig| {
             let d = &rig.daemon;
-            let id = d.start_session(USER, "codex").await?;
-            d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-                .await?;
+            let (id, _) = awaiting_user(d, "codex").await?;
             // The stale file is rewritten (same bytes) while the login waits:
             // the watcher looks at it, and must not take it.
             std::fs::write(codex_home.join("auth.json"), stale)?;
@@ -316,9 +320,7 @@ async fn a_killed_cli_fails_the_session_with_its_exit_status() -> Result<()> {
         |s| s,
         async |rig| {
             let d = &rig.daemon;
-            let id = d.start_session(USER, "codex").await?;
-            d.wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-                .await?;
+            let (id, _) = awaiting_user(d, "codex").await?;
             let pid = process_with_cmdline("codex login").context("the fake codex is running")?;
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -345,10 +347,7 @@ async fn a_session_nobody_finishes_expires_and_loses_its_browser() -> Result<()>
         |s| s.set("auth", "user_timeout_ms", "20000"),
         async |rig| {
             let d = &rig.daemon;
-            let id = d.start_session(USER, "codex").await?;
-            let waiting = d
-                .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-                .await?;
+            let (id, waiting) = awaiting_user(d, "codex").await?;
             let agent = browser_agent_pid(d, &waiting).await?;
             let v = d
                 .wait_session(&id, Duration::from_secs(90), |v| state_is(v, "expired"))
@@ -372,10 +371,7 @@ async fn cancelling_destroys_the_browser_and_stores_nothing() -> Result<()> {
         |s| s,
         async |rig| {
             let d = &rig.daemon;
-            let id = d.start_session(USER, "codex").await?;
-            let waiting = d
-                .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-                .await?;
+            let (id, waiting) = awaiting_user(d, "codex").await?;
             let agent = browser_agent_pid(d, &waiting).await?;
             let (status, v) = d
                 .request(
@@ -396,7 +392,6 @@ async fn cancelling_destroys_the_browser_and_stores_nothing() -> Result<()> {
     .await
 }
 
-/// The pid of the browser VM's agent (a host process here).
 /// The host-process browser (`vm.unsafe_host_browser`, fast tests only)
 /// gets none of airlockd's environment and, airlockd being root here, the
 /// unprivileged account: a command run in it cannot read the store's key
@@ -407,10 +402,7 @@ async fn the_host_process_browser_cannot_reach_airlockds_keys_or_environment() -
         |s| s,
         async |rig| {
             let d = &rig.daemon;
-            let id = d.start_session(USER, "codex").await?;
-            let waiting = d
-                .wait_session(&id, COMPLETE, |v| state_is(v, "awaiting_user"))
-                .await?;
+            let (_, waiting) = awaiting_user(d, "codex").await?;
             let agent = browser_agent_pid(d, &waiting).await?;
             let marker = format!("airlock-agent-{agent}");
             let chromium = airlock_tests::processes_naming(Path::new(&marker), None);
@@ -471,6 +463,7 @@ async fn the_host_process_browser_cannot_reach_airlockds_keys_or_environment() -
     .await
 }
 
+/// The pid of the browser VM's agent (a host process here).
 async fn browser_agent_pid(d: &Daemon, view: &Value) -> Result<i32> {
     let vm = view["browserVmId"].as_str().context("browserVmId")?;
     let (_, v) = d

@@ -33,6 +33,9 @@ pub enum IceError {
     /// The ICE stream could not be restarted.
     #[error("cannot restart ICE: {0}")]
     Restart(&'static str),
+    /// The ICE agent is not libnice's, which restarts and the proxy need.
+    #[error("the ICE agent is not libnice")]
+    NotLibnice,
     /// The HTTP proxy is not `http://<ip>:<port>`.
     #[error("the HTTP proxy {0:?} is not http://<ip>:<port>")]
     Proxy(String),
@@ -48,20 +51,24 @@ extern "C" {
     ) -> gst::glib::ffi::gboolean;
 }
 
+/// The libnice `NiceAgent` under `webrtcbin`'s ICE agent.
+fn nice_agent(webrtc: &gst::Element) -> Result<gst::glib::Object, IceError> {
+    let ice = webrtc
+        .property::<Option<gst_webrtc::WebRTCICE>>("ice-agent")
+        .ok_or(IceError::NoAgent)?;
+    ice.find_property("agent")
+        .filter(|p| p.value_type().name() == "NiceAgent")
+        .and_then(|_| ice.property::<Option<gst::glib::Object>>("agent"))
+        .ok_or(IceError::NotLibnice)
+}
+
 /// Restarts ICE on the libnice stream carrying `transceiver` (with
 /// max-bundle, the only stream), ahead of an offer with new credentials.
 pub fn restart(
     webrtc: &gst::Element,
     transceiver: &gst_webrtc::WebRTCRTPTransceiver,
 ) -> Result<(), IceError> {
-    let ice = webrtc
-        .property::<Option<gst_webrtc::WebRTCICE>>("ice-agent")
-        .ok_or(IceError::NoAgent)?;
-    let agent = ice
-        .find_property("agent")
-        .filter(|p| p.value_type().name() == "NiceAgent")
-        .and_then(|_| ice.property::<Option<gst::glib::Object>>("agent"))
-        .ok_or(IceError::Restart("the ICE agent is not libnice"))?;
+    let agent = nice_agent(webrtc)?;
     let stream = transceiver
         .sender()
         .and_then(|s| s.transport())
@@ -70,7 +77,7 @@ pub fn restart(
         .and_then(|t| t.property::<Option<gst_webrtc::WebRTCICEStream>>("stream"))
         .ok_or(IceError::Restart("no ICE stream yet"))?;
     let stream_id = stream.property::<u32>("stream-id");
-    // SAFETY: `agent` is a NiceAgent (its property type was checked above)
+    // SAFETY: `agent` is a NiceAgent (`nice_agent` checked its type)
     // and our reference keeps it alive for the call; libnice takes the
     // agent's own lock inside, so any thread may call it.
     let ok = unsafe { nice_agent_restart_stream(agent.as_ptr(), stream_id) };
@@ -95,14 +102,7 @@ fn set_proxy(webrtc: &gst::Element, proxy: &str) -> Result<(), IceError> {
     let (ip, port) = authority.rsplit_once(':').ok_or_else(bad)?;
     let ip: std::net::IpAddr = ip.parse().map_err(|_| bad())?;
     let port: u32 = port.parse().map_err(|_| bad())?;
-    let ice = webrtc
-        .property::<Option<gst_webrtc::WebRTCICE>>("ice-agent")
-        .ok_or(IceError::NoAgent)?;
-    let agent = ice
-        .find_property("agent")
-        .filter(|p| p.value_type().name() == "NiceAgent")
-        .and_then(|_| ice.property::<Option<gst::glib::Object>>("agent"))
-        .ok_or(IceError::Restart("the ICE agent is not libnice"))?;
+    let agent = nice_agent(webrtc)?;
     agent.set_property("proxy-ip", ip.to_string());
     agent.set_property("proxy-port", port);
     agent.set_property("proxy-type", NICE_PROXY_TYPE_HTTP);
