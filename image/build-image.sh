@@ -4,7 +4,7 @@
 # build/images/<kind>) and by tests/tests/images.rs (--rebuild, to check
 # that a fresh build gives the same bytes).
 #
-# An image is a directory of five files:
+# An image is a directory of six files:
 #   vmlinuz           the kernel of Debian's linux-image-cloud-amd64, from
 #                     the package lists the root was built from (never the
 #                     build host's /boot)
@@ -14,19 +14,25 @@
 #                     /etc/airlock/modules, and the marker /etc/airlock/stage1
 #   base.squashfs     the Debian layer (image/debian/build-base.sh): minutes
 #                     to build, so cached by a hash of what shapes it
+#   vendor.squashfs   the real vendor CLIs and their Node.js, as pinned by
+#                     image/vendor/package-lock.json (image/vendor/
+#                     build-vendor.sh); the same file in both kinds, cached
+#                     by a hash of image/vendor
 #   airlock.squashfs  airlock's own files, layered on top (seconds):
 #                     /usr/lib/airlock/airlock-guest, and for browser the
 #                     Chromium policy image/chromium-policy.json (no search
 #                     engine or suggestions, no prediction or background
 #                     requests: a login browser sends only what the page
-#                     asks for), the streamer and fakes/fake-cli (+ codex, claude, gemini,
-#                     airlock-demo-cli links); for cli the agent's systemd
+#                     asks for), the streamer and fakes/fake-cli (as
+#                     airlock-demo-cli: the demo provider has no real CLI);
+#                     for cli the agent's systemd
 #                     unit, enabled, and checked with systemd-analyze verify
 #   manifest.json     kind, imageSha256 (sha256 of the `sha256sum` lines of
 #                     vmlinuz, initrd.cpio.gz, base.squashfs, airlock.squashfs
 #                     in that order: the image's identity), each file's
 #                     sha256 and size, kernel, agent version and build id,
-#                     binaries' hashes, every Debian package with version and
+#                     binaries' hashes, the vendor CLIs' versions (vendorClis),
+#                     every Debian package with version and
 #                     architecture, apt sources, SOURCE_DATE_EPOCH, inputsKey
 #                     (the cache key), nonReproducible, build time
 #
@@ -35,11 +41,14 @@
 #                        only what changed on the mirror
 #   base/<kind>-<key>/   Debian layers, by a hash of image/debian/*, the kind
 #                        and the tool versions
+#   npm/, vendor/<key>/  npm's download cache; the vendor layer, by a hash of
+#                        image/vendor/* and the tool versions
 #   images/<kind>-<key>/ whole images, by inputsKey: the base key plus the
 #                        hashes of the binaries, the unit, this script and
 #                        the module lists
-# --out becomes a symlink to the cached image directory (base.squashfs and
-# vmlinuz are hard links into base/, so images share one copy). With every
+# --out becomes a symlink to the cached image directory (base.squashfs,
+# vendor.squashfs and vmlinuz are hard links into base/ and vendor/, so
+# images share one copy). With every
 # input unchanged the script only hashes the inputs and returns. With
 # --rebuild no cached layer is used or written (the .deb cache still is):
 # everything is built afresh into --out, a real directory.
@@ -53,11 +62,13 @@
 #            [--streamer PATH --fake-cli PATH]   (browser: both required)
 #            [--unit PATH]                       (cli: required)
 #            [--cache DIR] [--rebuild]
+#            [--vendor-dir DIR]  (package.json + package-lock.json to install
+#                                instead of image/vendor's: make vendor-check)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 prog=build-image
-kind="" agent="" streamer="" fake_cli="" unit="" out="" cache="" rebuild=0
+kind="" agent="" streamer="" fake_cli="" unit="" out="" cache="" rebuild=0 vendor_src=""
 usage() {
     sed -n '/^# usage:/,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
     exit 2
@@ -72,6 +83,7 @@ while [ $# -gt 0 ]; do
         --out) out=${2:-}; shift 2 ;;
         --cache) cache=${2:-}; shift 2 ;;
         --rebuild) rebuild=1; shift ;;
+        --vendor-dir) vendor_src=${2:-}; shift 2 ;;
         -h|--help) usage ;;
         *) echo "$prog: unknown argument $1" >&2; usage ;;
     esac
@@ -107,7 +119,7 @@ done
 
 cache=${cache:-${AIRLOCK_CACHE:-$HOME/.cache/airlock}}
 case "$cache" in *[[:space:]]*) die "cache directory '$cache' contains spaces (mmdebstrap hooks cannot take it)" ;; esac
-mkdir -p "$cache"/{debs,base,images,tmp,logs}
+mkdir -p "$cache"/{debs,base,vendor,npm,images,tmp,logs}
 cache=$(cd "$cache" && pwd)
 start=$(date +%s)
 
@@ -124,6 +136,16 @@ base_key=$({
     mmdebstrap --version
     mksquashfs -version | head -n 1
 } | sha_text)
+vendor_src=${vendor_src:-$here/vendor}
+[ -f "$vendor_src/package.json" ] && [ -f "$vendor_src/package-lock.json" ] \
+    || die "$vendor_src has no package.json and package-lock.json"
+vendor_key=$({
+    echo "airlock-vendor 1"
+    echo "epoch $epoch"
+    sha256sum "$here/vendor/build-vendor.sh" | cut -d' ' -f1
+    (cd "$vendor_src" && sha256sum package.json package-lock.json)
+    mksquashfs -version | head -n 1
+} | sha_text)
 agent_sha=$(sha "$agent")
 streamer_sha="" fake_cli_sha="" unit_sha=""
 [ "$kind" = browser ] && { streamer_sha=$(sha "$streamer"); fake_cli_sha=$(sha "$fake_cli"); }
@@ -131,6 +153,7 @@ streamer_sha="" fake_cli_sha="" unit_sha=""
 inputs_key=$({
     echo "airlock-image 1 $kind"
     echo "base $base_key"
+    echo "vendor $vendor_key"
     echo "script $(sha "$here/build-image.sh")"
     echo "modules $(cat "$here/modules.txt" "$here/stage1-modules.txt" | sha_text)"
     echo "chromium-policy $(sha "$here/chromium-policy.json")"
@@ -145,6 +168,7 @@ inputs_key=$({
 
 image_dir=$cache/images/$kind-${inputs_key:0:16}
 base_dir=$cache/base/$kind-${base_key:0:16}
+vendor_dir=$cache/vendor/${vendor_key:0:16}
 
 total_mib() { # dir
     local sum=0 f
@@ -159,11 +183,11 @@ point_out_at() { # dir: make --out a symlink to it
     mkdir -p "$(dirname "$out")"
     ln -sfn "$1" "$out.tmp.$$" && mv -T "$out.tmp.$$" "$out"
 }
-summary() { # dir base-state layer-state seconds
+summary() { # dir base-state vendor-state layer-state seconds
     local where=$out
     [ "$1" = "$out" ] || where="$out -> $1"
-    printf '%s image: %s, %s MiB, imageSha256 %s, base layer %s, airlock layer %s, %ss\n' \
-        "$kind" "$where" "$(total_mib "$1")" "$(jq -r .imageSha256 "$1/manifest.json")" "$2" "$3" "$4"
+    printf '%s image: %s, %s MiB, imageSha256 %s, base layer %s, vendor layer %s, airlock layer %s, %ss\n' \
+        "$kind" "$where" "$(total_mib "$1")" "$(jq -r .imageSha256 "$1/manifest.json")" "$2" "$3" "$4" "$5"
 }
 
 # One build at a time per cache: the .deb cache and the layers are shared.
@@ -177,7 +201,7 @@ if [ "$rebuild" = 0 ] && [ -f "$image_dir/manifest.json" ] \
     && [ "$(jq -r .inputsKey "$image_dir/manifest.json")" = "$inputs_key" ]; then
     touch "$image_dir"
     point_out_at "$image_dir"
-    summary "$image_dir" cached cached $(( $(date +%s) - start ))
+    summary "$image_dir" cached cached cached $(( $(date +%s) - start ))
     exit 0
 fi
 
@@ -214,11 +238,40 @@ fi
 base_json=$base_dir/base.json
 release=$(jq -r .kernelVersion "$base_json")
 
+# --- the vendor layer (cached by vendor_key, shared by both kinds) --------------
+vlog=$cache/logs/vendor.log
+build_vendor() { # out-dir
+    echo "$prog: building the vendor CLI layer (a few minutes; log: $vlog)" >&2
+    mkdir -p "$1"
+    if ! "$here/vendor/build-vendor.sh" --src "$vendor_src" --npm-cache "$cache/npm" --work "$work/vendor-work" \
+        --out "$1/vendor.squashfs" --versions-out "$1/versions.json.tmp" > "$vlog" 2>&1; then
+        tail -n 25 "$vlog" >&2
+        die "building the vendor CLI layer failed (whole log: $vlog)"
+    fi
+    rm -rf "$work/vendor-work"
+    sha "$1/vendor.squashfs" > "$1/vendor.squashfs.sha256"
+    mv "$1/versions.json.tmp" "$1/versions.json"
+}
+if [ "$rebuild" = 1 ]; then
+    vendor_dir=$work/vendor
+    build_vendor "$vendor_dir"
+    vendor_state=built
+elif [ -f "$vendor_dir/versions.json" ]; then
+    touch "$vendor_dir"
+    vendor_state=cached
+else
+    build_vendor "$work/vendor"
+    rm -rf "$vendor_dir"
+    mv "$work/vendor" "$vendor_dir"
+    vendor_state=built
+fi
+
 stage=$work/image
 mkdir -p "$stage"
 link_or_copy() { ln -f "$1" "$2" 2>/dev/null || cp "$1" "$2"; }
 link_or_copy "$base_dir/base.squashfs" "$stage/base.squashfs"
 link_or_copy "$base_dir/vmlinuz" "$stage/vmlinuz"
+link_or_copy "$vendor_dir/vendor.squashfs" "$stage/vendor.squashfs"
 
 # --- initrd.cpio.gz: stage 1 ---------------------------------------------------
 # The modules, resolved against the kernel package (dependencies first, by
@@ -302,7 +355,7 @@ if [ "$kind" = browser ]; then
     install -m 0644 "$here/chromium-policy.json" "$layer/etc/chromium/policies/managed/airlock.json"
     mkdir -p "$layer/usr/lib/airlock/fakes"
     install -m 0755 "$fake_cli" "$layer/usr/lib/airlock/fakes/fake-cli"
-    for cli in codex claude gemini airlock-demo-cli; do ln -s fake-cli "$layer/usr/lib/airlock/fakes/$cli"; done
+    ln -s fake-cli "$layer/usr/lib/airlock/fakes/airlock-demo-cli"
 else
     unit_name=$(basename "$unit")
     mkdir -p "$layer/etc/systemd/system"
@@ -323,13 +376,17 @@ mksquashfs "$layer" "$stage/airlock.squashfs" -comp zstd -Xcompression-level 15 
     -all-root -no-xattrs -all-time "$epoch" -mkfs-time "$epoch" -quiet -no-progress >/dev/null
 
 # --- manifest.json ------------------------------------------------------------
-components=(vmlinuz initrd.cpio.gz base.squashfs airlock.squashfs)
+components=(vmlinuz initrd.cpio.gz base.squashfs vendor.squashfs airlock.squashfs)
 # The Debian layer's hash is computed once per layer (it is 50-350 MB).
 [ -f "$base_dir/base.squashfs.sha256" ] || sha "$base_dir/base.squashfs" > "$base_dir/base.squashfs.sha256"
 files_json='{}'
 sums=""
 for c in "${components[@]}"; do
-    if [ "$c" = base.squashfs ]; then s=$(cat "$base_dir/base.squashfs.sha256"); else s=$(sha "$stage/$c"); fi
+    case "$c" in
+        base.squashfs) s=$(cat "$base_dir/base.squashfs.sha256") ;;
+        vendor.squashfs) s=$(cat "$vendor_dir/vendor.squashfs.sha256") ;;
+        *) s=$(sha "$stage/$c") ;;
+    esac
     sums+="$s  $c"$'\n'
     files_json=$(jq -c --arg c "$c" --arg s "$s" --argjson n "$(size_of "$stage/$c")" \
         '. + {($c): {sha256: $s, size: $n}}' <<< "$files_json")
@@ -342,7 +399,7 @@ read -r _ agent_version _ agent_build_id <<< "$version_line"
 non_reproducible='[]'
 jq -n --arg kind "$kind" --arg image_sha "$image_sha" --argjson files "$files_json" \
     --argjson order "$(printf '%s\n' "${components[@]}" | jq -R . | jq -s .)" \
-    --slurpfile base "$base_json" \
+    --slurpfile base "$base_json" --slurpfile vendor "$vendor_dir/versions.json" \
     --argjson modules "$(printf '%s\n' "${modules_json[@]}" | jq -R . | jq -s .)" \
     --arg agent_version "$agent_version" --arg agent_build_id "$agent_build_id" \
     --arg agent_sha "$agent_sha" --arg streamer_sha "$streamer_sha" \
@@ -370,7 +427,7 @@ jq -n --arg kind "$kind" --arg image_sha "$image_sha" --argjson files "$files_js
     + (if $kind == "browser" then {streamerSha256: $streamer_sha, fakeCliSha256: $fake_cli_sha}
        else {unitSha256: $unit_sha} end)
     + {
-        vendorClis: {},
+        vendorClis: $vendor[0],
         debianVariant: $b.variant,
         suite: $b.suite,
         aptSources: $b.aptSources,
@@ -396,13 +453,14 @@ if [ "$rebuild" = 1 ]; then
     fi
     mkdir -p "$(dirname "$out")"
     mv "$stage" "$out"
-    summary "$out" "$base_state" built "$seconds"
+    summary "$out" "$base_state" "$vendor_state" built "$seconds"
 else
     rm -rf "$image_dir"
     mv "$stage" "$image_dir"
     point_out_at "$image_dir"
-    summary "$image_dir" "$base_state" built "$seconds"
+    summary "$image_dir" "$base_state" "$vendor_state" built "$seconds"
     # Keep the three newest images and two newest Debian layers of this kind.
     ls -1dt "$cache/images/$kind-"* | tail -n +4 | while read -r d; do [ "$d" = "$image_dir" ] || rm -rf "$d"; done
     ls -1dt "$cache/base/$kind-"* | tail -n +3 | while read -r d; do [ "$d" = "$base_dir" ] || rm -rf "$d"; done
+    ls -1dt "$cache/vendor/"* | tail -n +3 | while read -r d; do [ "$d" = "$vendor_dir" ] || rm -rf "$d"; done
 fi

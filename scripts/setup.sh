@@ -30,6 +30,9 @@ packages=(
     gcc make curl ca-certificates pkg-config
 )
 [ "${1:-}" = bench ] && packages+=(nodejs)
+# npm packs the vendor CLIs and the Node.js they run on for the images
+# (image/vendor/build-vendor.sh); any npm will do, Debian's included.
+command -v npm >/dev/null || packages+=(nodejs npm)
 
 sudo_if_needed() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

