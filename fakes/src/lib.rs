@@ -13,3 +13,4 @@
 
 pub mod oauth;
 pub mod pkce;
+pub mod vendors;

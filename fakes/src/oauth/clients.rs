@@ -11,6 +11,17 @@ pub const CLAUDE: &str = "claude-code";
 pub const GEMINI: &str = "gemini-cli";
 /// Client id of airlock's own demo CLI.
 pub const DEMO: &str = "airlock-demo";
+/// The real Codex CLI's client id at auth.openai.com (codex-rs
+/// `login/src/auth`: CLIENT_ID).
+pub const OPENAI_CODEX: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
+/// The real Claude Code's client id at claude.com / platform.claude.com.
+pub const ANTHROPIC_CLAUDE_CODE: &str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e";
+/// The real Gemini CLI's installed-app client id at Google.
+pub const GOOGLE_GEMINI_CLI: &str =
+    "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com";
+/// Its client secret: public, shipped in the Gemini CLI's sources, and
+/// checked by Google's token endpoint all the same.
+pub const GOOGLE_GEMINI_CLI_SECRET: &str = "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";
 
 /// Path, under the server's base URL, of the hosted "copy this code" page.
 pub const HOSTED_CODE_PATH: &str = "/code/callback";
@@ -54,16 +65,28 @@ pub(crate) struct Client {
     pub name: &'static str,
     /// Shapes of the tokens it gets.
     pub style: TokenStyle,
+    /// Whether an authorization request without PKCE is refused (Google
+    /// accepts installed apps without it; the others require S256).
+    pub pkce_required: bool,
+    /// The secret the token endpoint requires, for confidential-style
+    /// installed apps (Google's).
+    pub secret: Option<&'static str>,
+    /// Whether a refresh answers with a new refresh token and revokes the
+    /// old one (OpenAI and Anthropic rotate; Google does not).
+    pub rotates_refresh: bool,
     rules: &'static [Rule],
 }
 
-static CLIENTS: [Client; 4] = [
+static CLIENTS: [Client; 7] = [
     // Codex registers exactly 1455 and its fallback 1457
     // (codex-rs/login/src/server.rs: DEFAULT_PORT, FALLBACK_PORT).
     Client {
         id: CODEX,
         name: "Codex CLI",
         style: TokenStyle::OpenAi,
+        pkce_required: true,
+        secret: None,
+        rotates_refresh: false,
         rules: &[
             Rule::Exact("http://localhost:1455/auth/callback"),
             Rule::Exact("http://localhost:1457/auth/callback"),
@@ -75,6 +98,9 @@ static CLIENTS: [Client; 4] = [
         id: CLAUDE,
         name: "Claude Code",
         style: TokenStyle::Anthropic,
+        pkce_required: true,
+        secret: None,
+        rotates_refresh: false,
         rules: &[
             Rule::Hosted(HOSTED_CODE_PATH),
             Rule::Loopback {
@@ -90,6 +116,9 @@ static CLIENTS: [Client; 4] = [
         id: GEMINI,
         name: "Gemini CLI",
         style: TokenStyle::Google,
+        pkce_required: true,
+        secret: None,
+        rotates_refresh: false,
         rules: &[
             Rule::Loopback {
                 host: "localhost",
@@ -106,9 +135,69 @@ static CLIENTS: [Client; 4] = [
         id: DEMO,
         name: "airlock demo CLI",
         style: TokenStyle::Demo,
+        pkce_required: true,
+        secret: None,
+        rotates_refresh: false,
         rules: &[
             Rule::Exact("http://localhost:1460/auth/callback"),
             Rule::Exact("http://localhost:1461/auth/callback"),
+        ],
+    },
+    // The real CLIs' registrations, as the vendor sandbox serves them.
+    // Codex 0.171 sends http://127.0.0.1:1455/auth/callback (1457 when
+    // 1455 is taken; older releases said localhost); its device flow
+    // redeems with auth.openai.com's own callback.
+    Client {
+        id: OPENAI_CODEX,
+        name: "Codex CLI",
+        style: TokenStyle::OpenAi,
+        pkce_required: true,
+        secret: None,
+        rotates_refresh: true,
+        rules: &[
+            Rule::Exact("http://127.0.0.1:1455/auth/callback"),
+            Rule::Exact("http://127.0.0.1:1457/auth/callback"),
+            Rule::Exact("http://localhost:1455/auth/callback"),
+            Rule::Exact("http://localhost:1457/auth/callback"),
+            Rule::Exact("https://auth.openai.com/deviceauth/callback"),
+        ],
+    },
+    // Claude Code 2.1: http://localhost:{random}/callback for the browser,
+    // the hosted code page for a pasted code.
+    Client {
+        id: ANTHROPIC_CLAUDE_CODE,
+        name: "Claude Code",
+        style: TokenStyle::Anthropic,
+        pkce_required: true,
+        secret: None,
+        rotates_refresh: true,
+        rules: &[
+            Rule::Loopback {
+                host: "localhost",
+                path: "/callback",
+            },
+            Rule::Exact("https://platform.claude.com/oauth/code/callback"),
+        ],
+    },
+    // Gemini CLI 0.61: http://127.0.0.1:{random}/oauth2callback without
+    // PKCE; its user-code flow uses codeassist.google.com/authcode with it.
+    Client {
+        id: GOOGLE_GEMINI_CLI,
+        name: "Gemini Code Assist",
+        style: TokenStyle::Google,
+        pkce_required: false,
+        secret: Some(GOOGLE_GEMINI_CLI_SECRET),
+        rotates_refresh: false,
+        rules: &[
+            Rule::Loopback {
+                host: "127.0.0.1",
+                path: "/oauth2callback",
+            },
+            Rule::Loopback {
+                host: "localhost",
+                path: "/oauth2callback",
+            },
+            Rule::Exact("https://codeassist.google.com/authcode"),
         ],
     },
 ];

@@ -122,6 +122,15 @@ fn check_request(
         ));
     }
     let challenge = q.get("code_challenge").cloned().unwrap_or_default();
+    if !client.pkce_required && challenge.is_empty() && !q.contains_key("code_challenge_method") {
+        return Ok(AuthRequest {
+            client_id: client.id.to_string(),
+            redirect_uri: redirect_uri.to_string(),
+            state: q.get("state").cloned(),
+            challenge,
+            scope: q.get("scope").cloned().unwrap_or_default(),
+        });
+    }
     if q.get("code_challenge_method").map(String::as_str) != Some("S256") {
         return Err((
             "invalid_request",

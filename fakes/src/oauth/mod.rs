@@ -27,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use store::Store;
+pub use token::AccessInfo;
 
 /// The fake server could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +230,20 @@ pub enum OAuthEvent {
     },
 }
 
+/// Endpoints a vendor stand-in routes at its own paths
+/// ([`FakeOAuth::endpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET` the authorization request: the sign-in page.
+    Authorize,
+    /// `POST` the token endpoint (all grants).
+    Token,
+    /// `POST` the device authorization endpoint (RFC 8628).
+    DeviceCode,
+    /// `GET` the hosted page that shows a code to paste.
+    HostedCode,
+}
+
 /// The fake server's shared state. Cheap to clone (an `Arc` inside).
 #[derive(Clone)]
 pub struct FakeOAuth {
@@ -292,6 +307,17 @@ impl FakeOAuth {
             .with_state(self.clone())
     }
 
+    /// One endpoint of the server, to route at a vendor's own path (the
+    /// vendor sandbox): its sign-in forms stay under `base_url`.
+    pub fn endpoint(&self, which: Endpoint) -> axum::routing::MethodRouter {
+        match which {
+            Endpoint::Authorize => get(flow::authorize).with_state(self.clone()),
+            Endpoint::Token => post(token::token).with_state(self.clone()),
+            Endpoint::DeviceCode => post(token::device_code).with_state(self.clone()),
+            Endpoint::HostedCode => get(flow::code_callback).with_state(self.clone()),
+        }
+    }
+
     /// The configuration in use (with `base_url` normalised).
     pub fn config(&self) -> &FakeOAuthConfig {
         &self.inner.cfg
@@ -300,6 +326,12 @@ impl FakeOAuth {
     /// Absolute URL of the mount point, without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.inner.cfg.base_url
+    }
+
+    /// Refuses every authorization-code exchange from now on (`on`), as a
+    /// vendor refuses a code it revoked: the failed-exchange tests.
+    pub fn refuse_code_exchanges(&self, on: bool) {
+        self.store().refuse_codes = on;
     }
 
     /// Everything that happened so far, oldest first.

@@ -27,6 +27,11 @@ pub(super) struct Store {
     pub devices: HashMap<String, DeviceGrant>,
     /// Refresh tokens, by token.
     pub refresh: HashMap<String, RefreshGrant>,
+    /// Access tokens, by token.
+    pub access: HashMap<String, AccessGrant>,
+    /// Tests: every code exchange is refused (`invalid_grant`), as a
+    /// vendor does when it has revoked or never issued the code.
+    pub refuse_codes: bool,
 }
 
 /// The parameters of an accepted `/authorize` request.
@@ -97,6 +102,15 @@ pub(super) struct RefreshGrant {
     pub user: String,
     pub scope: String,
     pub revoked: bool,
+}
+
+/// An issued access token.
+#[derive(Debug)]
+pub(super) struct AccessGrant {
+    pub client_id: String,
+    pub user: String,
+    pub scope: String,
+    pub expires: Instant,
 }
 
 impl Store {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::clients::{self, Client, TokenStyle};
-use super::store::{new_user_code, DeviceGrant, DeviceStatus, RefreshGrant};
+use super::store::{new_user_code, AccessGrant, DeviceGrant, DeviceStatus, RefreshGrant, Store};
 use super::{FakeOAuth, FakeOAuthConfig, FakeUser, OAuthEvent};
 use crate::pkce::{random_urlsafe, verify_s256};
 
@@ -98,7 +98,14 @@ fn required<'a>(p: &'a Params, name: &str) -> Result<&'a str, Refusal> {
 
 fn known_client(p: &Params) -> Result<&'static Client, Refusal> {
     let id = required(p, "client_id")?;
-    clients::find(id).ok_or_else(|| refuse("invalid_client", format!("unknown client {id:?}")))
+    let client = clients::find(id)
+        .ok_or_else(|| refuse("invalid_client", format!("unknown client {id:?}")))?;
+    match client.secret {
+        Some(secret) if p.get("client_secret").map(String::as_str) != Some(secret) => {
+            Err(refuse("invalid_client", "Unauthorized"))
+        }
+        _ => Ok(client),
+    }
 }
 
 /// `POST /token`.
@@ -107,20 +114,29 @@ pub(super) async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let result =
-        parse_params(&headers, &body).and_then(|p| match p.get("grant_type").map(String::as_str) {
-            Some("authorization_code") => fake.redeem_code(&p),
-            Some("refresh_token") => fake.refresh(&p),
-            Some(DEVICE_GRANT_TYPE) => fake.poll_device(&p),
-            Some(other) => Err(refuse(
-                "unsupported_grant_type",
-                format!("grant_type {other:?} is not supported"),
-            )),
-            None => Err(refuse("invalid_request", "grant_type is required")),
+    fake.token(&headers, &body)
+}
+
+impl FakeOAuth {
+    /// The token endpoint's answer to a request with these headers and
+    /// body (for stand-ins that route it themselves).
+    pub fn token(&self, headers: &HeaderMap, body: &[u8]) -> Response {
+        let result = parse_params(headers, body).and_then(|p| {
+            match p.get("grant_type").map(String::as_str) {
+                Some("authorization_code") => self.redeem_code(&p),
+                Some("refresh_token") => self.refresh(&p),
+                Some(DEVICE_GRANT_TYPE) => self.poll_device(&p),
+                Some(other) => Err(refuse(
+                    "unsupported_grant_type",
+                    format!("grant_type {other:?} is not supported"),
+                )),
+                None => Err(refuse("invalid_request", "grant_type is required")),
+            }
         });
-    match result {
-        Ok(body) => no_store_json(StatusCode::OK, body),
-        Err(refusal) => refusal.into_response(),
+        match result {
+            Ok(body) => no_store_json(StatusCode::OK, body),
+            Err(refusal) => refusal.into_response(),
+        }
     }
 }
 
@@ -174,6 +190,57 @@ pub(super) async fn device_code(
 }
 
 impl FakeOAuth {
+    /// Mints tokens for `user` and remembers them; `keep_refresh` keeps an
+    /// existing refresh token instead of issuing a new one.
+    fn issue(
+        &self,
+        store: &mut Store,
+        client: &Client,
+        user: &str,
+        scope: &str,
+        keep_refresh: Option<&str>,
+    ) -> Issued {
+        let mut issued = mint(self.config(), client, &self.user(user), scope);
+        match keep_refresh {
+            Some(token) => issued.refresh = token.to_string(),
+            None => {
+                store.refresh.insert(
+                    issued.refresh.clone(),
+                    RefreshGrant {
+                        client_id: client.id.to_string(),
+                        user: user.to_string(),
+                        scope: scope.to_string(),
+                        revoked: false,
+                    },
+                );
+            }
+        }
+        store.access.insert(
+            issued.access.clone(),
+            AccessGrant {
+                client_id: client.id.to_string(),
+                user: user.to_string(),
+                scope: scope.to_string(),
+                expires: Instant::now() + self.config().access_token_ttl,
+            },
+        );
+        issued
+    }
+
+    /// Who an access token this server issued belongs to, while it is
+    /// valid: what the vendors' profile and API endpoints check.
+    pub fn access_token_info(&self, token: &str) -> Option<AccessInfo> {
+        let store = self.store();
+        let grant = store.access.get(token)?;
+        let left = grant.expires.checked_duration_since(Instant::now())?;
+        Some(AccessInfo {
+            client_id: grant.client_id.clone(),
+            user: self.user(&grant.user),
+            scope: grant.scope.clone(),
+            expires_in: left,
+        })
+    }
+
     fn user(&self, username: &str) -> FakeUser {
         self.config()
             .users
@@ -196,12 +263,13 @@ impl FakeOAuth {
     /// `grant_type=authorization_code`.
     fn redeem_code(&self, p: &Params) -> Result<Value, Refusal> {
         let client = known_client(p)?;
-        let (code, redirect_uri, verifier) = (
-            required(p, "code")?,
-            required(p, "redirect_uri")?,
-            required(p, "code_verifier")?,
-        );
+        let (code, redirect_uri) = (required(p, "code")?, required(p, "redirect_uri")?);
+        let verifier = p.get("code_verifier").map_or("", String::as_str);
         let mut store = self.store();
+        if store.refuse_codes {
+            drop(store);
+            return Err(self.code_refused(client.id, "refused", "authorization code is invalid"));
+        }
         let Some(grant) = store.codes.get_mut(code) else {
             drop(store);
             return Err(self.code_refused(client.id, "unknown_code", "unknown authorization code"));
@@ -244,7 +312,9 @@ impl FakeOAuth {
                 "redirect_uri_mismatch",
                 "redirect_uri does not match the authorization request",
             ))
-        } else if !verify_s256(verifier, &req.challenge) {
+        } else if (req.challenge.is_empty() && !verifier.is_empty())
+            || (!req.challenge.is_empty() && !verify_s256(verifier, &req.challenge))
+        {
             Some((
                 "pkce_mismatch",
                 "code_verifier does not match the code_challenge",
@@ -255,20 +325,11 @@ impl FakeOAuth {
         if let Some((reason, description)) = problem {
             return Err(self.code_refused(client.id, reason, description));
         }
-        let issued = mint(self.config(), client, &self.user(&user), &req.scope);
         let mut store = self.store();
+        let issued = self.issue(&mut store, client, &user, &req.scope, None);
         if let Some(grant) = store.codes.get_mut(code) {
             grant.refresh_tokens.push(issued.refresh.clone());
         }
-        store.refresh.insert(
-            issued.refresh.clone(),
-            RefreshGrant {
-                client_id: client.id.to_string(),
-                user,
-                scope: req.scope,
-                revoked: false,
-            },
-        );
         self.record(
             &mut store,
             OAuthEvent::CodeRedeemed {
@@ -324,9 +385,15 @@ impl FakeOAuth {
                 client_id: client.id.to_string(),
             },
         );
-        drop(store);
-        let mut issued = mint(self.config(), client, &self.user(&user), &scope);
-        issued.refresh = token.to_string();
+        if client.rotates_refresh {
+            // The old token is spent: a copy elsewhere is now useless.
+            if let Some(old) = store.refresh.get_mut(token) {
+                old.revoked = true;
+            }
+            let issued = self.issue(&mut store, client, &user, &scope, None);
+            return Ok(issued.into_json(client));
+        }
+        let issued = self.issue(&mut store, client, &user, &scope, Some(token));
         Ok(issued.into_json(client))
     }
 
@@ -384,16 +451,7 @@ impl FakeOAuth {
             }
             Ok(user) => {
                 grant.status = DeviceStatus::Redeemed;
-                let issued = mint(self.config(), client, &self.user(&user), &scope);
-                store.refresh.insert(
-                    issued.refresh.clone(),
-                    RefreshGrant {
-                        client_id: client.id.to_string(),
-                        user,
-                        scope,
-                        revoked: false,
-                    },
-                );
+                let issued = self.issue(&mut store, client, &user, &scope, None);
                 self.record(
                     &mut store,
                     OAuthEvent::DeviceTokenIssued {
@@ -404,6 +462,19 @@ impl FakeOAuth {
             }
         }
     }
+}
+
+/// What [`FakeOAuth::access_token_info`] tells about a valid access token.
+#[derive(Debug, Clone)]
+pub struct AccessInfo {
+    /// The client it was issued to.
+    pub client_id: String,
+    /// Its user.
+    pub user: FakeUser,
+    /// Its scope, as requested.
+    pub scope: String,
+    /// How long it stays valid.
+    pub expires_in: Duration,
 }
 
 /// A set of freshly minted tokens.
