@@ -64,6 +64,7 @@ async fn display_browser_input_screenshot_and_restart() {
         proxy: None,
         chromium: None,
         extra_args: vec![],
+        extra_ca_pem: None,
     };
 
     let info = within("starting the browser", role.start(spec))

@@ -144,7 +144,9 @@ pub struct VmConfig {
     /// gets a persistent home disk. Unset: `kernel` + `initramfs`.
     pub cli_image: Option<PathBuf>,
     /// Memory of a browser VM when the request names none (MiB). Measured
-    /// under TCG: 768 MiB paints the login page, 512 MiB never does.
+    /// under TCG: 768 MiB paints the demo's login page, 512 MiB never does;
+    /// with a real vendor CLI beside Chromium the guest uses 480-700 MiB
+    /// at the sign-in page, and in 1024 MiB Claude Code's logins stalled.
     pub browser_memory_mib: u32,
     /// vCPUs of a browser VM when the request names none.
     pub browser_vcpus: u32,
@@ -166,7 +168,9 @@ pub struct VmConfig {
     pub expected_build_id: Option<String>,
     /// vsock port the agent dials (host side listens on `<uds>_<port>`).
     pub agent_port: u32,
-    /// Memory of a VM when the request names none (MiB).
+    /// Memory of a VM when the request names none (MiB). The vendor CLIs
+    /// need room: Claude Code (a Bun binary) dies of SIGSEGV at start in a
+    /// 256 MiB VM.
     pub default_memory_mib: u32,
     /// vCPUs of a VM when the request names none.
     pub default_vcpus: u32,
@@ -221,7 +225,7 @@ impl Default for VmConfig {
             initramfs: "/var/lib/airlock/image/initramfs.cpio.gz".into(),
             browser_image: None,
             cli_image: None,
-            browser_memory_mib: 1024,
+            browser_memory_mib: 1536,
             browser_vcpus: 2,
             home_disk_mib: 4096,
             unsafe_host_browser: false,
@@ -229,7 +233,7 @@ impl Default for VmConfig {
             agent_binary: "/usr/local/lib/airlock/airlock-guest".into(),
             expected_build_id: None,
             agent_port: airlock_proto::DEFAULT_AGENT_PORT,
-            default_memory_mib: 256,
+            default_memory_mib: 1024,
             default_vcpus: 1,
             max_memory_mib: 8192,
             max_vcpus: 8,
@@ -353,6 +357,11 @@ pub struct AuthConfig {
     pub login_path_append: Vec<String>,
     /// Extra environment for every login (development: the fakes' OAuth URL).
     pub login_env: std::collections::BTreeMap<String, String>,
+    /// PEM file of CAs browser VMs trust besides the system's: Chromium as
+    /// a policy, login CLIs through their profile's `ca_env`. Only for
+    /// test stand-ins of the vendors (the vendor sandbox); unset in
+    /// production.
+    pub extra_ca_file: Option<PathBuf>,
     /// Sessions running at once.
     pub max_sessions: usize,
     /// Ended sessions remembered for `GET /api/auth/session/:id`.
@@ -378,6 +387,7 @@ impl Default for AuthConfig {
             prestart_cli_vm: true,
             login_path_append: Vec::new(),
             login_env: Default::default(),
+            extra_ca_file: None,
             max_sessions: 8,
             ended_sessions_keep: 500,
         }
@@ -604,6 +614,9 @@ impl Config {
             fix(p);
         }
         fix(&mut self.auth.providers_file);
+        if let Some(p) = &mut self.auth.extra_ca_file {
+            fix(p);
+        }
         // Relative entries are development paths on this host (the fake
         // CLIs for a browser role running as a host process).
         for dir in &mut self.auth.login_path_append {

@@ -84,6 +84,27 @@ pub struct Provider {
     /// `host:port`, `*.example.com:443`, `host:*`. Nothing else is reachable.
     #[serde(default)]
     pub egress: Vec<String>,
+    /// Environment variables through which the CLI takes an extra CA file
+    /// (set only when airlockd's `auth.extra_ca_file` is: tests).
+    #[serde(default)]
+    pub ca_env: Vec<String>,
+    /// Texts the CLI prints when its login failed but it keeps running.
+    #[serde(default)]
+    pub fail_when: Vec<String>,
+    /// Files the CLI needs beside the credential in the user's CLI VM to
+    /// use it without questions (settings, onboarding state).
+    #[serde(default)]
+    pub cli_files: Vec<CliFile>,
+}
+
+/// A fixed file delivered with a provider's credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliFile {
+    /// Absolute path in the user's CLI VM.
+    pub path: String,
+    /// Its contents.
+    pub contents: String,
 }
 
 /// The loaded profiles.
@@ -173,6 +194,15 @@ fn validate(name: &str, p: &Provider) -> Result<(), ProviderError> {
     if let Some(e) = p.egress.iter().find_map(|d| d.parse::<DestPattern>().err()) {
         return bad(&e.to_string());
     }
+    if p.cli_files
+        .iter()
+        .any(|f| !f.path.starts_with('/') || f.path.contains("..") || f.contents.len() > 64 << 10)
+    {
+        return bad("cli_files need absolute paths without .. and at most 64 KiB each");
+    }
+    if p.credentials.len() + p.cli_files.len() > airlock_proto::MAX_CREDENTIAL_FILES {
+        return bad("credentials and cli_files together are at most 8 files");
+    }
     Ok(())
 }
 
@@ -208,6 +238,8 @@ impl Provider {
             confirm: self.confirm.clone(),
             url_timeout_ms: d.url_timeout_ms,
             confirm_timeout_ms: d.confirm_timeout_ms,
+            ca_env: self.ca_env.clone(),
+            fail_when: self.fail_when.clone(),
         }
     }
 }

@@ -36,6 +36,11 @@ pub struct BrowserSpec {
     /// Extra Chromium flags (operator-configured).
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// PEM certificates to trust besides the system's (test stand-ins of
+    /// vendors only): given to Chromium as its `CACertificates` policy and
+    /// to login CLIs through [`LoginSpec::ca_env`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_ca_pem: Option<String>,
 }
 
 /// What the agent started.
@@ -141,6 +146,16 @@ pub struct LoginSpec {
     pub url_timeout_ms: u64,
     /// Deadline for a status command (ms).
     pub confirm_timeout_ms: u64,
+    /// Environment variables that name a CA file for this CLI (for
+    /// example `NODE_EXTRA_CA_CERTS`): set to the browser's extra CA
+    /// file when it was given one ([`BrowserSpec::extra_ca_pem`]).
+    #[serde(default)]
+    pub ca_env: Vec<String>,
+    /// Texts the CLI prints when its login has failed but it stays running
+    /// (back at a menu): seeing one ends the login at once with the line
+    /// that holds it.
+    #[serde(default)]
+    pub fail_when: Vec<String>,
 }
 
 /// One input event for the X display (XTest), in screen pixels.
@@ -452,6 +467,29 @@ impl LoginSpec {
                     problem: "bad path template".into(),
                 });
             }
+        }
+        let env_name = |n: &String| {
+            !n.is_empty()
+                && n.len() <= 64
+                && !n.starts_with(|c: char| c.is_ascii_digit())
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if self.fail_when.len() > 16
+            || self
+                .fail_when
+                .iter()
+                .any(|t| t.is_empty() || t.len() > MAX_SHORT_STRING)
+        {
+            return Err(InvalidMessage {
+                field: "failWhen",
+                problem: format!("at most 16 texts of 1 to {MAX_SHORT_STRING} bytes"),
+            });
+        }
+        if self.ca_env.len() > 8 || !self.ca_env.iter().all(env_name) {
+            return Err(InvalidMessage {
+                field: "caEnv",
+                problem: "at most 8 environment variable names".into(),
+            });
         }
         Ok(())
     }

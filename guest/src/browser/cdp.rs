@@ -52,7 +52,9 @@ impl Cdp {
             ignore_invalid_messages: true,
             // Keep the real window size: no device-metrics emulation.
             viewport: None,
-            request_timeout: Duration::from_secs(20),
+            // A navigation answers when the page commits: under TCG, with
+            // a CLI starting beside it, that has taken over 20 s.
+            request_timeout: Duration::from_secs(60),
             ..HandlerConfig::default()
         };
         let (mut browser, mut handler) = Browser::connect_with_config(ws_url, config)

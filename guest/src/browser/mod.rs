@@ -6,6 +6,7 @@
 
 pub mod cdp;
 pub mod procs;
+pub mod trust;
 pub mod x11;
 
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ pub struct BrowserRole {
     run_as: Option<RunAs>,
     events: mpsc::Sender<Event>,
     profile_dir: PathBuf,
+    state_dir: PathBuf,
+    /// The extra CA file, once the host sent one ([`trust`]).
+    extra_ca: Mutex<Option<PathBuf>>,
     shared: Arc<Shared>,
     running: Mutex<Option<Running>>,
     tracker: TaskTracker,
@@ -81,6 +85,8 @@ impl BrowserRole {
             run_as,
             events,
             profile_dir: state_dir.join("chromium-profile"),
+            state_dir,
+            extra_ca: Mutex::new(None),
             shared: Arc::new(Shared {
                 cdp: watch::channel(None).0,
                 display: Mutex::new(None),
@@ -106,6 +112,9 @@ impl BrowserRole {
                 ErrorCode::BadRequest,
                 "screen size must be 320x240 to 7680x4320",
             ));
+        }
+        if let Some(pem) = &spec.extra_ca_pem {
+            self.trust(pem)?;
         }
         let (ready_tx, ready_rx) = oneshot::channel();
         let cancel = CancellationToken::new();
@@ -134,6 +143,26 @@ impl BrowserRole {
             cancel,
         });
         Ok(info)
+    }
+
+    /// Installs the host's extra CA: Chromium's policy only in an image
+    /// (where the agent owns /etc; as a host process it would change the
+    /// host's Chromium), the file for logins always.
+    fn trust(&self, pem: &str) -> Result<(), ErrorReply> {
+        let policy = self.run_as.map(|_| std::path::Path::new(trust::POLICY_DIR));
+        let path = trust::install(pem, &self.state_dir.join("trust"), policy)
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
+        tracing::info!(path = %path.display(), chromium_policy = policy.is_some(), "extra CA installed");
+        *self.extra_ca.lock().unwrap_or_else(PoisonError::into_inner) = Some(path);
+        Ok(())
+    }
+
+    /// The extra CA file logins point their CLIs at, if the host sent one.
+    pub fn extra_ca(&self) -> Option<PathBuf> {
+        self.extra_ca
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The display (`:N`) while the role runs.

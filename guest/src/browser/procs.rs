@@ -458,6 +458,7 @@ mod tests {
             proxy: Some("http://10.0.0.1:3128".into()),
             chromium: None,
             extra_args: vec![],
+            extra_ca_pem: None,
         };
         let args = chromium_args(&spec, Path::new("/run/p"), true);
         assert!(args.contains(&"--no-sandbox".to_string()));

@@ -40,6 +40,9 @@ const SHIM_GRACE: Duration = Duration::from_secs(1);
 const DENIAL_CHECK: Duration = Duration::from_secs(3);
 /// Output kept for the `CliExited` report.
 const TAIL_BYTES: usize = 4096;
+/// How long the CLI and Chromium get to stop once the credential is
+/// captured, before it is sent anyway.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// What a login needs from the agent.
 #[derive(Debug, Clone)]
@@ -72,6 +75,7 @@ pub async fn run(spec: LoginSpec, ctx: LoginCtx, cancel: CancellationToken) {
         sent: false,
         tail: String::new(),
         answered,
+        unacked: None,
     };
     if let Err(reason) = login.drive(&dir, &cancel).await {
         if !cancel.is_cancelled() {
@@ -88,7 +92,25 @@ struct Login {
     tail: String,
     /// Which of the spec's prompt answers were typed.
     answered: Vec<bool>,
+    /// The last answer typed, until the CLI visibly took it.
+    unacked: Option<Unacked>,
 }
+
+/// An answer typed into a full-screen CLI that may not have taken it: an
+/// Ink TUI (Gemini CLI) draws its menu before it listens for keys, and
+/// under TCG a key typed in between is lost. If the CLI then prints
+/// nothing, or draws the same prompt again, the answer is typed again.
+struct Unacked {
+    index: usize,
+    tries: u32,
+    /// What the CLI printed since (escape sequences removed, bounded).
+    since: String,
+}
+
+/// How long after an answer the CLI must have reacted.
+const ANSWER_RETRY: Duration = Duration::from_secs(3);
+/// Times an answer is typed at most.
+const ANSWER_TRIES: u32 = 3;
 
 /// What the login watches in the browser's tab.
 struct Pages {
@@ -140,6 +162,11 @@ impl Login {
         }
         if let Some(proxies) = self.ctx.proxies.get() {
             vars.extend(proxies.env(EgressClient::Login));
+        }
+        if let Some(ca) = self.ctx.browser.extra_ca() {
+            for name in &self.spec.ca_env {
+                vars.insert(name.clone(), ca.display().to_string());
+            }
         }
         for entry in &self.spec.env {
             let (name, template) = entry
@@ -224,6 +251,8 @@ impl Login {
         let mut pty_open = true;
         let url_deadline = tokio::time::sleep(Duration::from_millis(self.spec.url_timeout_ms));
         tokio::pin!(url_deadline);
+        let retry = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(retry);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -239,7 +268,10 @@ impl Login {
                 n = child.pty.read(&mut buf), if pty_open => match n {
                     Ok(n) if n > 0 => {
                         self.keep_tail(&buf[..n]);
-                        self.answer_prompts(child).await?;
+                        self.check_failure()?;
+                        if self.answer_prompts(child).await? {
+                            retry.as_mut().reset(tokio::time::Instant::now() + ANSWER_RETRY);
+                        }
                         if !opened && output_url.is_none() {
                             if let Some(url) = auth_urls(&self.tail).into_iter().find(|u| self.acceptable(u)) {
                                 output_url = Some((url, Box::pin(tokio::time::sleep(SHIM_GRACE))));
@@ -272,7 +304,17 @@ impl Login {
                         self.report(LoginStep::Denied { error, description }).await;
                     }
                 }
-                _ = p.watch.changed(), if !self.sent => self.try_capture(&p.watch, &p.env, &p.home, None).await?,
+                _ = p.watch.changed(), if !self.sent => {
+                    if let Some(files) = self.try_capture(&p.watch, &p.env, &p.home, None).await? {
+                        // Stopped before the credential leaves: neither the
+                        // CLI nor a page may refresh (and so revoke) it here.
+                        let _ = killpg(child.pid, Signal::SIGKILL);
+                        let _ = tokio::time::timeout(STOP_WAIT, &mut child.exit).await;
+                        self.stop_browser().await;
+                        self.send(files).await;
+                        return Ok(());
+                    }
+                }
                 exit = &mut child.exit => {
                     let exit = exit.unwrap_or_default();
                     self.drain_pty(child).await;
@@ -280,7 +322,10 @@ impl Login {
                         self.report_queued_denial(pages).await;
                     }
                     if !self.sent {
-                        self.try_capture(&p.watch, &p.env, &p.home, Some(exit)).await?;
+                        if let Some(files) = self.try_capture(&p.watch, &p.env, &p.home, Some(exit)).await? {
+                            self.stop_browser().await;
+                            self.send(files).await;
+                        }
                     }
                     self.report(LoginStep::CliExited {
                         exit_code: exit.exit_code,
@@ -289,10 +334,15 @@ impl Login {
                     }).await;
                     return Ok(());
                 }
+                _ = &mut retry, if self.unacked.is_some() => {
+                    if self.retry_answer(child).await? {
+                        retry.as_mut().reset(tokio::time::Instant::now() + ANSWER_RETRY);
+                    }
+                }
                 _ = &mut url_deadline, if !opened => {
                     return Err(format!(
                         "{} printed no login URL within {} s; its output ends with: {}",
-                        self.spec.argv[0], self.spec.url_timeout_ms / 1000, last_line(&self.tail)
+                        self.spec.argv[0], self.spec.url_timeout_ms / 1000, last_lines(&self.tail, 6)
                     ));
                 }
             }
@@ -363,8 +413,10 @@ impl Login {
         }
     }
 
-    /// Types the answer to each configured prompt the CLI has printed.
-    async fn answer_prompts(&mut self, child: &mut PtyChild) -> Result<(), String> {
+    /// Types the answer to each configured prompt the CLI has printed;
+    /// true when one was typed (its retry timer starts).
+    async fn answer_prompts(&mut self, child: &mut PtyChild) -> Result<bool, String> {
+        let mut typed = false;
         for (i, a) in self.spec.answers.iter().enumerate() {
             if !self.answered[i] && self.tail.contains(&a.when) {
                 self.answered[i] = true;
@@ -373,14 +425,50 @@ impl Login {
                     .write_all(a.send.as_bytes())
                     .await
                     .map_err(|e| format!("cannot answer the CLI's prompt: {e}"))?;
+                self.unacked = Some(Unacked {
+                    index: i,
+                    tries: 1,
+                    since: String::new(),
+                });
+                typed = true;
             }
         }
-        Ok(())
+        Ok(typed)
+    }
+
+    /// Types the last answer again if the CLI showed no reaction to it;
+    /// true when it did (the timer runs again).
+    async fn retry_answer(&mut self, child: &mut PtyChild) -> Result<bool, String> {
+        let Some(u) = self.unacked.take() else {
+            return Ok(false);
+        };
+        let answer = &self.spec.answers[u.index];
+        let ignored = u.since.trim().is_empty() || u.since.contains(&answer.when);
+        if !ignored || u.tries >= ANSWER_TRIES {
+            return Ok(false);
+        }
+        tracing::info!(session_id = %self.spec.session_id, prompt = %answer.when, "the CLI did not take the answer; typing it again");
+        child
+            .pty
+            .write_all(answer.send.as_bytes())
+            .await
+            .map_err(|e| format!("cannot answer the CLI's prompt: {e}"))?;
+        self.unacked = Some(Unacked {
+            index: u.index,
+            tries: u.tries + 1,
+            since: String::new(),
+        });
+        Ok(true)
     }
 
     fn keep_tail(&mut self, bytes: &[u8]) {
-        self.tail
-            .push_str(&strip_ansi(&String::from_utf8_lossy(bytes)));
+        let text = strip_ansi(&String::from_utf8_lossy(bytes));
+        if let Some(u) = &mut self.unacked {
+            if u.since.len() < TAIL_BYTES {
+                u.since.push_str(&text);
+            }
+        }
+        self.tail.push_str(&text);
         if self.tail.len() > TAIL_BYTES {
             let mut cut = self.tail.len() - TAIL_BYTES;
             while !self.tail.is_char_boundary(cut) {
@@ -403,7 +491,7 @@ impl Login {
         }
     }
 
-    /// Captures the files if they hold a new credential and the profile's
+    /// The files, if they hold a new credential and the profile's
     /// confirmation passes. `exit` is the CLI's exit once it has ended.
     async fn try_capture(
         &mut self,
@@ -411,22 +499,50 @@ impl Login {
         env: &[(String, String)],
         home: &Path,
         exit: Option<ExitInfo>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Vec<CapturedFile>>, String> {
         let Ok(files) = watch.check() else {
-            return Ok(());
+            return Ok(None);
         };
         let confirmed = match &self.spec.confirm {
             Confirm::File => true,
             Confirm::ExitCode => match exit {
-                None => return Ok(()),
+                None => return Ok(None),
                 Some(e) => e.exit_code == Some(0),
             },
             Confirm::StatusCommand { argv } => self.status_ok(argv, env, home).await,
         };
-        if confirmed {
-            self.send(files).await;
+        Ok(confirmed.then_some(files))
+    }
+
+    /// Ends the login when the CLI printed one of the profile's failure
+    /// texts (a CLI that goes back to a menu instead of exiting).
+    fn check_failure(&self) -> Result<(), String> {
+        let Some(text) = self
+            .spec
+            .fail_when
+            .iter()
+            .find(|t| self.tail.contains(t.as_str()))
+        else {
+            return Ok(());
+        };
+        let line = self
+            .tail
+            .lines()
+            .rev()
+            .find(|l| l.contains(text.as_str()))
+            .unwrap_or(text)
+            .trim();
+        Err(format!("{}: {line}", self.spec.argv[0]))
+    }
+
+    /// Stops Chromium (and its display) once the credential is captured.
+    async fn stop_browser(&self) {
+        if tokio::time::timeout(STOP_WAIT, self.ctx.browser.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!(session_id = %self.spec.session_id, "Chromium did not stop in time");
         }
-        Ok(())
     }
 
     async fn status_ok(&self, argv: &[String], env: &[(String, String)], home: &Path) -> bool {
@@ -469,16 +585,37 @@ pub fn oauth_error(url: &str) -> Option<(String, Option<String>)> {
     Some((error, description))
 }
 
-fn last_line(text: &str) -> &str {
-    text.lines()
+/// The last `n` lines with text, joined with " | " (box-drawing and
+/// padding trimmed: a TUI's frame says nothing).
+fn last_lines(text: &str, n: usize) -> String {
+    let frame = |c: char| c.is_whitespace() || ('\u{2500}'..='\u{257f}').contains(&c);
+    let mut lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_matches(frame))
+        .filter(|l| !l.is_empty())
         .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("(nothing)")
+        .take(n)
+        .collect();
+    lines.reverse();
+    if lines.is_empty() {
+        return "(nothing)".into();
+    }
+    lines.join(" | ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_lines_skip_a_tuis_frame() {
+        let tail = "\u{256d}\u{2500}\u{2500}\u{256e}\n\u{2502}  Do you want to continue?  \u{2502}\n\u{2502}\u{2502}\n\u{2502} \u{25cf} 1. Yes \u{2502}\n\u{2570}\u{2500}\u{256f}\n";
+        assert_eq!(
+            last_lines(tail, 2),
+            "Do you want to continue? | \u{25cf} 1. Yes"
+        );
+        assert_eq!(last_lines("", 3), "(nothing)");
+    }
 
     #[test]
     fn oauth_errors_are_read_from_the_redirect() {

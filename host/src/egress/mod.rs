@@ -51,6 +51,10 @@ pub struct EgressConfig {
     pub connect_timeout_ms: u64,
     /// Streams open at once per VM; more are refused.
     pub max_streams_per_vm: usize,
+    /// Give CLI VMs the gateway too, allowing them `allow` (a QEMU CLI VM
+    /// has no network interface: without this it reaches nothing; tests
+    /// use it to let the real CLIs there reach the vendor sandbox).
+    pub cli_vms: bool,
     /// Refusals written to airlockd's log per VM and minute; all are
     /// counted.
     pub log_refusals_per_min: u32,
@@ -66,6 +70,7 @@ impl Default for EgressConfig {
             user_proxies: BTreeMap::new(),
             connect_timeout_ms: 10_000,
             max_streams_per_vm: 256,
+            cli_vms: false,
             log_refusals_per_min: 20,
         }
     }
@@ -204,6 +209,11 @@ impl Egress {
     /// The operator's destinations allowed for every browser VM.
     pub fn allowed(&self) -> &[DestPattern] {
         &self.allow
+    }
+
+    /// Whether CLI VMs get a gateway (`cli_vms`).
+    pub fn for_cli_vms(&self) -> bool {
+        self.cfg.cli_vms
     }
 
     fn upstream_for(&self, user: Option<&str>) -> Option<&UpstreamProxy> {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use airlock_proto::{
     BrowserEvent, BrowserSpec, CapturedCredential, ErrorCode, Event, LoginStep, Operation, Reply,
+    SecretBytes,
 };
 use tokio::sync::mpsc;
 
@@ -226,6 +227,15 @@ async fn start_browser(
         proxy: ctx.cfg.proxy.clone(),
         chromium: Some(ctx.cfg.chromium.clone()),
         extra_args: ctx.cfg.chromium_args.clone(),
+        extra_ca_pem: match &ctx.cfg.extra_ca_file {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                End::Failed(format!(
+                    "cannot read auth.extra_ca_file {}: {e}",
+                    path.display()
+                ))
+            })?),
+        },
     };
     let left = deadline.saturating_duration_since(Instant::now());
     let started = tokio::select! {
@@ -423,7 +433,11 @@ fn on_login_step(
             };
             ctx.record(h, None, "cliExited", Some(status.clone()));
             return Some(End::Failed(match denied.take() {
-                Some(why) => format!("the user denied access on the consent page ({why}); {} then exited with {status}", provider.display_name),
+                Some(why) => format!(
+                    "the user denied access on the consent page ({why}); {} then exited with {status}: {}",
+                    provider.display_name,
+                    last_line(&output_tail)
+                ),
                 None => format!(
                     "{} exited with {status} before logging in; its last output: {}",
                     provider.display_name,
@@ -456,6 +470,14 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
             contents: f.contents,
         })
         .collect();
+    let mut files: Vec<CredentialFile> = files;
+    // What the CLI needs beside the credential travels with it, so every
+    // delivery (now, or to a later CLI VM) writes both.
+    files.extend(provider.cli_files.iter().map(|f| CredentialFile {
+        path: f.path.clone(),
+        mode: 0o600,
+        contents: SecretBytes::new(f.contents.clone().into_bytes()),
+    }));
     let bundle = CredentialBundle { files };
     let view = h.view();
     match ctx.store.put(&view.user_id, &view.provider, &bundle).await {

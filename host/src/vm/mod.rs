@@ -374,10 +374,11 @@ impl VmManager {
             egress: None,
             out_of_memory: None,
         };
-        // Only a browser VM without a network of its own has a gateway.
-        let egress = (req.kind == VmKind::Browser
-            && self.inner.backend_for(req.kind).isolates_network())
-        .then(|| (Arc::new(egress), Arc::new(EgressStats::default())));
+        // A browser VM without a network of its own has a gateway; a CLI
+        // VM only when the operator says so (egress.cli_vms).
+        let gateway = req.kind == VmKind::Browser || self.inner.egress.for_cli_vms();
+        let egress = (gateway && self.inner.backend_for(req.kind).isolates_network())
+            .then(|| (Arc::new(egress), Arc::new(EgressStats::default())));
         let handle = Arc::new(VmHandle {
             view: watch::channel(view.clone()).0,
             agent: watch::channel(None).0,
