@@ -12,7 +12,7 @@
 //! Figures, not assertions; `SPECIFICATION.md` records them.
 //!
 //! `AIRLOCK_BENCH_RUNS` sets the number of sessions (default 5);
-//! `AIRLOCK_BENCH_MEMORY_MIB` the browser VM's memory (default 1024, as
+//! `AIRLOCK_BENCH_MEMORY_MIB` the browser VM's memory (default 1536, as
 //! `vm.browser_memory_mib`); `AIRLOCK_BENCH_REBUILD=0` skips the Debian
 //! layers' rebuild (minutes).
 
@@ -45,7 +45,7 @@ fn env_or(name: &str, default: usize) -> usize {
 
 async fn run() -> Result<()> {
     let runs = env_or("AIRLOCK_BENCH_RUNS", 5);
-    let memory = env_or("AIRLOCK_BENCH_MEMORY_MIB", 1024);
+    let memory = env_or("AIRLOCK_BENCH_MEMORY_MIB", 1536);
     let a = artifacts()?;
     let image = |kind: &str| a.build_dir.join("images").join(kind);
     println!(

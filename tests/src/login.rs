@@ -239,6 +239,51 @@ impl Daemon {
         .with_context(|| format!("page {path} never loaded"))
     }
 
+    /// Starts a session for `provider` and waits (up to `within`) until its
+    /// sign-in page, served at a path ending in `page`, is on screen; the
+    /// view then, with its viewer link. A session that fails first is an
+    /// error that quotes why.
+    pub async fn start_until_page(
+        &self,
+        user: &str,
+        provider: &str,
+        page: &str,
+        within: Duration,
+    ) -> Result<Value> {
+        let started = self.start_view(user, provider).await?;
+        let id = started["sessionId"]
+            .as_str()
+            .context("sessionId")?
+            .to_string();
+        let v = self
+            .wait_session(&id, within, |v| {
+                state_is(v, "awaiting_user") || v["state"] == "failed"
+            })
+            .await?;
+        if !state_is(&v, "awaiting_user") {
+            bail!("the session did not reach awaiting_user: {}", v["error"]);
+        }
+        let mut v = self.wait_page(&id, page, 1).await?;
+        v["viewerUrl"] = started["viewerUrl"].clone();
+        Ok(v)
+    }
+
+    /// Runs a command in a VM with `exec`'s full request (`argv`, `env`,
+    /// `timeoutMs`...), expecting 200.
+    pub async fn exec_request(&self, id: &str, body: Value) -> Result<Value> {
+        let (status, v) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/vms/{id}/exec"),
+                Some(body.clone()),
+            )
+            .await?;
+        if status != 200 {
+            bail!("exec {} in {id}: {status} {v}", body["argv"]);
+        }
+        Ok(v)
+    }
+
     /// Sends input events to the session's browser.
     pub async fn input(&self, id: &str, events: Value) -> Result<()> {
         let (status, v) = self
@@ -258,6 +303,12 @@ impl Daemon {
     /// then allows (or denies) on the consent page.
     pub async fn sign_in_and(&self, id: &str, allow: bool) -> Result<()> {
         self.wait_page(id, "/authorize", 1).await?;
+        self.sign_in_on_shown_page(id, allow).await
+    }
+
+    /// As [`Daemon::sign_in_and`], once the sign-in page is on screen
+    /// (vendors' authorization pages live at their own paths).
+    pub async fn sign_in_on_shown_page(&self, id: &str, allow: bool) -> Result<()> {
         self.input(
             id,
             json!([

@@ -65,24 +65,8 @@ fn settings(coturn: &Coturn) -> Result<Settings> {
 /// Starts a demo session and waits until its sign-in page is on screen;
 /// returns the session's view then, with its viewer link.
 async fn awaiting_user(d: &Daemon, user: &str) -> Result<Value> {
-    let started = d.start_view(user, "demo").await?;
-    let id = started["sessionId"]
-        .as_str()
-        .context("sessionId")?
-        .to_string();
-    let v = d
-        .wait_session(&id, BROWSER_UP, |v| {
-            state_is(v, "awaiting_user") || v["state"] == "failed"
-        })
-        .await?;
-    ensure!(
-        state_is(&v, "awaiting_user"),
-        "the session did not reach awaiting_user: {v:#}"
-    );
-    let mut v = d.wait_page(&id, "/authorize", 1).await?;
-    ensure!(state_is(&v, "awaiting_user"), "{v}");
-    v["viewerUrl"] = started["viewerUrl"].clone();
-    Ok(v)
+    d.start_until_page(user, "demo", "/authorize", BROWSER_UP)
+        .await
 }
 
 /// Runs `body` against a fresh airlockd (and coturn); prints sessions and

@@ -191,19 +191,22 @@ async fn codex_login_end_to_end() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn claude_code_login_with_a_pasted_code() -> Result<()> {
+async fn claude_code_login_through_its_loopback_callback() -> Result<()> {
+    // The shipped profile takes Claude Code's browser URL (its loopback
+    // callback), as the real CLI hands it to $BROWSER; the pasted-code
+    // path is exercised with the real CLI in `vendor_clis`.
     with_rig(
         |s| s,
         async |rig| {
             let done = complete(rig, "claude_code", "/root/.claude/.credentials.json").await?;
             let steps = done["steps"].to_string();
             assert!(
-                steps.contains("codeEntered"),
-                "the code was read from the page and typed in: {steps}"
+                steps.contains("(via shim)"),
+                "the URL came from $BROWSER: {steps}"
             );
             assert!(
-                steps.contains("/code/callback"),
-                "the hosted code page was shown: {steps}"
+                !steps.contains("codeEntered"),
+                "nothing was pasted: {steps}"
             );
             Ok(())
         },
@@ -514,7 +517,7 @@ async fn providers_are_listed_and_an_unknown_one_is_refused() -> Result<()> {
             // The demo provider is off unless auth.demo is on.
             assert_eq!(names, ["claude_code", "codex", "gemini_cli"], "{v}");
             assert_eq!(v["providers"][1]["displayName"], "OpenAI Codex CLI");
-            assert_eq!(v["providers"][0]["flow"], "pasteCode");
+            assert_eq!(v["providers"][0]["flow"], "loopback");
             let body = serde_json::json!({ "userId": USER, "provider": "cursor" });
             let (status, v) = d
                 .request(Method::POST, "/api/auth/start", Some(body))

@@ -1,0 +1,540 @@
+//! The real vendor CLIs, as image/vendor/package.json pins them, log in
+//! for real: each runs in a browser VM booted from the `browser` image,
+//! the person's part is done through the viewer page (keys on the video),
+//! Chromium and the CLI reach the vendors' host names through airlockd's
+//! egress gateway, which routes them to the vendor sandbox
+//! (`airlock_fakes::vendors`) on this host's loopback, over TLS from a CA
+//! that only this test's airlockd (`auth.extra_ca_file`) trusts. The
+//! credential is then delivered into a CLI VM booted from the `cli` image,
+//! where the same real CLI must report itself logged in with it. Nothing
+//! here reaches a vendor: browser VMs have no network interface, and CLI
+//! VMs none at all.
+//!
+//! Also: the CLI and Chromium are stopped before the credential leaves
+//! the browser VM, so the sandbox sees no refresh of it from there.
+//!
+//! Every VM is torn down however a test ends (the harness's `Daemon`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use airlock_fakes::oauth::OAuthEvent;
+use airlock_fakes::vendors::{SandboxConfig, VendorSandbox};
+use airlock_tests::cdp::Viewer;
+use airlock_tests::coturn::Coturn;
+use airlock_tests::live::{click_screen, press_key, type_keys};
+use airlock_tests::login::{loaded, state_is, step_events};
+use airlock_tests::{artifacts, Daemon, Settings};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+/// Under TCG a browser VM shows its first page about a minute after it
+/// was asked for; two tests may share the two cores.
+const BROWSER_UP: Duration = Duration::from_secs(300);
+
+/// The images: `make image`'s, or `AIRLOCK_IMAGES_DIR`'s (`make
+/// vendor-check` builds some with the newest CLIs there).
+fn image(kind: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os("AIRLOCK_IMAGES_DIR") {
+        Some(d) => PathBuf::from(d).join(kind),
+        None => artifacts()?.build_dir.join("images").join(kind),
+    };
+    ensure!(
+        dir.join("manifest.json").is_file(),
+        "{} is missing: run `make image`",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// The sandbox, coturn and an airlockd whose browser VMs reach the
+/// sandbox under the vendors' names.
+struct World {
+    sandbox: VendorSandbox,
+    d: Daemon,
+    coturn: Coturn,
+    _ca: tempfile::TempDir,
+}
+
+async fn world(tune: impl FnOnce(Settings) -> Settings) -> Result<World> {
+    let sandbox = VendorSandbox::start(SandboxConfig::default()).await?;
+    let ca = tempfile::tempdir()?;
+    let ca_file = ca.path().join("vendor-sandbox-ca.pem");
+    std::fs::write(&ca_file, sandbox.ca_pem())?;
+    let coturn = Coturn::start()?;
+    let path = |p: PathBuf| format!("{:?}", p.display().to_string());
+    let mut s = Settings::new("qemu")
+        .set("vm", "browser_image", &path(image("browser")?))
+        .set("vm", "cli_image", &path(image("cli")?))
+        .set("vm", "boot_timeout_ms", "180000")
+        .set("auth", "browser_timeout_ms", "400000")
+        .set("auth", "url_timeout_ms", "240000")
+        .set("auth", "confirm_timeout_ms", "120000")
+        .set("auth", "extra_ca_file", &path(ca_file))
+        // Fewer frames to encode under TCG: the live view only has to show
+        // the page, and two logins share two cores.
+        .set("live", "framerate", "10");
+    for (name, addr) in sandbox.egress_routes() {
+        s = s.set("egress.routes", &format!("{name:?}"), &format!("{addr:?}"));
+    }
+    let d = Daemon::start(tune(coturn.settings(s))).await?;
+    Ok(World {
+        sandbox,
+        d,
+        coturn,
+        _ca: ca,
+    })
+}
+
+impl World {
+    /// Prints what helps when a test failed.
+    async fn diagnose(&self) {
+        self.d.print_sessions().await;
+        self.d.print_diagnostics();
+        eprintln!("==== vendor sandbox requests ====");
+        for r in self.sandbox.requests() {
+            eprintln!("{} {} {} -> {}", r.method, r.host, r.path, r.status);
+        }
+        for (vendor, oauth) in [
+            ("openai", &self.sandbox.openai),
+            ("anthropic", &self.sandbox.anthropic),
+            ("google", &self.sandbox.google),
+        ] {
+            eprintln!("==== {vendor} events ====\n{:#?}", oauth.events());
+        }
+        eprintln!("==== coturn log ====\n{}", self.coturn.log());
+    }
+}
+
+async fn with_world(
+    tune: impl FnOnce(Settings) -> Settings,
+    body: impl AsyncFnOnce(&World) -> Result<()>,
+) -> Result<()> {
+    let w = world(tune).await?;
+    let result = body(&w).await;
+    if result.is_err() {
+        w.diagnose().await;
+    }
+    result
+}
+
+/// Starts a session for `provider` and waits until the vendor's sign-in
+/// page (served at `authorize_path`) is on screen; returns the view with
+/// its viewer link.
+async fn awaiting_user(
+    d: &Daemon,
+    user: &str,
+    provider: &str,
+    authorize_path: &str,
+) -> Result<Value> {
+    let v = d
+        .start_until_page(user, provider, authorize_path, BROWSER_UP)
+        .await?;
+    // What the login costs the VM, for SPECIFICATION.md.
+    let vm = v["browserVmId"].as_str().context("browserVmId")?;
+    let mem = d
+        .exec(
+            vm,
+            &[
+                "sh",
+                "-c",
+                "awk '/^(MemTotal|MemAvailable):/ {print $2}' /proc/meminfo",
+            ],
+        )
+        .await?;
+    let kib: Vec<u64> = mem["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    if let [total, available] = kib[..] {
+        println!(
+            "{provider}: guest memory in use with the sign-in page shown: {} MiB of {} MiB",
+            (total - available) / 1024,
+            total / 1024
+        );
+    }
+    Ok(v)
+}
+
+/// The person's part, through the viewer page: signs in as alice on the
+/// vendor's page and allows access. The viewer is returned: closing it at
+/// once could drop the last key before it crossed the data channel.
+async fn sign_in_through_the_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
+    let id = v["sessionId"].as_str().context("sessionId")?;
+    let link = format!(
+        "{}{}",
+        d.base,
+        v["viewerUrl"].as_str().context("viewerUrl")?
+    );
+    let viewer = Viewer::open(&link).await?;
+    viewer
+        .tab
+        .wait_for(
+            "(() => { const v = document.querySelector('#screen'); return v && v.videoWidth > 0 && v.currentTime > 0 ? true : null; })()",
+            Duration::from_secs(90),
+        )
+        .await
+        .context("the viewer never showed video")?;
+    click_screen(&viewer.tab, 20.0, 140.0).await?;
+    press_key(&viewer.tab, "Tab", 9).await?;
+    type_keys(&viewer.tab, "alice").await?;
+    press_key(&viewer.tab, "Tab", 9).await?;
+    type_keys(&viewer.tab, "correct horse").await?;
+    press_key(&viewer.tab, "Enter", 13).await?;
+    d.wait_page(id, "/authorize/login", 1).await?;
+    // The consent page has Allow focused. Under TCG with two logins on two
+    // cores this key has been lost (the page stayed, and one more Enter
+    // went through at once): a person would press again, and so does the
+    // test, a bounded number of times, each after waiting for the page to
+    // move on.
+    for attempt in 1..=3 {
+        press_key(&viewer.tab, "Enter", 13).await?;
+        let moved_on = d
+            .wait_session(id, Duration::from_secs(45), |v| {
+                v["state"] != "awaiting_user"
+                    || loaded(v)
+                        .last()
+                        .is_some_and(|l| !l.ends_with("/authorize/login"))
+            })
+            .await;
+        if moved_on.is_ok() {
+            return Ok(viewer);
+        }
+        eprintln!("the consent page did not move on after Enter (attempt {attempt})");
+    }
+    bail!("the consent page never took the Enter key")
+}
+
+/// Runs `script` with `sh -c` in a VM as root with root's home, with a
+/// deadline that allows a first start of a large CLI under TCG.
+async fn sh(d: &Daemon, vm: &str, script: &str) -> Result<Value> {
+    d.exec_request(
+        vm,
+        json!({"argv": ["sh", "-c", script], "env": ["HOME=/root"], "timeoutMs": 120_000}),
+    )
+    .await
+}
+
+/// Logs `provider` in through the viewer and waits for the session to
+/// complete; returns the final view.
+async fn login(w: &World, user: &str, provider: &str, authorize_path: &str) -> Result<Value> {
+    let v = awaiting_user(&w.d, user, provider, authorize_path).await?;
+    let id = v["sessionId"].as_str().context("sessionId")?.to_string();
+    let _viewer = sign_in_through_the_viewer(&w.d, &v).await?;
+    let done =
+        w.d.wait_session(&id, Duration::from_secs(300), |v| {
+            v["state"] == "completed" || v["state"] == "failed"
+        })
+        .await?;
+    ensure!(
+        state_is(&done, "completed"),
+        "the session ended {}: {}",
+        done["state"],
+        done["error"]
+    );
+    ensure!(
+        done["cliVmId"].is_string(),
+        "no CLI VM took the credential: {:?}",
+        step_events(&done)
+    );
+    Ok(done)
+}
+
+/// No refresh reached the sandbox: the browser VM's CLI and Chromium were
+/// stopped before the credential left, and the delivered copy was used
+/// without one.
+fn no_refresh(w: &World) -> Result<()> {
+    let refreshes = w.sandbox.refreshes();
+    ensure!(
+        refreshes == 0,
+        "{refreshes} refresh(es) of the captured token reached the vendor sandbox"
+    );
+    Ok(())
+}
+
+fn redeemed(events: &[OAuthEvent]) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, OAuthEvent::CodeRedeemed { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn codex_logs_in_for_real_and_codex_login_status_passes_in_the_cli_vm() -> Result<()> {
+    with_world(
+        |s| s,
+        async |w| {
+            let done = login(w, "codex-alice", "codex", "/oauth/authorize").await?;
+            ensure!(
+                redeemed(&w.sandbox.openai.events()),
+                "OpenAI never redeemed a code"
+            );
+            let vm = done["cliVmId"].as_str().context("cliVmId")?;
+            let out = sh(
+                &w.d,
+                vm,
+                "stat -c '%a %U' /root/.codex/auth.json && codex login status 2>&1",
+            )
+            .await?;
+            ensure!(
+                out["exitCode"] == 0,
+                "codex login status in the CLI VM: {out}"
+            );
+            let text = out["stdout"].as_str().unwrap_or("");
+            ensure!(
+                text.starts_with("600 root\n") && text.contains("Logged in"),
+                "{out}"
+            );
+            no_refresh(w)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claude_code_logs_in_for_real_and_claude_auth_status_passes_in_the_cli_vm() -> Result<()> {
+    with_world(
+        |s| s,
+        async |w| {
+            let done = login(w, "claude-alice", "claude_code", "/cai/oauth/authorize").await?;
+            ensure!(
+                redeemed(&w.sandbox.anthropic.events()),
+                "Anthropic never redeemed a code"
+            );
+            let vm = done["cliVmId"].as_str().context("cliVmId")?;
+            let out = sh(&w.d, vm, "claude auth status").await?;
+            ensure!(
+                out["exitCode"] == 0,
+                "claude auth status in the CLI VM: {out}"
+            );
+            let status: Value = serde_json::from_str(out["stdout"].as_str().unwrap_or(""))
+                .with_context(|| format!("claude auth status printed no JSON: {out}"))?;
+            // Read from the delivered credential: the plan the sandbox's
+            // profile reported at login. (The e-mail and organisation live
+            // in ~/.claude.json, which holds the person's own settings and
+            // is not overwritten: they show as null.)
+            ensure!(status["loggedIn"] == true, "{status}");
+            ensure!(status["authMethod"] == "claude.ai", "{status}");
+            ensure!(status["planTier"] == "max_20x", "{status}");
+            no_refresh(w)
+        },
+    )
+    .await
+}
+
+/// CLI VMs get the gateway too, to Google's API hosts only: Gemini CLI
+/// has no offline status, so a prompt answered by the sandbox's model is
+/// what proves the delivered login works.
+fn cli_vms_reach_google(s: Settings) -> Settings {
+    s.set("egress", "cli_vms", "true").set(
+        "egress",
+        "allow",
+        r#"["oauth2.googleapis.com:443", "www.googleapis.com:443", "cloudcode-pa.googleapis.com:443"]"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gemini_cli_logs_in_for_real_and_answers_a_prompt_in_the_cli_vm() -> Result<()> {
+    with_world(cli_vms_reach_google, async |w| {
+        let done = login(w, "gemini-alice", "gemini_cli", "/o/oauth2/v2/auth").await?;
+        ensure!(redeemed(&w.sandbox.google.events()), "Google never redeemed a code");
+        let vm = done["cliVmId"].as_str().context("cliVmId")?;
+        // The CLI VM trusts the sandbox's CA only for this command.
+        let script = format!(
+            "printf '%s' '{}' > /tmp/sandbox-ca.pem && cd /root && \
+             NODE_EXTRA_CA_CERTS=/tmp/sandbox-ca.pem NO_BROWSER=true GEMINI_CLI_TRUST_WORKSPACE=true \
+             gemini -p ping -m gemini-2.5-flash -o json </dev/null",
+            w.sandbox.ca_pem()
+        );
+        let out = sh(&w.d, vm, &script).await?;
+        ensure!(out["exitCode"] == 0, "gemini -p in the CLI VM: {out}");
+        let answer: Value = serde_json::from_str(out["stdout"].as_str().unwrap_or(""))
+            .with_context(|| format!("gemini printed no JSON: {out}"))?;
+        ensure!(answer["response"].as_str().is_some_and(|r| r.contains("pong")), "{answer}");
+        // Tokens live an hour: nothing anywhere had a reason to refresh.
+        no_refresh(w)
+    })
+    .await
+}
+
+/// A failure the real CLI reports ends the session at once with the CLI's
+/// own words: signs in (allowing or denying) through the API's input and
+/// waits for the session to fail, which must happen well before any
+/// timeout, and with `expect` in its error.
+async fn fails_with(
+    w: &World,
+    provider: &str,
+    authorize_path: &str,
+    allow: bool,
+    expect: &[&str],
+) -> Result<()> {
+    let v = awaiting_user(&w.d, &format!("{provider}-fails"), provider, authorize_path).await?;
+    let id = v["sessionId"].as_str().context("sessionId")?;
+    w.d.sign_in_on_shown_page(id, allow).await?;
+    let acted = std::time::Instant::now();
+    let done =
+        w.d.wait_session(id, Duration::from_secs(180), |v| {
+            v["state"] == "failed" || v["state"] == "completed"
+        })
+        .await?;
+    let took = acted.elapsed();
+    let error = done["error"].as_str().unwrap_or_default();
+    ensure!(
+        state_is(&done, "failed"),
+        "the session {}: {done:#}",
+        done["state"]
+    );
+    for e in expect {
+        ensure!(
+            error.contains(e),
+            "the session's error lacks {e:?}: {error}"
+        );
+    }
+    // Under TCG a page load alone can take seconds: a minute is "at once"
+    // next to the ten-minute timeout a missed failure would wait for.
+    ensure!(
+        took < Duration::from_secs(60),
+        "the session failed {took:?} after the decision: {error}"
+    );
+    println!("{provider}: failed {took:?} after the decision: {error}");
+    Ok(())
+}
+
+/// Failure tests need no CLI VM.
+fn no_cli_vm(s: Settings) -> Settings {
+    s.set("auth", "prestart_cli_vm", "false")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn codex_failing_to_redeem_its_code_ends_the_session_with_codex_s_message() -> Result<()> {
+    with_world(no_cli_vm, async |w| {
+        w.sandbox.openai.refuse_code_exchanges(true);
+        fails_with(w, "codex", "/oauth/authorize", true, &["Error logging in"]).await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claude_code_denied_consent_ends_the_session_with_claude_s_message() -> Result<()> {
+    with_world(no_cli_vm, async |w| {
+        fails_with(
+            w,
+            "claude_code",
+            "/cai/oauth/authorize",
+            false,
+            &["denied access", "Couldn't log in"],
+        )
+        .await
+    })
+    .await
+}
+
+/// Gemini CLI does not exit: it goes back to its menu with "Failed to
+/// sign in", which the profile's `fail_when` turns into the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn gemini_cli_denied_consent_back_at_its_menu_ends_the_session_with_its_message() -> Result<()>
+{
+    with_world(no_cli_vm, async |w| {
+        fails_with(
+            w,
+            "gemini_cli",
+            "/o/oauth2/v2/auth",
+            false,
+            &["Failed to sign in. Message:", "access_denied"],
+        )
+        .await
+    })
+    .await
+}
+
+/// Each CLI's other login path, as profiles an operator could add: Gemini
+/// CLI's user-code flow (NO_BROWSER: it prints a URL whose redirect is
+/// Google's code page and asks for the code) and Claude Code's pasted
+/// code (its full sign-in link, whose redirect is Anthropic's code page).
+/// The agent opens the printed link, reads the code off the vendor's page
+/// and types it into the CLI.
+const OTHER_PATHS: &str = r##"
+[gemini_cli_user_code]
+display_name = "Gemini CLI (user code)"
+command = ["gemini"]
+env = ["GEMINI_CLI_TRUST_WORKSPACE=true", "NO_BROWSER=true"]
+flow = { type = "pasteCode", codeSelector = "#auth-code" }
+answers = [{ when = "How would you like to authenticate", send = "\r" }]
+fail_when = ["Failed to sign in. Message:", "Failed to authenticate with user code."]
+confirm = { type = "file" }
+ca_env = ["NODE_EXTRA_CA_CERTS"]
+egress = ["accounts.google.com:443", "oauth2.googleapis.com:443", "www.googleapis.com:443", "cloudcode-pa.googleapis.com:443", "codeassist.google.com:443"]
+
+[[gemini_cli_user_code.credentials]]
+path = "${HOME}/.gemini/oauth_creds.json"
+required = ["/access_token", "/refresh_token"]
+deliver_to = "/root/.gemini/oauth_creds.json"
+
+[claude_code_pasted_code]
+display_name = "Claude Code (pasted code)"
+command = ["claude", "auth", "login"]
+env = ["CLAUDE_CONFIG_DIR=${HOME}/.claude", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1", "DISABLE_AUTOUPDATER=1", "CLAUDE_CODE_FULL_SIGN_IN_LINK=1"]
+flow = { type = "pasteCode", codeSelector = "#oauth-code" }
+confirm = { type = "exitCode" }
+ca_env = ["NODE_EXTRA_CA_CERTS"]
+egress = ["claude.ai:443", "claude.com:443", "platform.claude.com:443", "api.anthropic.com:443"]
+
+[[claude_code_pasted_code.credentials]]
+path = "${CLAUDE_CONFIG_DIR}/.credentials.json"
+required = ["/claudeAiOauth/accessToken", "/claudeAiOauth/refreshToken"]
+deliver_to = "/root/.claude/.credentials.json"
+"##;
+
+/// The shipped profiles plus [`OTHER_PATHS`], in a file beside the CA.
+fn with_other_paths(w_dir: &std::path::Path) -> Result<PathBuf> {
+    let shipped = std::fs::read_to_string(artifacts()?.repo.join("config/providers.toml"))?;
+    let path = w_dir.join("providers.toml");
+    std::fs::write(&path, format!("{shipped}\n{OTHER_PATHS}"))?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gemini_cli_user_code_flow_and_claude_code_pasted_code_log_in() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let providers = with_other_paths(dir.path())?;
+    let file = format!("{:?}", providers.display().to_string());
+    with_world(
+        |s| s.set("auth", "providers_file", &file),
+        async |w| {
+            // One after the other: two more browser VMs beside another
+            // test's would starve each other on two cores.
+            let gemini = login(
+                w,
+                "gemini-code-alice",
+                "gemini_cli_user_code",
+                "/o/oauth2/v2/auth",
+            )
+            .await?;
+            let claude = login(
+                w,
+                "claude-code-alice",
+                "claude_code_pasted_code",
+                "/oauth/authorize",
+            )
+            .await?;
+            for (name, done) in [("gemini", gemini), ("claude", claude)] {
+                let events = step_events(&done);
+                ensure!(
+                    events.iter().any(|e| e == "codeEntered"),
+                    "{name}: the code was not typed into the CLI: {events:?}"
+                );
+            }
+            ensure!(
+                redeemed(&w.sandbox.google.events()),
+                "Google never redeemed a code"
+            );
+            ensure!(
+                redeemed(&w.sandbox.anthropic.events()),
+                "Anthropic never redeemed a code"
+            );
+            no_refresh(w)
+        },
+    )
+    .await
+}
