@@ -121,8 +121,11 @@ fn reachable_by_others(mut a: Artifacts) -> Result<Artifacts> {
     let stamp: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     let dest = std::env::temp_dir().join(format!("airlock-build-{stamp}"));
     if !dest.join("fakes").is_dir() {
-        let tmp =
-            std::env::temp_dir().join(format!("airlock-build-{stamp}.{}", std::process::id()));
+        // Unique per caller: two tests of one binary may stage at once.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("airlock-build-{stamp}."))
+            .tempdir_in(std::env::temp_dir())?
+            .keep();
         std::fs::create_dir_all(tmp.join("bin"))?;
         std::fs::create_dir_all(tmp.join("fakes"))?;
         for f in [&a.guest_bin, &a.streamer_bin, &fake_cli] {
