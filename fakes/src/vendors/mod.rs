@@ -325,7 +325,11 @@ impl TlsListener {
                     _ = tx.closed() => return,
                     r = listener.accept() => match r {
                         Ok(x) => x,
-                        Err(_) => continue,
+                        // Out of descriptors, say: back off, do not spin.
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
                     },
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
