@@ -27,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use store::Store;
+pub(crate) use token::account_id;
 pub use token::AccessInfo;
 
 /// The fake server could not be set up.

@@ -512,8 +512,9 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A stable, UUID-shaped id derived from `seed`.
-fn account_id(seed: &str) -> String {
+/// A stable, UUID-shaped id derived from `seed` (accounts and
+/// organisations; the vendor sandbox names the same ones).
+pub(crate) fn account_id(seed: &str) -> String {
     let h: String = Sha256::digest(seed.as_bytes())
         .iter()
         .take(16)

@@ -16,7 +16,7 @@ use axum::Router;
 use serde_json::json;
 
 use super::{bearer, html, json};
-use crate::oauth::{AccessInfo, Endpoint, FakeOAuth};
+use crate::oauth::{account_id, AccessInfo, Endpoint, FakeOAuth};
 
 /// Where the sign-in pages live.
 pub const OAUTH_BASE: &str = "https://claude.com/airlock";
@@ -94,10 +94,10 @@ async fn profile(State(oauth): State<FakeOAuth>, headers: HeaderMap) -> Response
     };
     let email = info.user.email();
     stamped(json!({
-        "account": {"uuid": uuid(&info.user.username), "email": email, "email_address": email,
+        "account": {"uuid": account_id(&info.user.username), "email": email, "email_address": email,
             "display_name": info.user.username, "full_name": info.user.username,
             "created_at": "2025-01-01T00:00:00Z"},
-        "organization": {"uuid": uuid("org"), "name": "Sandbox Org",
+        "organization": {"uuid": account_id("org"), "name": "Sandbox Org",
             "organization_type": "claude_max", "rate_limit_tier": "default_claude_max_20x",
             "billing_type": "stripe_subscription", "has_extra_usage_enabled": false},
     }))
@@ -117,22 +117,4 @@ async fn success_page() -> Response {
     html("<!doctype html><html><head><meta charset=\"utf-8\"><title>Claude Code</title></head>\
           <body><p id=\"result\">Login successful. You can close this window and return to Claude Code.</p></body></html>"
         .into())
-}
-
-/// A stable UUID-shaped id for `seed`.
-fn uuid(seed: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let h: String = Sha256::digest(seed.as_bytes())
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }

@@ -461,7 +461,7 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
         "state",
         Some(format!("{} file(s)", c.files.len())),
     );
-    let files = c
+    let mut files: Vec<CredentialFile> = c
         .files
         .into_iter()
         .map(|f| CredentialFile {
@@ -470,7 +470,6 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
             contents: f.contents,
         })
         .collect();
-    let mut files: Vec<CredentialFile> = files;
     // What the CLI needs beside the credential travels with it, so every
     // delivery (now, or to a later CLI VM) writes both.
     files.extend(provider.cli_files.iter().map(|f| CredentialFile {
