@@ -1,7 +1,9 @@
 //! The browser-facing side of the fake server: `/authorize` and its sign-in
 //! and consent forms, the hosted code page, the success and failure pages
 //! CLIs redirect to, and the device-code entry page. Routed by
-//! [`super::FakeOAuth::router`].
+//! [`super::FakeOAuth::router`]. The redirect after consent honours the
+//! failure-test knobs [`super::FakeOAuth::tamper_state`] and
+//! [`super::FakeOAuth::stray_callback`].
 
 use std::collections::HashMap;
 
@@ -11,7 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::clients::{self, Client};
-use super::store::{AuthRequest, CodeGrant, DeviceStatus, Pending, Target};
+use super::store::{AuthRequest, CodeGrant, DeviceStatus, Pending, Store, Target};
 use super::{pages, FakeOAuth, OAuthEvent};
 use crate::pkce::random_urlsafe;
 
@@ -288,71 +290,134 @@ pub(super) async fn decision(
         return html(StatusCode::BAD_REQUEST, pages::error(UNKNOWN_REQUEST));
     };
     match target {
-        Target::Code(req) => {
-            let consent = if allow {
-                OAuthEvent::ConsentAllowed {
-                    username: user.clone(),
-                    client_id: req.client_id.clone(),
-                }
-            } else {
-                OAuthEvent::ConsentDenied {
-                    username: user.clone(),
-                    client_id: req.client_id.clone(),
-                }
-            };
-            fake.record(&mut store, consent);
-            if !allow {
-                let desc = "The user denied the request";
-                return redirect_error(
-                    &req.redirect_uri,
-                    "access_denied",
-                    desc,
-                    req.state.as_deref(),
-                );
+        Target::Code(req) => fake.decide_code(&mut store, req, user, allow),
+        Target::Device { device_code } => fake.decide_device(&mut store, &device_code, user, allow),
+    }
+}
+
+/// How the redirect after consent is bent, for failure tests
+/// ([`FakeOAuth::tamper_state`], [`FakeOAuth::stray_callback`]).
+struct Misdirect {
+    tamper_state: bool,
+    stray_callback: bool,
+}
+
+impl Misdirect {
+    fn of(store: &Store) -> Self {
+        Self {
+            tamper_state: store.tamper_state,
+            stray_callback: store.stray_callback,
+        }
+    }
+
+    /// The `state` to send back instead of `sent`.
+    fn state(&self, sent: Option<&str>) -> Option<String> {
+        match (self.tamper_state, sent) {
+            (false, sent) => sent.map(str::to_string),
+            // A suffix keeps it recognisable in logs yet fails any comparison.
+            (true, Some(sent)) => Some(format!("{sent}-tampered")),
+            (true, None) => Some("tampered".to_string()),
+        }
+    }
+
+    /// Where to send the browser: `redirect_uri` with `pairs`, or the
+    /// stray request.
+    fn location(&self, redirect_uri: &str, pairs: &[(&str, Option<&str>)]) -> String {
+        if !self.stray_callback {
+            return with_query(redirect_uri, pairs);
+        }
+        match url::Url::parse(redirect_uri) {
+            Ok(mut url) => {
+                url.set_path("/favicon.ico");
+                url.set_query(None);
+                url.set_fragment(None);
+                url.to_string()
             }
-            let code = random_urlsafe(32);
-            let location = with_query(
+            Err(_) => redirect_uri.to_string(),
+        }
+    }
+}
+
+impl FakeOAuth {
+    /// The consent decision on an authorization-code request.
+    fn decide_code(
+        &self,
+        store: &mut Store,
+        req: AuthRequest,
+        user: String,
+        allow: bool,
+    ) -> Response {
+        let (username, client_id) = (user.clone(), req.client_id.clone());
+        let consent = if allow {
+            OAuthEvent::ConsentAllowed {
+                username,
+                client_id,
+            }
+        } else {
+            OAuthEvent::ConsentDenied {
+                username,
+                client_id,
+            }
+        };
+        self.record(store, consent);
+        let bend = Misdirect::of(store);
+        let state = bend.state(req.state.as_deref());
+        if !allow {
+            let desc = "The user denied the request";
+            return found(&bend.location(
                 &req.redirect_uri,
-                &[("code", Some(&code)), ("state", req.state.as_deref())],
-            );
-            let issued = OAuthEvent::CodeIssued {
-                client_id: req.client_id.clone(),
-                redirect_uri: req.redirect_uri.clone(),
-            };
-            store.codes.insert(
-                code,
-                CodeGrant {
-                    req,
-                    user,
-                    issued: std::time::Instant::now(),
-                    used: false,
-                    refresh_tokens: Vec::new(),
-                },
-            );
-            fake.record(&mut store, issued);
-            found(&location)
+                &[
+                    ("error", Some("access_denied")),
+                    ("error_description", Some(desc)),
+                    ("state", state.as_deref()),
+                ],
+            ));
         }
-        Target::Device { device_code } => {
-            let Some(grant) = store.devices.get_mut(&device_code) else {
-                return html(StatusCode::BAD_REQUEST, pages::error(UNKNOWN_REQUEST));
-            };
-            let user_code = grant.user_code.clone();
-            grant.status = if allow {
-                DeviceStatus::Approved(user.clone())
-            } else {
-                DeviceStatus::Denied
-            };
-            let event = if allow {
-                OAuthEvent::DeviceApproved {
-                    user_code,
-                    username: user,
-                }
-            } else {
-                OAuthEvent::DeviceDenied { user_code }
-            };
-            fake.record(&mut store, event);
-            html(StatusCode::OK, pages::device_done(allow))
-        }
+        let code = random_urlsafe(32);
+        let location = bend.location(
+            &req.redirect_uri,
+            &[("code", Some(&code)), ("state", state.as_deref())],
+        );
+        let issued = OAuthEvent::CodeIssued {
+            client_id: req.client_id.clone(),
+            redirect_uri: req.redirect_uri.clone(),
+        };
+        let grant = CodeGrant {
+            req,
+            user,
+            issued: std::time::Instant::now(),
+            used: false,
+            refresh_tokens: Vec::new(),
+        };
+        store.codes.insert(code, grant);
+        self.record(store, issued);
+        found(&location)
+    }
+
+    /// The consent decision on a device: marks the grant, shows a page.
+    fn decide_device(
+        &self,
+        store: &mut Store,
+        device_code: &str,
+        user: String,
+        allow: bool,
+    ) -> Response {
+        let Some(grant) = store.devices.get_mut(device_code) else {
+            return html(StatusCode::BAD_REQUEST, pages::error(UNKNOWN_REQUEST));
+        };
+        let user_code = grant.user_code.clone();
+        let event = if allow {
+            grant.status = DeviceStatus::Approved(user.clone());
+            OAuthEvent::DeviceApproved {
+                user_code,
+                username: user,
+            }
+        } else {
+            grant.status = DeviceStatus::Denied;
+            OAuthEvent::DeviceDenied { user_code }
+        };
+        self.record(store, event);
+        html(StatusCode::OK, pages::device_done(allow))
     }
 }
 

@@ -1,7 +1,11 @@
 //! A fake OAuth 2.0 authorization server with in-memory state: sign-in and
 //! consent pages for the authorization-code grant with PKCE, a hosted
 //! "copy this code" page, the device authorization grant (RFC 8628) and a
-//! token endpoint with RFC 6749 errors.
+//! token endpoint with RFC 6749 errors. Vendor stand-ins can also drive
+//! device grants through their own APIs ([`FakeOAuth::issue_device`],
+//! [`FakeOAuth::device_authorization_code`]), and failure tests can make
+//! the redirect after consent misbehave ([`FakeOAuth::tamper_state`],
+//! [`FakeOAuth::stray_callback`]).
 //!
 //! Used standalone on `127.0.0.1:0` by tests ([`serve`]) and mounted by
 //! airlockd under a path prefix for its "demo" provider
@@ -11,6 +15,7 @@
 //! so tests can search logs and databases for leaks.
 
 pub mod clients;
+mod device;
 mod flow;
 mod pages;
 mod store;
@@ -26,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+pub use device::{DeviceCodeError, DeviceCodeGrant, IssuedDevice};
 use store::Store;
 pub(crate) use token::account_id;
 pub use token::AccessInfo;
@@ -224,7 +230,8 @@ pub enum OAuthEvent {
         /// The RFC 8628 error code returned.
         error: String,
     },
-    /// A device-code poll got tokens.
+    /// A device-code poll got tokens (or, through a vendor's device API,
+    /// the authorization code it exchanges for them).
     DeviceTokenIssued {
         /// Client.
         client_id: String,
@@ -333,6 +340,21 @@ impl FakeOAuth {
     /// vendor refuses a code it revoked: the failed-exchange tests.
     pub fn refuse_code_exchanges(&self, on: bool) {
         self.store().refuse_codes = on;
+    }
+
+    /// From now on (`on`), the redirect back to the client after consent
+    /// carries another `state` than the client sent (its own with
+    /// `-tampered` appended), so the client sees a state mismatch.
+    pub fn tamper_state(&self, on: bool) {
+        self.store().tamper_state = on;
+    }
+
+    /// From now on (`on`), consent sends the browser to `/favicon.ico` on
+    /// the redirect URI's origin, without a query, instead of to the
+    /// redirect URI: a stray request to the client's callback server. The
+    /// code is still issued (and never delivered).
+    pub fn stray_callback(&self, on: bool) {
+        self.store().stray_callback = on;
     }
 
     /// Everything that happened so far, oldest first.

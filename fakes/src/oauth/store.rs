@@ -32,6 +32,12 @@ pub(super) struct Store {
     /// Tests: every code exchange is refused (`invalid_grant`), as a
     /// vendor does when it has revoked or never issued the code.
     pub refuse_codes: bool,
+    /// Tests: the redirect after consent carries a `state` the client did
+    /// not send.
+    pub tamper_state: bool,
+    /// Tests: the redirect after consent goes to `/favicon.ico` on the
+    /// redirect URI's origin instead.
+    pub stray_callback: bool,
 }
 
 /// The parameters of an accepted `/authorize` request.

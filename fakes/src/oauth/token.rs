@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::clients::{self, Client, TokenStyle};
-use super::store::{new_user_code, AccessGrant, DeviceGrant, DeviceStatus, RefreshGrant, Store};
+use super::store::{AccessGrant, DeviceStatus, RefreshGrant, Store};
 use super::{FakeOAuth, FakeOAuthConfig, FakeUser, OAuthEvent};
 use crate::pkce::{random_urlsafe, verify_s256};
 
@@ -148,40 +148,20 @@ pub(super) async fn device_code(
 ) -> Response {
     let issue = |p: Params| -> Result<Value, Refusal> {
         let client = known_client(&p)?;
-        let device_code = random_urlsafe(32);
-        let user_code = new_user_code();
+        let scope = p.get("scope").map_or("", String::as_str);
+        let issued = fake
+            .issue_device(client.id, scope)
+            .map_err(|e| refuse("invalid_client", e.to_string()))?;
         let cfg = fake.config();
-        let interval = cfg.device_poll_interval;
-        let base = fake.base_url();
-        let answer = json!({
-            "device_code": device_code,
+        let (base, user_code) = (fake.base_url(), &issued.user_code);
+        Ok(json!({
+            "device_code": issued.device_code,
             "user_code": user_code,
             "verification_uri": format!("{base}/device"),
             "verification_uri_complete": format!("{base}/device?user_code={user_code}"),
             "expires_in": cfg.device_code_ttl.as_secs(),
-            "interval": interval.as_secs(),
-        });
-        let mut store = fake.store();
-        store.devices.insert(
-            device_code,
-            DeviceGrant {
-                client_id: client.id.to_string(),
-                scope: p.get("scope").cloned().unwrap_or_default(),
-                user_code: user_code.clone(),
-                status: DeviceStatus::Pending,
-                issued: Instant::now(),
-                interval,
-                last_poll: None,
-            },
-        );
-        fake.record(
-            &mut store,
-            OAuthEvent::DeviceCodeIssued {
-                client_id: client.id.to_string(),
-                user_code,
-            },
-        );
-        Ok(answer)
+            "interval": cfg.device_poll_interval.as_secs(),
+        }))
     };
     match parse_params(&headers, &body).and_then(issue) {
         Ok(body) => no_store_json(StatusCode::OK, body),
