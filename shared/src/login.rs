@@ -265,6 +265,12 @@ pub enum LoginStep {
     },
     /// A code was read from the vendor's page and typed into the CLI.
     CodeEntered,
+    /// A device-code flow's CLI printed the one-time code the person enters
+    /// on the vendor's page (the page shows no way to get it otherwise).
+    UserCode {
+        /// The code, as printed (see [`is_user_code`]).
+        code: String,
+    },
     /// The vendor redirected with an OAuth error (e.g. `access_denied`).
     Denied {
         /// The OAuth error code.
@@ -417,6 +423,26 @@ impl CapturedCredential {
     }
 }
 
+/// Longest user code accepted (RFC 8628 codes are 8-9 characters).
+pub const MAX_USER_CODE: usize = 24;
+
+/// Whether `s` has the shape of a device flow's user code: groups of
+/// capital letters and digits joined by single dashes (`WDJB-MJHT`,
+/// `ABCD-12345`), at least two groups, 6 to [`MAX_USER_CODE`] characters.
+/// The shape is what the agent looks for in a CLI's output and what the
+/// host accepts before showing it to the person.
+pub fn is_user_code(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    (6..=MAX_USER_CODE).contains(&s.len())
+        && groups.len() >= 2
+        && groups.iter().all(|g| {
+            g.len() >= 2
+                && g.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        })
+        && s.bytes().any(|b| b.is_ascii_uppercase())
+}
+
 impl LoginEvent {
     /// Checks the bounds of a login event from a guest.
     pub fn validate(&self) -> Result<(), InvalidMessage> {
@@ -443,6 +469,11 @@ impl LoginEvent {
             }
             LoginStep::CliExited { output_tail, .. } => long("outputTail", output_tail, 8192),
             LoginStep::Failed { reason } => long("reason", reason, 4096),
+            LoginStep::UserCode { code } if !is_user_code(code) => Err(InvalidMessage {
+                field: "code",
+                problem: "not a user code (capital letters and digits in dash-separated groups)"
+                    .into(),
+            }),
             _ => Ok(()),
         }
     }
@@ -498,6 +529,32 @@ impl LoginSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_codes_are_told_from_words() {
+        for ok in ["WDJB-MJHT", "ABCD-12345", "AB-CD-EF"] {
+            assert!(is_user_code(ok), "{ok}");
+        }
+        for bad in [
+            "ABCDEFGH",
+            "abcd-efgh",
+            "1234-5678",
+            "ABCD--EFGH",
+            "-ABCD",
+            "A-BCDEFG",
+            "ABCD-EFGH-IJKL-MNOP-QRSTU",
+            "https://a.b/device",
+        ] {
+            assert!(!is_user_code(bad), "{bad}");
+        }
+        let e = LoginEvent {
+            session_id: "s".into(),
+            step: LoginStep::UserCode {
+                code: "<script>".into(),
+            },
+        };
+        assert!(e.validate().is_err());
+    }
 
     #[test]
     fn typed_text_is_redacted_in_debug() {

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::opener::{install_shims, OpenerListener, SOCKET_ENV};
 use super::pty::{self, PtyChild};
-use super::text::{auth_urls, expand, location, redirects_to_hosted_page, strip_ansi};
+use super::text::{
+    auth_urls, expand, failure_line, location, redirects_to_hosted_page, strip_ansi, user_code,
+};
 use super::watch::{CredentialWatch, WatchSpec};
 use crate::browser::BrowserRole;
 use crate::egress::ProxyPorts;
@@ -76,6 +78,7 @@ pub async fn run(spec: LoginSpec, ctx: LoginCtx, cancel: CancellationToken) {
         tail: String::new(),
         answered,
         unacked: None,
+        user_code_shown: false,
     };
     if let Err(reason) = login.drive(&dir, &cancel).await {
         if !cancel.is_cancelled() {
@@ -94,6 +97,8 @@ struct Login {
     answered: Vec<bool>,
     /// The last answer typed, until the CLI visibly took it.
     unacked: Option<Unacked>,
+    /// Whether a device-code flow's user code was reported.
+    user_code_shown: bool,
 }
 
 /// An answer typed into a full-screen CLI that may not have taken it: an
@@ -272,6 +277,7 @@ impl Login {
                         if self.answer_prompts(child).await? {
                             retry.as_mut().reset(tokio::time::Instant::now() + ANSWER_RETRY);
                         }
+                        self.show_user_code().await;
                         if !opened && output_url.is_none() {
                             if let Some(url) = auth_urls(&self.tail).into_iter().find(|u| self.acceptable(u)) {
                                 output_url = Some((url, Box::pin(tokio::time::sleep(SHIM_GRACE))));
@@ -413,6 +419,18 @@ impl Login {
         }
     }
 
+    /// Reports a device-code flow's user code once the CLI printed it: the
+    /// person types it into the vendor's page, which cannot know it.
+    async fn show_user_code(&mut self) {
+        if self.user_code_shown || self.spec.flow != LoginFlow::DeviceCode {
+            return;
+        }
+        if let Some(code) = user_code(&self.tail) {
+            self.user_code_shown = true;
+            self.report(LoginStep::UserCode { code }).await;
+        }
+    }
+
     /// Types the answer to each configured prompt the CLI has printed;
     /// true when one was typed (its retry timer starts).
     async fn answer_prompts(&mut self, child: &mut PtyChild) -> Result<bool, String> {
@@ -525,13 +543,7 @@ impl Login {
         else {
             return Ok(());
         };
-        let line = self
-            .tail
-            .lines()
-            .rev()
-            .find(|l| l.contains(text.as_str()))
-            .unwrap_or(text)
-            .trim();
+        let line = failure_line(&self.tail, text);
         Err(format!("{}: {line}", self.spec.argv[0]))
     }
 

@@ -65,6 +65,34 @@ pub fn auth_urls(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// The one-time code a device-code flow's CLI printed after its
+/// verification URL: the first word after that URL with the shape of a
+/// user code ([`airlock_proto::is_user_code`]). Looking only after the URL
+/// keeps version banners and other capitalised words out; a word still
+/// being printed (no whitespace after it yet) is not taken.
+pub fn user_code(text: &str) -> Option<String> {
+    let url = auth_urls(text).into_iter().next()?;
+    let host_path = location(&url);
+    let at = text.find(host_path.trim_end_matches('/'))?;
+    let end = text.rfind(char::is_whitespace)?;
+    text.get(at..end)?
+        .split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ':'))
+        .skip(1)
+        .map(|w| w.trim_end_matches(['.', ',', ')', ']', ';']))
+        .find(|w| airlock_proto::is_user_code(w))
+        .map(str::to_string)
+}
+
+/// The last line of `tail` that contains `text` (a profile's `fail_when`),
+/// without the borders of the box a TUI draws around its messages.
+pub fn failure_line<'a>(tail: &'a str, text: &'a str) -> &'a str {
+    tail.lines()
+        .rev()
+        .find(|l| l.contains(text))
+        .unwrap_or(text)
+        .trim_matches(|c: char| c.is_whitespace() || ('\u{2500}'..='\u{257f}').contains(&c))
+}
+
 /// True when the URL's `redirect_uri` points at a hosted page (the page
 /// that shows a paste-code flow's code) rather than at the CLI's own
 /// loopback server: the redirect goes to the authorization server's own
@@ -165,6 +193,29 @@ mod tests {
             1
         );
         assert!(auth_urls("docs at https://example.com/help").is_empty());
+    }
+
+    #[test]
+    fn finds_the_user_code_after_the_verification_url() {
+        // Codex 0.171's device banner, escape sequences removed.
+        let out = "Welcome to Codex [v0.171.0]\nOpenAI's command-line coding agent\n\n\
+                   1. Open this link in your browser and sign in to your account\n   \
+                   https://auth.openai.com/codex/device\n\n\
+                   2. Enter this one-time code (expires in 15 minutes)\n   WDJB-MJHT\n";
+        assert_eq!(user_code(out).as_deref(), Some("WDJB-MJHT"));
+        // Not yet printed, or no URL to anchor on.
+        assert_eq!(user_code(&out[..out.len() - 10]), None);
+        assert_eq!(user_code(&out[..out.len() - 3]), None);
+        assert_eq!(user_code("code WDJB-MJHT"), None);
+    }
+
+    #[test]
+    fn a_failure_line_loses_its_box() {
+        let tail = "│ Failed to sign in. Message: old │\n╭──╮\n│   Failed to sign in. Message: Unexpected request: /favicon.ico   │\n╰──╯\n";
+        assert_eq!(
+            failure_line(tail, "Failed to sign in. Message:"),
+            "Failed to sign in. Message: Unexpected request: /favicon.ico"
+        );
     }
 
     #[test]

@@ -121,6 +121,10 @@ pub struct SessionView {
     /// The stored credential record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential_id: Option<String>,
+    /// A device-code flow's one-time code, for the person to type into the
+    /// vendor's page (the viewer shows it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
     /// Everything that happened, in order.
     pub steps: Vec<Step>,
 }
@@ -312,6 +316,7 @@ impl Sessions {
             browser_vm_id: None,
             cli_vm_id: None,
             credential_id: None,
+            user_code: None,
             steps: vec![Step {
                 at: now(),
                 state: SessionState::Created,

@@ -411,6 +411,11 @@ fn on_login_step(
         ),
         LoginStep::WaitingForUser => ctx.record(h, Some(SessionState::AwaitingUser), "state", None),
         LoginStep::CodeEntered => ctx.record(h, None, "codeEntered", None),
+        LoginStep::UserCode { code } => {
+            // Validated with the event; the code stays out of the logs.
+            h.view.send_modify(|v| v.user_code = Some(code));
+            ctx.record(h, None, "userCode", None);
+        }
         LoginStep::PageLoaded { location } => ctx.record(h, None, "pageLoaded", Some(location)),
         LoginStep::CredentialCaptured => {}
         LoginStep::Denied { error, description } => {

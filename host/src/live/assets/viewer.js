@@ -19,6 +19,7 @@
   const el = (id) => document.getElementById(id);
   const ui = {
     provider: el('provider'), state: el('state'), steps: el('steps'), banner: el('banner'),
+    usercode: el('usercode'), usercodeValue: el('usercode-value'),
     video: el('screen'), img: el('fallback'), stage: el('stage'),
     connection: el('connection'), rtt: el('rtt'), control: el('control'),
   };
@@ -91,6 +92,9 @@
     ui.provider.textContent = v.provider;
     ui.state.textContent = v.state.replace(/_/g, ' ');
     ui.steps.replaceChildren(...v.steps.map(stepItem));
+    // A device-code login: the vendor's page asks for the code the CLI printed.
+    ui.usercodeValue.textContent = v.userCode || '';
+    ui.usercode.hidden = !v.userCode || FINAL.includes(v.state);
     if (FINAL.includes(v.state)) {
       events.close();
       end('The session ' + v.state + (v.error ? ': ' + v.error : '.'), 'ended');
