@@ -26,12 +26,13 @@ declare -A provider_of=(
     ["@anthropic-ai/claude-code"]=claude_code
     ["@google/gemini-cli"]=gemini_cli
 )
-declare -A test_of=(
-    [codex]=codex_logs_in_for_real_and_codex_login_status_passes_in_the_cli_vm
-    [claude_code]=claude_code_logs_in_for_real_and_claude_auth_status_passes_in_the_cli_vm
-    [gemini_cli]=gemini_cli_logs_in_for_real_and_answers_a_prompt_in_the_cli_vm
+# Each CLI's tests in tests/tests/vendor_clis.rs start with its name: the
+# main login, its other path and its failure modes.
+declare -A prefix_of=(
+    [codex]=codex_
+    [claude_code]=claude_code_
+    [gemini_cli]=gemini_cli_
 )
-
 # The newest releases, pinned exactly for this run.
 pins=$(cat "$repo/image/vendor/package.json")
 declare -A version_of=()
@@ -63,14 +64,19 @@ echo "vendor-check $(date -u +%Y-%m-%dT%H:%MZ): newest published CLIs against th
 failed=0
 for pkg in "@openai/codex" "@anthropic-ai/claude-code" "@google/gemini-cli"; do
     provider=${provider_of[$pkg]}
-    name=${test_of[$provider]}
-    if grep -q "^test $name \.\.\. ok" "$log"; then
-        outcome=passed
-    else
+    results=$(grep -E "^test ${prefix_of[$provider]}[a-z0-9_]* \.\.\. (ok|FAILED)$" "$log" || true)
+    total=$(grep -c . <<< "$results" || true)
+    broken=$(grep -m1 ' FAILED$' <<< "$results" | awk '{print $2}' || true)
+    if [ -z "$results" ]; then
+        failed=1
+        outcome="broke: no result (see the test log)"
+    elif [ -n "$broken" ]; then
         failed=1
         # The first line of the test's error: the step where it broke.
-        why=$(awk -v t="---- $name stdout ----" '$0 == t {on = 1} on && /^Error: / {sub(/^Error: /, ""); print; exit}' "$log")
-        outcome="broke: ${why:-no result (see the test log)}"
+        why=$(awk -v t="---- $broken stdout ----" '$0 == t {on = 1} on && /^Error: / {sub(/^Error: /, ""); print; exit}' "$log")
+        outcome="broke in $broken: ${why:-no error line (see the test log)}"
+    else
+        outcome="passed ($total tests: login and CLI VM use, other path, failure modes)"
     fi
     printf '  %-12s %-26s %s\n' "$provider" "$pkg@${version_of[$pkg]}" "$outcome"
 done

@@ -10,8 +10,13 @@
 //! here reaches a vendor: browser VMs have no network interface, and CLI
 //! VMs none at all.
 //!
-//! Also: the CLI and Chromium are stopped before the credential leaves
-//! the browser VM, so the sandbox sees no refresh of it from there.
+//! Also: each CLI's other login path (Codex's device code, shown to the
+//! person in the viewer; Gemini CLI's user code; Claude Code's pasted
+//! code); the failure modes a real CLI has (failed exchange, denied
+//! consent, state mismatch, a stray request to its callback, a menu it
+//! goes back to) end the session at once with the CLI's own words; and
+//! the CLI and Chromium are stopped before the credential leaves the
+//! browser VM, so the sandbox sees no refresh of it from there.
 //!
 //! Every VM is torn down however a test ends (the harness's `Daemon`).
 
@@ -30,7 +35,9 @@ use serde_json::{json, Value};
 
 /// Under TCG a browser VM shows its first page about a minute after it
 /// was asked for; two tests may share the two cores.
-const BROWSER_UP: Duration = Duration::from_secs(300);
+/// Gemini CLI (a 50 MB Node bundle) has taken three minutes more to show
+/// its first menu while another test's VMs were busy.
+const BROWSER_UP: Duration = Duration::from_secs(480);
 
 /// The images: `make image`'s, or `AIRLOCK_IMAGES_DIR`'s (`make
 /// vendor-check` builds some with the newest CLIs there).
@@ -68,7 +75,8 @@ async fn world(tune: impl FnOnce(Settings) -> Settings) -> Result<World> {
         .set("vm", "cli_image", &path(image("cli")?))
         .set("vm", "boot_timeout_ms", "180000")
         .set("auth", "browser_timeout_ms", "400000")
-        .set("auth", "url_timeout_ms", "240000")
+        .set("auth", "url_timeout_ms", "420000")
+        .set("auth", "user_timeout_ms", "900000")
         .set("auth", "confirm_timeout_ms", "120000")
         .set("auth", "extra_ca_file", &path(ca_file))
         // Fewer frames to encode under TCG: the live view only has to show
@@ -162,7 +170,14 @@ async fn awaiting_user(
 /// vendor's page and allows access. The viewer is returned: closing it at
 /// once could drop the last key before it crossed the data channel.
 async fn sign_in_through_the_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
+    let viewer = open_viewer(d, v).await?;
     let id = v["sessionId"].as_str().context("sessionId")?;
+    sign_in_and_allow(d, id, &viewer).await?;
+    Ok(viewer)
+}
+
+/// Opens the session's viewer link and waits until it shows video.
+async fn open_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
     let link = format!(
         "{}{}",
         d.base,
@@ -177,6 +192,13 @@ async fn sign_in_through_the_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
         )
         .await
         .context("the viewer never showed video")?;
+    Ok(viewer)
+}
+
+/// Through the viewer: types alice's name and password into the sign-in
+/// form on screen (its first field after a click on the page), then
+/// allows on the consent page.
+async fn sign_in_and_allow(d: &Daemon, id: &str, viewer: &Viewer) -> Result<()> {
     click_screen(&viewer.tab, 20.0, 140.0).await?;
     press_key(&viewer.tab, "Tab", 9).await?;
     type_keys(&viewer.tab, "alice").await?;
@@ -200,7 +222,7 @@ async fn sign_in_through_the_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
             })
             .await;
         if moved_on.is_ok() {
-            return Ok(viewer);
+            return Ok(());
         }
         eprintln!("the consent page did not move on after Enter (attempt {attempt})");
     }
@@ -448,6 +470,123 @@ async fn gemini_cli_denied_consent_back_at_its_menu_ends_the_session_with_its_me
     .await
 }
 
+/// The Anthropic stand-in sends the browser back with another `state` than
+/// Claude Code sent: its callback server answers 400 and the CLI exits
+/// with "Couldn't log in: Invalid state parameter".
+#[tokio::test(flavor = "multi_thread")]
+async fn claude_code_state_mismatch_ends_the_session_with_claude_s_message() -> Result<()> {
+    with_world(no_cli_vm, async |w| {
+        w.sandbox.anthropic.tamper_state(true);
+        fails_with(
+            w,
+            "claude_code",
+            "/cai/oauth/authorize",
+            true,
+            &["Couldn't log in: Invalid state parameter"],
+        )
+        .await
+    })
+    .await
+}
+
+/// The Google stand-in sends the browser to `/favicon.ico` on Gemini CLI's
+/// callback server instead of the callback: the server takes exactly one
+/// request, so the CLI gives up ("Unexpected request") and goes back to
+/// its menu, which `fail_when` turns into the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn gemini_cli_stray_callback_request_ends_the_session_with_its_message() -> Result<()> {
+    with_world(no_cli_vm, async |w| {
+        w.sandbox.google.stray_callback(true);
+        fails_with(
+            w,
+            "gemini_cli",
+            "/o/oauth2/v2/auth",
+            true,
+            &[
+                "Failed to sign in. Message:",
+                "Unexpected request: /favicon.ico",
+            ],
+        )
+        .await
+    })
+    .await
+}
+
+/// Codex's device-code path (`codex login --device-auth`): Codex opens no
+/// browser and listens nowhere; it prints auth.openai.com's device page and
+/// a one-time code. The agent opens the page and reports the code, the
+/// viewer shows it beside the stream, and the person types it into the
+/// page, signs in and allows. Codex's poll then gets an authorization code
+/// and its PKCE verifier from OpenAI and redeems them.
+#[tokio::test(flavor = "multi_thread")]
+async fn codex_device_code_login_shows_the_code_in_the_viewer_and_codex_works_in_the_cli_vm(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let providers = with_other_paths(dir.path())?;
+    let file = format!("{:?}", providers.display().to_string());
+    with_world(
+        |s| s.set("auth", "providers_file", &file),
+        async |w| {
+            let v = awaiting_user(&w.d, "codex-device-alice", "codex_device", "/airlock/device")
+                .await?;
+            let id = v["sessionId"].as_str().context("sessionId")?;
+            let view = w
+                .d
+                .wait_session(id, Duration::from_secs(30), |v| v["userCode"].is_string())
+                .await
+                .context("no user code in the session")?;
+            let code = view["userCode"].as_str().context("userCode")?.to_string();
+            let viewer = open_viewer(&w.d, &v).await?;
+            let shown = viewer
+                .tab
+                .wait_for(
+                    "(() => { const b = document.querySelector('#usercode'); return b && !b.hidden ? document.querySelector('#usercode-value').textContent : null; })()",
+                    Duration::from_secs(30),
+                )
+                .await
+                .context("the viewer does not show the user code")?;
+            ensure!(shown == code.as_str(), "the viewer shows {shown}, the session has {code}");
+            // The person types the code shown into the page's code field.
+            click_screen(&viewer.tab, 20.0, 140.0).await?;
+            press_key(&viewer.tab, "Tab", 9).await?;
+            type_keys(&viewer.tab, &code).await?;
+            press_key(&viewer.tab, "Enter", 13).await?;
+            w.d.wait_page(id, "/airlock/device", 2)
+                .await
+                .context("the code was not taken")?;
+            sign_in_and_allow(&w.d, id, &viewer).await?;
+            let done =
+                w.d.wait_session(id, Duration::from_secs(300), |v| {
+                    v["state"] == "completed" || v["state"] == "failed"
+                })
+                .await?;
+            ensure!(
+                state_is(&done, "completed"),
+                "the session ended {}: {}",
+                done["state"],
+                done["error"]
+            );
+            let events = w.sandbox.openai.events();
+            ensure!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, OAuthEvent::DeviceTokenIssued { .. }))
+                    && redeemed(&events),
+                "Codex did not finish the device flow: {events:#?}"
+            );
+            let vm = done["cliVmId"].as_str().context("cliVmId")?;
+            let out = sh(&w.d, vm, "codex login status 2>&1").await?;
+            ensure!(
+                out["exitCode"] == 0
+                    && out["stdout"].as_str().unwrap_or("").contains("Logged in"),
+                "codex login status in the CLI VM: {out}"
+            );
+            no_refresh(w)
+        },
+    )
+    .await
+}
+
 /// Each CLI's other login path, as profiles an operator could add: Gemini
 /// CLI's user-code flow (NO_BROWSER: it prints a URL whose redirect is
 /// Google's code page and asks for the code) and Claude Code's pasted
@@ -455,6 +594,20 @@ async fn gemini_cli_denied_consent_back_at_its_menu_ends_the_session_with_its_me
 /// The agent opens the printed link, reads the code off the vendor's page
 /// and types it into the CLI.
 const OTHER_PATHS: &str = r##"
+[codex_device]
+display_name = "OpenAI Codex CLI (device code)"
+command = ["codex", "login", "--device-auth"]
+env = ["CODEX_HOME=${HOME}/.codex"]
+flow = { type = "deviceCode" }
+confirm = { type = "statusCommand", argv = ["codex", "login", "status"] }
+ca_env = ["CODEX_CA_CERTIFICATE"]
+egress = ["auth.openai.com:443", "chatgpt.com:443", "*.chatgpt.com:443", "api.openai.com:443"]
+
+[[codex_device.credentials]]
+path = "${CODEX_HOME}/auth.json"
+required = ["/tokens/access_token", "/tokens/refresh_token", "/tokens/id_token"]
+deliver_to = "/root/.codex/auth.json"
+
 [gemini_cli_user_code]
 display_name = "Gemini CLI (user code)"
 command = ["gemini"]
