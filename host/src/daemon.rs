@@ -152,6 +152,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let app = router(state, config.server.max_body_bytes);
     watch_signals(&background, shutdown.clone())?;
+    if let Some(ca) = &config.auth.extra_ca_file {
+        // Whoever holds this CA's key can impersonate any site to logins.
+        tracing::warn!(path = %ca.display(), "auth.extra_ca_file is set: browser VMs and login CLIs trust this CA besides the system's (meant for tests against a vendor sandbox)");
+    }
     tracing::info!(%addr, backend = ?config.vm.backend, demo = config.auth.demo, "airlockd ready");
     // A stable line on stdout that scripts and tests wait for.
     println!("airlockd listening on {}://{addr}", server.scheme());

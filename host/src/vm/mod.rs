@@ -300,10 +300,16 @@ impl VmManager {
     }
 
     /// Starts a VM; it boots in the background (state `booting`). A
-    /// browser VM made this way may reach only `egress.allow`.
+    /// browser VM made this way, or a CLI VM when `egress.cli_vms` is on,
+    /// may reach only `egress.allow`.
     pub fn create(&self, req: CreateVm) -> Result<VmView, VmError> {
+        // Named in refusals: what the destination is not allowed for.
+        let label = match req.kind {
+            VmKind::Cli => "CLI VMs (egress.cli_vms)",
+            VmKind::Browser => "browser VMs created through the API",
+        };
         let policy = EgressPolicy {
-            label: "browser VMs created through the API".into(),
+            label: label.into(),
             allow: self.inner.egress.allowed().to_vec(),
             turn: Vec::new(),
             user: req.user_id.clone(),
