@@ -23,7 +23,9 @@ setup:
 # What runs inside VMs, in build/bin: the static agent (its own size
 # profile), the streamer (the one glibc binary that links the system's
 # GStreamer; it sits next to the agent, where the agent looks for it), and
-# the fake vendor CLI, linked under the real CLIs' names in build/fakes.
+# the fake CLI, linked in build/fakes as the demo provider's airlock-demo-cli
+# (no vendor's name: real vendor CLIs run only in VMs; links older builds
+# made under their names are removed).
 build-vm: setup
 	cargo build --profile guest --locked --target $(MUSL) -p airlock-guest
 	cargo build --release --locked -p airlock-streamer -p airlock-fakes --bins
@@ -31,7 +33,8 @@ build-vm: setup
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/guest/airlock-guest $(BUILD)/bin/airlock-guest
 	install -m 0755 $(CARGO_TARGET_DIR)/release/airlock-streamer $(BUILD)/bin/airlock-streamer
 	install -m 0755 $(CARGO_TARGET_DIR)/release/fake-cli $(BUILD)/bin/fake-cli
-	@for cli in codex claude gemini airlock-demo-cli; do ln -sfn ../bin/fake-cli $(BUILD)/fakes/$$cli; done
+	@rm -f $(BUILD)/fakes/codex $(BUILD)/fakes/claude $(BUILD)/fakes/gemini
+	@ln -sfn ../bin/fake-cli $(BUILD)/fakes/airlock-demo-cli
 
 # Everything, with airlockd as a static release binary (make run, bench).
 build: build-vm

@@ -1,5 +1,5 @@
 //! PKCE (RFC 7636, `S256` only) and random-string helpers. The fake
-//! authorization server verifies with these; the fake CLIs generate with
+//! authorization server verifies with these; the demo CLI generates with
 //! them, so both sides agree on the encoding by construction.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -1,124 +1,128 @@
-//! Fake CLI behaviour common to the profiles: the required environment,
-//! the login timeout, profile selection by `--profile`, and Codex's
-//! device-code login (which binds no fixed port).
+//! The demo CLI (`airlock-demo-cli`, the only fake CLI) without a login
+//! server: the required environment, usage errors, the same behaviour
+//! under any name, and `status` / `logout` on the credentials file. The
+//! logins themselves, which bind fixed ports, are in `fixed_ports.rs`.
 
 mod common;
 
 use std::process::Stdio;
 
-use common::{read_json, run_to_end, server, Browser, Cli, Sandbox, MARKER};
+use common::{run_to_end, Sandbox};
+
+const USAGE: &str = "Usage: airlock-demo-cli login | status | logout";
 
 #[tokio::test]
-async fn a_login_without_the_oauth_url_exits_2_with_a_clear_message() -> anyhow::Result<()> {
+async fn a_login_without_a_usable_oauth_url_exits_2_with_a_clear_message() -> anyhow::Result<()> {
     let sb = Sandbox::new()?;
-    for (name, args) in [
-        ("codex", vec!["login"]),
-        ("claude", vec!["auth", "login"]),
-        ("gemini", vec![]),
-        ("airlock-demo-cli", vec!["login"]),
-    ] {
-        let mut cmd = sb.command(name, "");
-        cmd.env_remove("AIRLOCK_FAKE_OAUTH_URL").args(&args);
-        let (code, out) = run_to_end(cmd).await?;
-        assert_eq!(code, 2, "{name}: {out}");
-        assert!(
-            out.contains("AIRLOCK_FAKE_OAUTH_URL is not set"),
-            "{name}: {out}"
-        );
-    }
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_login_nobody_completes_times_out_with_exit_1() -> anyhow::Result<()> {
-    let (_fake, srv) = server().await?;
-    let sb = Sandbox::new()?;
-    let mut cmd = sb.command("claude", srv.base_url());
-    cmd.args(["auth", "login"])
-        .env("AIRLOCK_FAKE_CLI_TIMEOUT_SECS", "1");
+    let mut cmd = sb.command("airlock-demo-cli", "");
+    cmd.env_remove("AIRLOCK_FAKE_OAUTH_URL").arg("login");
     let (code, out) = run_to_end(cmd).await?;
-    assert_eq!(code, 1);
-    assert!(out.contains("Login timed out after 1 seconds"), "{out}");
-    Ok(())
-}
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("AIRLOCK_FAKE_OAUTH_URL is not set"), "{out}");
 
-#[tokio::test]
-async fn profile_flag_and_unknown_invocations() -> anyhow::Result<()> {
-    let sb = Sandbox::new()?;
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake-cli"));
-    cmd.env_clear()
-        .env("HOME", sb.home())
-        .args(["--profile", "codex", "login", "status"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = sb.command("airlock-demo-cli", "ftp://127.0.0.1/oauth");
+    cmd.arg("login");
     let (code, out) = run_to_end(cmd).await?;
-    assert_eq!((code, out.contains("Not logged in")), (1, true), "{out}");
-
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake-cli"));
-    cmd.env_clear()
-        .arg("--profile=nope")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let (code, out) = run_to_end(cmd).await?;
-    assert_eq!(
-        (code, out.contains("usage: fake-cli --profile")),
-        (2, true),
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("\"ftp://127.0.0.1/oauth\" is not an absolute http(s) URL"),
         "{out}"
     );
     Ok(())
 }
 
 #[tokio::test]
-async fn codex_device_auth_prints_the_code_then_polls_to_tokens() -> anyhow::Result<()> {
-    let (_fake, srv) = server().await?;
+async fn bad_arguments_print_the_usage_and_exit_2() -> anyhow::Result<()> {
     let sb = Sandbox::new()?;
-    let mut cmd = sb.command("codex", srv.base_url());
-    cmd.args(["login", "--device-auth"]);
-    let mut cli = Cli::spawn(cmd)?;
-    let link = cli.wait_line(&format!("{}/device", srv.base_url())).await?;
-    assert!(
-        link.contains("\x1b[94m"),
-        "link printed in blue like the real prompt"
-    );
-    // The prompt ends with the phishing warning; the code is the blue line
-    // after "2. Enter this one-time code".
-    cli.wait_line("Never share this code").await?;
-    let step2 = cli
-        .seen
-        .iter()
-        .position(|l| l.contains("2. Enter this one-time code"))
-        .expect("step 2 printed");
-    let user_code = cli.seen[step2 + 1]
-        .trim_start_matches("out:")
-        .trim()
-        .trim_start_matches("\x1b[94m")
-        .trim_end_matches("\x1b[0m")
-        .to_string();
+    for args in [
+        vec![],
+        vec!["bogus"],
+        vec!["login", "extra"],
+        vec!["--help"],
+    ] {
+        let mut cmd = sb.command("airlock-demo-cli", "http://127.0.0.1:9/oauth");
+        cmd.args(&args);
+        let (code, out) = run_to_end(cmd).await?;
+        assert_eq!((code, out.contains(USAGE)), (2, true), "{args:?}: {out}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn it_is_the_demo_cli_under_any_name() -> anyhow::Result<()> {
+    let sb = Sandbox::new()?;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake-cli"));
+    cmd.env_clear()
+        .env("HOME", sb.home())
+        .arg("status")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (code, out) = run_to_end(cmd).await?;
     assert_eq!(
-        (user_code.len(), &user_code[4..5]),
-        (9, "-"),
-        "{user_code:?}"
+        (code, out.contains("err: Not logged in")),
+        (1, true),
+        "{out}"
     );
-    let b = Browser::new()?;
-    let page = b
-        .get(&format!("{}/device?user_code={user_code}", srv.base_url()))
-        .await?
-        .text()
-        .await?;
-    let (_, consent) = b.submit_login(&page, "alice", "correct horse").await?;
-    assert!(b
-        .decide(&consent, true)
-        .await?
-        .text()
-        .await?
-        .contains("device-approved"));
-    assert_eq!(cli.wait_exit().await?, 0, "{}", cli.output());
-    assert!(cli.output().contains("err: Successfully logged in"));
-    let auth = read_json(&sb.home().join(".codex/auth.json"))?;
-    assert!(auth["tokens"]["access_token"]
-        .as_str()
-        .unwrap_or_default()
-        .contains(MARKER));
+
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fake-cli"));
+    cmd.env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (code, out) = run_to_end(cmd).await?;
+    assert_eq!((code, out.contains(USAGE)), (2, true), "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_and_logout_follow_the_credentials_file() -> anyhow::Result<()> {
+    let sb = Sandbox::new()?;
+    let demo_home = sb.dir.path().join("elsewhere");
+    let run = |arg: &'static str| {
+        let mut cmd = sb.command("airlock-demo-cli", "");
+        cmd.env("AIRLOCK_DEMO_HOME", &demo_home).arg(arg);
+        run_to_end(cmd)
+    };
+    let (code, out) = run("status").await?;
+    assert_eq!(
+        (code, out.contains("err: Not logged in")),
+        (1, true),
+        "{out}"
+    );
+    let (code, out) = run("logout").await?;
+    assert_eq!(
+        (code, out.contains("err: Not logged in")),
+        (0, true),
+        "{out}"
+    );
+
+    std::fs::create_dir_all(&demo_home)?;
+    let file = demo_home.join("credentials.json");
+    std::fs::write(
+        &file,
+        r#"{"accessToken": "a", "refreshToken": null, "user": "bob@example.com", "expiresAt": 1}"#,
+    )?;
+    let (code, out) = run("status").await?;
+    assert_eq!(
+        (code, out.contains("err: Logged in as bob@example.com")),
+        (0, true),
+        "{out}"
+    );
+    let (code, out) = run("logout").await?;
+    assert_eq!((code, out.contains("err: Logged out")), (0, true), "{out}");
+    assert!(!file.exists());
+
+    // An empty access token does not count as logged in.
+    std::fs::write(
+        &file,
+        r#"{"accessToken": "", "refreshToken": null, "user": "bob@example.com", "expiresAt": 1}"#,
+    )?;
+    let (code, out) = run("status").await?;
+    assert_eq!(
+        (code, out.contains("err: Not logged in")),
+        (1, true),
+        "{out}"
+    );
     Ok(())
 }

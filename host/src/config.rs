@@ -353,7 +353,7 @@ pub struct AuthConfig {
     /// milliseconds instead of a boot.
     pub prestart_cli_vm: bool,
     /// Directories appended to the login's `PATH` inside the browser VM
-    /// (development: the fake CLIs; relative entries follow this file).
+    /// (development: the demo CLI; relative entries follow this file).
     pub login_path_append: Vec<String>,
     /// Extra environment for every login (development: the fakes' OAuth URL).
     pub login_env: std::collections::BTreeMap<String, String>,

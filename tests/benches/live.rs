@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
-use airlock_tests::login::{state_is, LoginRig};
+use airlock_tests::login::{state_is, LoginRig, FAKE};
 use airlock_tests::stats::{median, percentile};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -95,7 +95,7 @@ async fn run() -> Result<()> {
 
 async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
     let d = &rig.daemon;
-    let live = d.start_live("bench", "codex").await?;
+    let live = d.start_live("bench", FAKE).await?;
     d.wait_session(&live.id, Duration::from_secs(120), |v| {
         state_is(v, "awaiting_user")
     })

@@ -1,7 +1,7 @@
 //! `make bench` for login sessions: `POST /api/auth/start` to
 //! `awaiting_user`, several sessions one after another through a real
 //! airlockd with the browser role as a host process (Xvfb + Chromium, as
-//! the login tests run it) and the fake Codex CLI against the fake OAuth
+//! the login tests run it) and the fake CLI (`airlock-demo-cli`) against the fake OAuth
 //! server. Prints the median of each stage (from the session's own step
 //! timestamps) and the memory of the agent, Xvfb and Chromium once the
 //! sign-in page is on the screen, ready for the person to type. Figures, not assertions;
@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use airlock_tests::login::{state_is, step_events, LoginRig};
+use airlock_tests::login::{state_is, step_events, LoginRig, FAKE};
 use airlock_tests::stats::{median, percentile};
 use airlock_tests::Daemon;
 use anyhow::{Context, Result};
@@ -54,7 +54,7 @@ async fn run() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     println!(
-        "\nairlock login benchmark: {runs} sessions of the codex profile (fake CLI, fake OAuth),\n\
+        "\nairlock login benchmark: {runs} sessions of the fake_cli profile (airlock-demo-cli, fake OAuth),\n\
          browser role as a host process (Xvfb + headful Chromium), POST /api/auth/start -> awaiting_user"
     );
     let rig = LoginRig::start(|s| s).await?;
@@ -123,7 +123,7 @@ async fn series(d: &Daemon, runs: usize) -> Result<Series> {
     let mut memory = Memory::new();
     for run in 0..runs {
         let started = Instant::now();
-        let id = d.start_session(&format!("bench-{run}"), "codex").await?;
+        let id = d.start_session(&format!("bench-{run}"), FAKE).await?;
         let view = d
             .wait_session(&id, Duration::from_secs(120), |v| {
                 state_is(v, "awaiting_user")
@@ -191,7 +191,7 @@ async fn sample_memory(d: &Daemon, view: &Value) -> Result<BTreeMap<&'static str
             "Xvfb" => "Xvfb",
             c if c.starts_with("chrom") => "Chromium (all processes)",
             "airlock-guest" => "agent",
-            _ => "login CLI (the fake codex)",
+            _ => "login CLI (the fake CLI)",
         };
         let Some((rss, pss)) = rss_pss_kib(pid) else {
             continue;
@@ -266,7 +266,7 @@ fn print_memory(memory: &Memory, figures: &mut serde_json::Map<String, Value>) {
             r / 1024.0,
             p / 1024.0
         );
-        if *group != "login CLI (the fake codex)" {
+        if *group != "login CLI (the fake CLI)" {
             rss_total += r;
             pss_total += p;
         }

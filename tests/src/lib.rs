@@ -48,7 +48,7 @@ pub struct Artifacts {
     pub initramfs: PathBuf,
     /// The image script (for variants such as a stale agent).
     pub image_script: PathBuf,
-    /// The fake vendor CLIs (`codex`, `claude`, `gemini`, ...).
+    /// The fake CLI under the demo provider's name (`airlock-demo-cli`).
     pub fakes_dir: PathBuf,
     /// The checkout.
     pub repo: PathBuf,
@@ -105,7 +105,7 @@ fn searchable_by_others(p: &Path) -> bool {
 
 /// The host-process browser's agent runs as an unprivileged account
 /// (`vm.unsafe_host_browser_user`), which must reach the agent, the
-/// streamer and the fake CLIs. When the checkout is out of its reach (a
+/// streamer and the fake CLI. When the checkout is out of its reach (a
 /// home directory), they are staged once under /tmp, named by their
 /// content, and the artifacts point there.
 fn reachable_by_others(mut a: Artifacts) -> Result<Artifacts> {
@@ -131,9 +131,10 @@ fn reachable_by_others(mut a: Artifacts) -> Result<Artifacts> {
         for f in [&a.guest_bin, &a.streamer_bin, &fake_cli] {
             std::fs::copy(f, tmp.join("bin").join(f.file_name().context("name")?))?;
         }
-        for cli in ["codex", "claude", "gemini", "airlock-demo-cli"] {
-            std::os::unix::fs::symlink("../bin/fake-cli", tmp.join("fakes").join(cli))?;
-        }
+        std::os::unix::fs::symlink(
+            "../bin/fake-cli",
+            tmp.join("fakes").join("airlock-demo-cli"),
+        )?;
         use std::os::unix::fs::PermissionsExt;
         for d in [&tmp, &tmp.join("bin"), &tmp.join("fakes")] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;

@@ -1,9 +1,10 @@
-//! Harness for login-session tests: a fake vendor OAuth server in the test
+//! Harness for login-session tests: a fake OAuth server in the test
 //! process (its tokens carry a per-test canary), an airlockd whose CLI VMs
 //! are QEMU microVMs and whose browser role runs as a host process (Xvfb +
-//! Chromium), the fake vendor CLIs on the login's PATH, and helpers that
-//! follow a session through its Server-Sent Events and act as the person
-//! in front of the browser through the input endpoint (keyboard only).
+//! Chromium), the [`FAKE`] provider (airlock's own fake CLI, no vendor's:
+//! the real vendor CLIs run only in VMs, in `vendor_clis`), and helpers
+//! that follow a session through its Server-Sent Events and act as the
+//! person in front of the browser through the input endpoint.
 
 use std::time::Duration;
 
@@ -18,6 +19,36 @@ pub const TAB: u32 = 0xff09;
 /// X keysym of Return.
 pub const RETURN: u32 = 0xff0d;
 
+/// The provider the host-process login tests use: airlock's fake CLI
+/// (`airlock-demo-cli`, which has no vendor counterpart) against the rig's
+/// fake OAuth server. Real vendor CLIs never run on the host.
+pub const FAKE: &str = "fake_cli";
+
+/// Where [`FAKE`]'s credential lands in the CLI VM.
+pub const FAKE_CREDENTIAL: &str = "/root/.airlock-demo/credentials.json";
+
+/// [`FAKE`]'s profile, appended to the shipped ones (its CLI reads the fake
+/// server's URL from `AIRLOCK_FAKE_OAUTH_URL`, set through `auth.login_env`).
+const FAKE_PROFILE: &str = r#"
+[fake_cli]
+display_name = "airlock fake CLI"
+command = ["airlock-demo-cli", "login"]
+env = ["AIRLOCK_DEMO_HOME=${HOME}/.airlock-demo"]
+flow = { type = "loopback" }
+confirm = { type = "statusCommand", argv = ["airlock-demo-cli", "status"] }
+
+[[fake_cli.credentials]]
+path = "${AIRLOCK_DEMO_HOME}/credentials.json"
+required = ["/accessToken", "/refreshToken"]
+deliver_to = "/root/.airlock-demo/credentials.json"
+"#;
+
+/// The shipped provider profiles plus [`FAKE`]'s, as a providers file's text.
+pub fn providers_with_fake() -> Result<String> {
+    let shipped = std::fs::read_to_string(artifacts()?.repo.join("config/providers.toml"))?;
+    Ok(format!("{shipped}\n{FAKE_PROFILE}"))
+}
+
 /// A fake OAuth server and an airlockd set up for logins.
 #[derive(Debug)]
 pub struct LoginRig {
@@ -28,6 +59,7 @@ pub struct LoginRig {
     /// Embedded in every token the fake issues.
     pub canary: String,
     _server: RunningServer,
+    _providers: tempfile::TempDir,
 }
 
 impl LoginRig {
@@ -40,9 +72,17 @@ impl LoginRig {
         };
         let (oauth, server) = serve(cfg, "127.0.0.1:0".parse()?).await?;
         let a = artifacts()?;
+        let providers = tempfile::tempdir()?;
+        let file = providers.path().join("providers.toml");
+        std::fs::write(&file, providers_with_fake()?)?;
         let settings = Settings::new("qemu")
             .set("vm", "browser_backend", "\"process\"")
             .set("vm", "unsafe_host_browser", "true")
+            .set(
+                "auth",
+                "providers_file",
+                &format!("{:?}", file.display().to_string()),
+            )
             .set(
                 "auth",
                 "login_path_append",
@@ -59,6 +99,7 @@ impl LoginRig {
             oauth,
             canary,
             _server: server,
+            _providers: providers,
         })
     }
 }
@@ -85,8 +126,8 @@ pub fn give_to_browser_account(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// One rig at a time per test binary: the fake Codex and demo CLIs bind
-/// fixed ports (1455, 1460), as the real ones do.
+/// One rig at a time per test binary: the fake CLI binds a fixed port
+/// (1460, else 1461), as Codex does.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs `body` with a fresh rig (`tune` adjusts airlockd's settings), one

@@ -5,15 +5,15 @@
 //! headless Chromium opens the viewer page: its `<video>` renders frames, a
 //! click and typed text reach the browser role's page (checked there over
 //! DevTools), the stream comes back after the streamer is killed without a
-//! reload, and a whole Codex login is completed through it.
+//! reload, and a whole login (the fake CLI) is completed through it.
 //!
-//! Tests run one at a time: the fake Codex CLI binds its fixed port.
+//! Tests run one at a time: the fake CLI binds its fixed port.
 
 use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
 use airlock_tests::live::{click_screen, element_center, press_key, type_keys, LiveSession};
-use airlock_tests::login::{state_is, step_events, with_rig, LoginRig};
+use airlock_tests::login::{state_is, step_events, with_rig, LoginRig, FAKE, FAKE_CREDENTIAL};
 use airlock_tests::peer::Peer;
 use airlock_tests::Settings;
 use anyhow::{ensure, Context, Result};
@@ -28,10 +28,10 @@ fn loopback(s: Settings) -> Settings {
         .set("auth", "prestart_cli_vm", "false")
 }
 
-/// Starts a Codex session and waits for its sign-in page on screen.
+/// Starts a session of the fake CLI and waits for its sign-in page on screen.
 async fn live_session(rig: &LoginRig) -> Result<LiveSession> {
     let d = &rig.daemon;
-    let live = d.start_live(USER, "codex").await?;
+    let live = d.start_live(USER, FAKE).await?;
     d.wait_session(&live.id, LONG, |v| state_is(v, "awaiting_user"))
         .await?;
     d.wait_page(&live.id, "/authorize", 1).await?;
@@ -144,7 +144,7 @@ async fn the_viewer_page_shows_the_screen_takes_input_and_outlives_a_streamer_cr
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_codex_login_completes_through_the_viewer_page() -> Result<()> {
+async fn a_login_completes_through_the_viewer_page() -> Result<()> {
     let tune = |s: Settings| s.set("live", "ice_addresses", "[\"127.0.0.1\"]");
     with_rig(tune, async |rig| {
         let d = &rig.daemon;
@@ -179,7 +179,7 @@ async fn a_codex_login_completes_through_the_viewer_page() -> Result<()> {
         }
         // In the CLI VM, with this login's tokens.
         let vm = done["cliVmId"].as_str().context("cliVmId")?;
-        let file = "/root/.codex/auth.json";
+        let file = FAKE_CREDENTIAL;
         let grep = d.exec(vm, &["grep", "-c", &rig.canary, file]).await?;
         ensure!(
             grep["stdout"].as_str().map(str::trim) != Some("0"),

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airlock_host::live::turn::rest_credential;
 use airlock_tests::coturn::{Coturn, REALM};
-use airlock_tests::login::LoginRig;
+use airlock_tests::login::{LoginRig, FAKE};
 use anyhow::{ensure, Context, Result};
 use reqwest::Method;
 use turn::client::{Client, ClientConfig};
@@ -75,7 +75,7 @@ async fn turn_credentials_from_airlockd_allocate_and_expired_ones_do_not() -> Re
     .await?;
     let d = &rig.daemon;
     let result = async {
-        let link = d.start_live(USER, "codex").await?;
+        let link = d.start_live(USER, FAKE).await?;
         let path = format!(
             "/api/webrtc/ice-servers?session={}&token={}",
             link.id, link.token

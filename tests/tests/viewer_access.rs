@@ -11,7 +11,7 @@
 //! signalling API, an answer with the streamer's candidates folded in, and
 //! connects with it.
 //!
-//! Tests run one at a time: the fake Codex CLI binds its fixed port.
+//! Tests run one at a time: the fake CLI binds its fixed port.
 //!
 //! The WebSocket is spoken by hand over TCP (an upgrade request and
 //! unmasked server frames), so a refusal is seen as the HTTP status it is.
@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use airlock_tests::live::LiveSession;
-use airlock_tests::login::with_rig;
+use airlock_tests::login::{with_rig, FAKE};
 use airlock_tests::{Daemon, Settings};
 use anyhow::{bail, ensure, Context, Result};
 use reqwest::Method;
@@ -402,8 +402,8 @@ async fn sockets_welcome_and_hand_over_control(d: &Daemon, a: &LiveSession) -> R
 async fn viewer_links_open_their_own_session_and_nothing_else() -> Result<()> {
     with_rig(tune, async |rig| {
         let d = &rig.daemon;
-        let a = d.start_live(USER, "codex").await?;
-        let b = d.start_live(USER, "claude_code").await?;
+        let a = d.start_live(USER, FAKE).await?;
+        let b = d.start_live(USER, FAKE).await?;
         ensure!(a.token != b.token, "each session has its own token");
         check_the_link_in_the_views(d, &a).await?;
         let expired = expired_token(d, &a.id).await?;
@@ -509,7 +509,7 @@ async fn a_peer_that_does_not_trickle_connects_through_the_http_api() -> Result<
     use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
     with_rig(tune, async |rig| {
         let d = &rig.daemon;
-        let link = d.start_live(USER, "codex").await?;
+        let link = d.start_live(USER, FAKE).await?;
         d.wait_session(&link.id, Duration::from_secs(120), |v| {
             airlock_tests::login::step_events(v)
                 .iter()

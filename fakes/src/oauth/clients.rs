@@ -3,11 +3,12 @@
 //! authorize and token handlers; public so callers can name client ids
 //! without repeating string literals.
 
-/// Client id the fake Codex CLI uses.
+/// Client id of the fake server's Codex-shaped client (Codex's loopback
+/// ports), which its own tests sign in with.
 pub const CODEX: &str = "codex-cli";
-/// Client id the fake Claude Code uses.
+/// Client id of the fake server's Claude-Code-shaped client.
 pub const CLAUDE: &str = "claude-code";
-/// Client id the fake Gemini CLI uses.
+/// Client id of the fake server's Gemini-CLI-shaped client.
 pub const GEMINI: &str = "gemini-cli";
 /// Client id of airlock's own demo CLI.
 pub const DEMO: &str = "airlock-demo";

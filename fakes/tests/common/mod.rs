@@ -1,8 +1,9 @@
 //! Helpers shared by this crate's integration tests: a fake OAuth server on
 //! 127.0.0.1:0, a "browser" (an HTTP client that does not follow
 //! redirects) that signs in and answers the consent page, a stub opener
-//! that reports the URL it was asked to open over TCP, and a running
-//! `fake-cli` whose output lines can be awaited. Every wait has a deadline.
+//! that reports the URL it was asked to open over TCP, and a running demo
+//! CLI (`fake-cli` as `airlock-demo-cli`) whose output lines can be
+//! awaited. Every wait has a deadline. Each test file uses some of them.
 
 #![allow(dead_code)]
 
@@ -12,9 +13,9 @@ use std::time::Duration;
 
 use airlock_fakes::oauth::{serve, FakeOAuth, FakeOAuthConfig, RunningServer};
 use anyhow::{anyhow, bail, Context};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 /// Upper bound of every wait in these tests.
@@ -192,8 +193,8 @@ impl OpenerStub {
     }
 }
 
-/// A scratch directory with a `home/` and a `bin/` holding symlinks to
-/// `fake-cli` under the real commands' names.
+/// A scratch directory with a `home/` and a `bin/` holding `fake-cli`
+/// linked as `airlock-demo-cli`, the name it is installed under.
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
 }
@@ -203,12 +204,10 @@ impl Sandbox {
         let dir = tempfile::tempdir()?;
         std::fs::create_dir_all(dir.path().join("home"))?;
         std::fs::create_dir_all(dir.path().join("bin"))?;
-        for name in ["codex", "claude", "gemini", "airlock-demo-cli"] {
-            std::os::unix::fs::symlink(
-                env!("CARGO_BIN_EXE_fake-cli"),
-                dir.path().join("bin").join(name),
-            )?;
-        }
+        std::os::unix::fs::symlink(
+            env!("CARGO_BIN_EXE_fake-cli"),
+            dir.path().join("bin/airlock-demo-cli"),
+        )?;
         Ok(Self { dir })
     }
 
@@ -239,13 +238,12 @@ impl Sandbox {
     }
 }
 
-/// A running fake CLI whose stdout and stderr lines can be awaited.
+/// A running demo CLI whose stdout and stderr lines can be awaited.
 pub struct Cli {
     child: Child,
-    pub stdin: Option<ChildStdin>,
     lines: mpsc::UnboundedReceiver<String>,
     /// Every line seen so far, prefixed with `out: ` or `err: `.
-    pub seen: Vec<String>,
+    seen: Vec<String>,
 }
 
 impl Cli {
@@ -271,10 +269,8 @@ impl Cli {
                 }
             });
         }
-        let stdin = child.stdin.take();
         Ok(Self {
             child,
-            stdin,
             lines,
             seen: Vec::new(),
         })
@@ -310,14 +306,6 @@ impl Cli {
         Ok(line[start..].trim().to_string())
     }
 
-    /// Writes a line to stdin.
-    pub async fn send_line(&mut self, text: &str) -> anyhow::Result<()> {
-        let stdin = self.stdin.as_mut().context("stdin not piped")?;
-        stdin.write_all(format!("{text}\n").as_bytes()).await?;
-        stdin.flush().await?;
-        Ok(())
-    }
-
     /// Waits for the process to exit, then collects the rest of its output.
     pub async fn wait_exit(&mut self) -> anyhow::Result<i32> {
         let status = tokio::time::timeout(DEADLINE, self.child.wait())
@@ -340,7 +328,7 @@ impl Cli {
     }
 }
 
-/// Runs a short command (status, logout) to completion.
+/// Runs a command to completion; returns its exit code and output.
 pub async fn run_to_end(cmd: Command) -> anyhow::Result<(i32, String)> {
     let mut cli = Cli::spawn(cmd)?;
     let code = cli.wait_exit().await?;

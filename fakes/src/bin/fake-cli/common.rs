@@ -1,7 +1,7 @@
-//! What every fake CLI profile shares: the environment contract
-//! (`AIRLOCK_FAKE_OAUTH_URL`, `AIRLOCK_FAKE_CLI_TIMEOUT_SECS`), exit codes,
-//! building authorize URLs, and reading JWT claims. Called by the profile
-//! modules.
+//! The demo CLI's plumbing: the environment contract
+//! (`AIRLOCK_FAKE_OAUTH_URL`, `AIRLOCK_FAKE_CLI_TIMEOUT_SECS`), the usage
+//! exit code, building the authorize URL, reading JWT claims and callback
+//! query parameters.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -50,8 +50,8 @@ pub fn oauth_base_or_exit() -> Result<String, i32> {
     })
 }
 
-/// How long a login may take: `AIRLOCK_FAKE_CLI_TIMEOUT_SECS`, else the
-/// profile's default.
+/// How long a login may take: `AIRLOCK_FAKE_CLI_TIMEOUT_SECS`, else
+/// `default`.
 pub fn login_timeout(default: Duration) -> Duration {
     std::env::var(TIMEOUT_VAR)
         .ok()
@@ -72,7 +72,7 @@ pub fn env_nonempty(name: &str) -> Option<String> {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, as the
-/// `urlencoding` crate Codex uses does (spaces become `%20`).
+/// `urlencoding` crate does (spaces become `%20`).
 pub fn encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
@@ -108,11 +108,6 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The first few characters of a secret, for logs.
-pub fn prefix(secret: &str) -> &str {
-    secret.get(..6).unwrap_or("")
-}
-
 /// Query parameters of a request target such as `/cb?code=x&state=y`.
 pub fn query_params(target: &str) -> std::collections::HashMap<String, String> {
     let query = target.split_once('?').map_or("", |(_, q)| q);
@@ -129,8 +124,8 @@ mod tests {
     fn encoding_matches_urlencoding() {
         assert_eq!(encode("openid profile"), "openid%20profile");
         assert_eq!(
-            encode("http://localhost:1455/auth/callback"),
-            "http%3A%2F%2Flocalhost%3A1455%2Fauth%2Fcallback"
+            encode("http://localhost:1460/auth/callback"),
+            "http%3A%2F%2Flocalhost%3A1460%2Fauth%2Fcallback"
         );
         assert_eq!(encode("a-b_c.d~e"), "a-b_c.d~e");
     }

@@ -1,32 +1,16 @@
-//! Writing credential files the way each real CLI does, because airlock's
-//! watcher must cope with each style:
-//!
-//! * in place, truncate then write (Codex's `FileAuthStorage::save`:
-//!   `OpenOptions::truncate(true).write(true).create(true).mode(0o600)`,
-//!   `write_all`, `flush`). The real one writes the JSON in one call; the
-//!   fake writes it in two chunks with a flush between, so a watcher can
-//!   really observe a torn file, and can be held between the chunks by a
-//!   test (see [`WRITE_GATE_VAR`]);
-//! * in place then `chmod 0600` (Node's `fs.writeFile(…, {mode: 0o600})`
-//!   followed by `fs.chmod`, as Gemini CLI's `cacheCredentials` does;
-//!   Claude Code is treated the same way);
-//! * atomically, temp file plus rename (the demo CLI).
-//!
-//! `mode` only applies when a file is created, as with the real calls.
+//! Writing the demo CLI's credential file atomically (temp file, fsync,
+//! rename), created mode 0600, so airlock's watcher sees either the old
+//! file or the whole new one.
 
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-
-/// Env var naming a FIFO the two-chunk writer reads one byte from between
-/// its chunks; tests use it to look at the torn file deterministically.
-pub const WRITE_GATE_VAR: &str = "AIRLOCK_FAKE_CLI_WRITE_GATE";
 
 /// A credential file could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum CredFileError {
-    /// Creating the directory, writing, renaming or chmod failed.
+    /// Creating the directory, writing, syncing or renaming failed.
     #[error("{what} {path}: {source}")]
     Io {
         /// The step.
@@ -57,52 +41,6 @@ fn ensure_parent(path: &Path) -> Result<(), CredFileError> {
         }
         _ => Ok(()),
     }
-}
-
-/// Codex style: open (create 0600, truncate), write in two chunks with a
-/// flush between, flush.
-pub fn write_in_place_two_chunks(path: &Path, data: &[u8]) -> Result<(), CredFileError> {
-    ensure_parent(path)?;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err("open", path))?;
-    let (first, second) = data.split_at(data.len() / 2);
-    file.write_all(first).map_err(io_err("write", path))?;
-    file.flush().map_err(io_err("flush", path))?;
-    file.sync_data().map_err(io_err("sync", path))?;
-    wait_at_gate();
-    file.write_all(second).map_err(io_err("write", path))?;
-    file.flush().map_err(io_err("flush", path))
-}
-
-/// Blocks until one byte (or EOF) arrives on the FIFO named by
-/// [`WRITE_GATE_VAR`], if it is set.
-fn wait_at_gate() {
-    if let Some(gate) = std::env::var_os(WRITE_GATE_VAR).filter(|g| !g.is_empty()) {
-        if let Ok(mut fifo) = fs::File::open(&gate) {
-            let mut byte = [0u8; 1];
-            let _ = fifo.read(&mut byte);
-        }
-    }
-}
-
-/// Node style: `writeFile(path, data, {mode: 0o600})` then `chmod 0600`.
-pub fn write_in_place_then_chmod(path: &Path, data: &[u8]) -> Result<(), CredFileError> {
-    ensure_parent(path)?;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err("open", path))?;
-    file.write_all(data).map_err(io_err("write", path))?;
-    drop(file);
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err("chmod", path))
 }
 
 /// Atomic: write `{path}.tmp-{pid}` (0600), fsync, rename over `path`.

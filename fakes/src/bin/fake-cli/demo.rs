@@ -1,10 +1,10 @@
-//! Fake `airlock-demo-cli`, the CLI of airlock's built-in "demo" provider:
-//! `login`, `status`, `logout`. It has no real counterpart; it is shaped
-//! like Codex (fixed loopback port 1460, falling back to 1461 when busy,
-//! redirect `http://localhost:{port}/auth/callback`, browser opened like the
-//! `webbrowser` crate) but simpler: the login ends as soon as the callback
-//! is handled, and the credentials are written atomically (temp file +
-//! rename) to `$AIRLOCK_DEMO_HOME/credentials.json` (default
+//! `airlock-demo-cli`, the CLI of airlock's built-in "demo" provider:
+//! `login`, `status`, `logout`. It has no real counterpart; its login is
+//! shaped like Codex's (fixed loopback port 1460, falling back to 1461 when
+//! busy, redirect `http://localhost:{port}/auth/callback`, browser opened
+//! like the `webbrowser` crate) but simpler: the login ends as soon as the
+//! callback is handled, and the credentials are written atomically (temp
+//! file + rename) to `$AIRLOCK_DEMO_HOME/credentials.json` (default
 //! `~/.airlock-demo/credentials.json`), mode 0600.
 
 use std::net::SocketAddr;

@@ -1,8 +1,7 @@
-//! A minimal loopback HTTP/1.1 server for OAuth callbacks, shaped like the
-//! ones the real CLIs run (tiny_http in Codex, `http.createServer` in the
-//! Node CLIs): each connection is read on its own task, requests are
-//! handed to the login flow one at a time, and every response closes its
-//! connection. Used by the Codex, Claude, Gemini and demo profiles.
+//! The demo CLI's loopback HTTP/1.1 server for the OAuth callback, shaped
+//! like the ones real CLIs run (tiny_http, Node's `http.createServer`):
+//! each connection is read on its own task, requests are handed to the
+//! login flow one at a time, and every response closes its connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,15 +48,6 @@ impl Reply {
         }
     }
 
-    /// An empty redirect.
-    pub fn redirect(status: u16, location: &str) -> Self {
-        Self {
-            status,
-            headers: vec![("Location", location.to_string())],
-            body: Vec::new(),
-        }
-    }
-
     fn into_bytes(self) -> Vec<u8> {
         let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (name, value) in &self.headers {
@@ -76,8 +66,6 @@ impl Reply {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
-        301 => "Moved Permanently",
-        302 => "Found",
         400 => "Bad Request",
         404 => "Not Found",
         _ => "Unknown",

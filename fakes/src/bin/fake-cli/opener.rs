@@ -1,16 +1,12 @@
-//! Opening the authorize URL in a browser the way each real CLI does.
-//!
-//! * Codex (and the demo CLI) call the Rust `webbrowser` crate. On Linux it
-//!   tries, in order (webbrowser-rs `src/unix.rs`): every entry of
-//!   `$BROWSER` (colon-separated, `%s` = URL, `%c` = `:`, `%%` = `%`; URL
-//!   appended when no `%s`), then `xdg-settings get default-web-browser`
-//!   and that desktop file's `Exec=` line, then desktop-specific openers
-//!   (`gio open`, `kde-open`, `exo-open` …), then `x-www-browser`. It does
-//!   not run `xdg-open` itself. GUI browsers are spawned in the background
-//!   with stdio detached; known text browsers run in the foreground.
-//! * Claude Code and Gemini CLI use the npm `open` package, which on Linux
-//!   spawns `xdg-open <url>` from `PATH`, detached (`$BROWSER` only matters
-//!   to `xdg-open` itself).
+//! Opening the demo CLI's authorize URL in a browser the way the Rust
+//! `webbrowser` crate does on Linux. It tries, in order (webbrowser-rs
+//! `src/unix.rs`): every entry of `$BROWSER` (colon-separated, `%s` = URL,
+//! `%c` = `:`, `%%` = `%`; URL appended when no `%s`), then `xdg-settings
+//! get default-web-browser` and that desktop file's `Exec=` line, then
+//! desktop-specific openers (`gio open`, `kde-open`, `exo-open` …), then
+//! `x-www-browser`. It does not run `xdg-open` itself. GUI browsers are
+//! spawned in the background with stdio detached; known text browsers run
+//! in the foreground.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,9 +17,6 @@ pub enum OpenError {
     /// Nothing usable was found (the `webbrowser` crate's words).
     #[error("No valid browsers detected. You can specify one in BROWSER environment variable")]
     NotFound,
-    /// `xdg-open` could not be spawned.
-    #[error("spawn xdg-open ENOENT: {0}")]
-    Spawn(#[source] std::io::Error),
 }
 
 const TEXT_BROWSERS: [&str; 9] = [
@@ -40,18 +33,6 @@ pub fn open_like_webbrowser_crate(url: &str) -> Result<(), OpenError> {
     } else {
         Err(OpenError::NotFound)
     }
-}
-
-/// Like the npm `open` package on Linux: `xdg-open <url>`, detached.
-pub fn open_like_npm_open(url: &str) -> Result<(), OpenError> {
-    Command::new("xdg-open")
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(|_| ())
-        .map_err(OpenError::Spawn)
 }
 
 fn try_browser_env(url: &str) -> bool {
