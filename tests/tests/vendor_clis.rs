@@ -423,9 +423,12 @@ async fn fails_with(
     Ok(())
 }
 
-/// Failure tests need no CLI VM.
+/// Failure tests need no CLI VM, and nobody watches their stream (they act
+/// through the input endpoint): two frames a second leave the cores to
+/// the browser VM.
 fn no_cli_vm(s: Settings) -> Settings {
     s.set("auth", "prestart_cli_vm", "false")
+        .set("live", "framerate", "2")
 }
 
 #[tokio::test(flavor = "multi_thread")]
