@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 
 /// Under TCG a browser VM shows its first page about a minute after it
 /// was asked for; two tests may share the two cores.
-/// Gemini CLI (a 50 MB Node bundle) has taken three minutes more to show
+/// Gemini CLI (96 MB of bundled JavaScript) has taken three minutes more to show
 /// its first menu while another test's VMs were busy.
 const BROWSER_UP: Duration = Duration::from_secs(480);
 
