@@ -76,12 +76,8 @@ async fn token(State(oauth): State<FakeOAuth>, headers: HeaderMap, body: Bytes) 
     if form.get("grant_type").map(String::as_str) != Some(TOKEN_EXCHANGE) {
         return oauth.token(&headers, &body);
     }
-    let refuse = |error: &str, description: &str| {
-        json(
-            StatusCode::BAD_REQUEST,
-            json!({"error": error, "error_description": description}),
-        )
-    };
+    let refuse =
+        |error: &str, description: &str| refusal(StatusCode::BAD_REQUEST, error, description);
     if form.get("client_id").map(String::as_str) != Some(OPENAI_CODEX) {
         return refuse("invalid_client", "unknown client");
     }
