@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::browser::trust::POLICY_DIR;
 use crate::browser::BrowserRole;
 use crate::egress::{Dialer, ProxyPorts};
 use crate::logging::{parse_level, LogReceiver};
@@ -31,6 +32,8 @@ use crate::users::{RunAs, BROWSER_USER, LOGIN_USER};
 #[derive(Debug)]
 pub struct Agent {
     mode: AgentMode,
+    /// Runtime files ([`state_dir`]).
+    state_dir: PathBuf,
     build_id: String,
     boot_id: String,
     started_uptime_ms: u64,
@@ -57,10 +60,13 @@ pub struct Agent {
 }
 
 /// Where the agent keeps runtime files (Chromium's profile, login homes):
-/// tmpfs in a VM; `/dev/shm` (tmpfs too) as a host process.
-pub fn state_dir(mode: AgentMode) -> PathBuf {
+/// tmpfs in a VM; `/dev/shm` (tmpfs too) as a host process; its private
+/// `/tmp` (a tmpfs that goes with its mount namespace, even if the agent
+/// is killed) when isolated.
+pub fn state_dir(mode: AgentMode, isolated: bool) -> PathBuf {
     match mode {
         AgentMode::Pid1 | AgentMode::Service => PathBuf::from("/run/airlock/agent"),
+        AgentMode::Process if isolated => PathBuf::from("/tmp/airlock-agent"),
         AgentMode::Process if Path::new("/dev/shm").is_dir() => {
             PathBuf::from(format!("/dev/shm/airlock-agent-{}", std::process::id()))
         }
@@ -75,6 +81,8 @@ pub fn state_dir(mode: AgentMode) -> PathBuf {
 pub struct AgentParts {
     /// How the agent runs.
     pub mode: AgentMode,
+    /// A host process in its own namespaces ([`crate::sandbox`]).
+    pub isolated: bool,
     /// Kernel uptime when `main` began.
     pub started_uptime_ms: u64,
     /// The reaper.
@@ -92,16 +100,21 @@ pub struct AgentParts {
 impl Agent {
     /// Assembles the agent.
     pub fn new(p: AgentParts) -> Self {
-        let state = state_dir(p.mode);
+        let state = state_dir(p.mode, p.isolated);
         // In an image, untrusted programs run as their own accounts; as a
         // host process everything runs as the agent (airlockd chose it).
         let in_image = p.mode != AgentMode::Process;
         let user = |name| in_image.then(|| RunAs::lookup(name)).flatten();
+        // Chromium's policy directory is the agent's own in an image and
+        // in an isolated host process (its /etc is an overlay), never the
+        // host's.
+        let policy_dir = (in_image || p.isolated).then(|| PathBuf::from(POLICY_DIR));
         let browser = Arc::new(BrowserRole::new(
             p.reaper.clone(),
             p.events.0.clone(),
             state.clone(),
             user(BROWSER_USER),
+            policy_dir,
         ));
         let streamer = Streamer::new(p.reaper.clone(), p.events.0.clone(), browser.clone());
         let proxies = Arc::new(OnceLock::new());
@@ -109,12 +122,13 @@ impl Agent {
             reaper: p.reaper.clone(),
             browser: browser.clone(),
             events: p.events.0,
-            state_dir: state,
+            state_dir: state.clone(),
             run_as: user(LOGIN_USER),
             proxies: proxies.clone(),
         });
         Self {
             mode: p.mode,
+            state_dir: state,
             build_id: sysinfo::own_build_id(),
             boot_id: sysinfo::boot_id(),
             started_uptime_ms: p.started_uptime_ms,
@@ -287,7 +301,7 @@ impl Agent {
         self.egress_tasks.close();
         self.egress_tasks.wait().await;
         if self.mode == AgentMode::Process {
-            let _ = std::fs::remove_dir_all(state_dir(self.mode));
+            let _ = std::fs::remove_dir_all(&self.state_dir);
         }
     }
 

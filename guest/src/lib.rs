@@ -16,6 +16,7 @@ pub mod logging;
 pub mod login;
 pub mod options;
 pub mod process;
+pub mod sandbox;
 pub mod stage1;
 pub mod streamer;
 pub mod sysinfo;
@@ -91,6 +92,20 @@ pub fn main_entry() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Still one thread: the namespaces must cover the whole agent.
+    if let Some(iso) = &opts.isolation {
+        let socket_dir = match &opts.transport {
+            options::Transport::Unix { path } => path.parent().map(|d| (d, true)),
+            options::Transport::Vsock { .. } => None,
+        };
+        let exe = std::env::current_exe().ok();
+        let exe_dir = exe.as_deref().and_then(|e| e.parent()).map(|d| (d, false));
+        let keep: Vec<_> = socket_dir.into_iter().chain(exe_dir).collect();
+        if let Err(e) = sandbox::enter(iso, &keep) {
+            eprintln!("airlock-guest: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let logs = logging::install(&opts.log_level);
     match run(&opts, started_ms, logs) {
         Ok(()) if opts.mode == AgentMode::Service => power_off_service(),
@@ -148,6 +163,7 @@ async fn serve_forever(
     watch_signals(&tracker, &shutdown, opts.mode).map_err(AgentError::Startup)?;
     let agent = Arc::new(Agent::new(AgentParts {
         mode: opts.mode,
+        isolated: opts.isolation.is_some(),
         started_uptime_ms: started_ms,
         reaper,
         logs,

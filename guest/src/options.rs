@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use airlock_proto::{AgentMode, DEFAULT_AGENT_PORT};
 
+use crate::sandbox::{parse_ids, Isolation};
+
 /// Where the agent dials the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
@@ -34,6 +36,8 @@ pub struct Options {
     pub log_level: String,
     /// File listing kernel modules to load, in order (PID 1 only).
     pub modules_file: PathBuf,
+    /// Isolate a host process before it starts (`--isolate-as`).
+    pub isolation: Option<Isolation>,
 }
 
 /// A bad argument, reported on stderr with usage.
@@ -50,13 +54,17 @@ pub enum OptionsError {
 /// Printed for `--help` and after a bad argument.
 pub const USAGE: &str = "\
 usage: airlock-guest [--mode service|process] [--vsock-port N | --unix PATH]
-                     [--log-level LEVEL]
+                     [--log-level LEVEL] [--isolate-as UID:GID [--usr-local DIR]]
        airlock-guest --version     (prints version and GNU build id)
 
 As PID 1 the agent ignores its arguments and reads the kernel command line:
   airlock.port=N       vsock port to dial on the host (default 1024)
   airlock.loglevel=L   console log level (default info)
-  airlock.probe=1      print the probe marker and power off at once";
+  airlock.probe=1      print the probe marker and power off at once
+
+--isolate-as (process mode, started as root): own network namespace with
+only loopback, own mounts (its own /etc/chromium), then run as
+UID:GID. --usr-local mounts DIR read-only over /usr/local there.";
 
 /// The list of kernel modules PID 1 loads (written by the image scripts).
 pub const MODULES_FILE: &str = "/etc/airlock/modules";
@@ -76,6 +84,7 @@ impl Options {
         let mut opts = Self::defaults(AgentMode::Service);
         apply_cmdline(&mut opts, cmdline);
         opts.probe = false;
+        let mut usr_local = None;
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let mut value = || {
@@ -106,10 +115,33 @@ impl Options {
                     }
                 }
                 "--log-level" => opts.log_level = value()?,
+                "--isolate-as" => {
+                    let v = value()?;
+                    let (uid, gid) = parse_ids(&v)
+                        .ok_or_else(|| OptionsError::Usage(format!("bad UID:GID {v:?}")))?;
+                    opts.isolation = Some(Isolation {
+                        uid,
+                        gid,
+                        usr_local: None,
+                    });
+                }
+                "--usr-local" => usr_local = Some(PathBuf::from(value()?)),
                 "-h" | "--help" => return Err(OptionsError::Usage("help requested".into())),
                 "-V" | "--version" => return Err(OptionsError::Version),
                 other => return Err(OptionsError::Usage(format!("unknown argument {other:?}"))),
             }
+        }
+        match (&mut opts.isolation, usr_local) {
+            (Some(iso), tree) => iso.usr_local = tree,
+            (None, Some(_)) => {
+                return Err(OptionsError::Usage("--usr-local needs --isolate-as".into()))
+            }
+            (None, None) => {}
+        }
+        if opts.isolation.is_some() && opts.mode != AgentMode::Process {
+            return Err(OptionsError::Usage(
+                "--isolate-as needs --mode process".into(),
+            ));
         }
         Ok(opts)
     }
@@ -123,6 +155,7 @@ impl Options {
             probe: false,
             log_level: "info".into(),
             modules_file: MODULES_FILE.into(),
+            isolation: None,
         }
     }
 }
@@ -157,6 +190,31 @@ mod tests {
         assert_eq!(o.transport, Transport::Vsock { port: 2000 });
         assert!(o.probe);
         assert_eq!(o.mode, AgentMode::Pid1);
+    }
+
+    #[test]
+    fn isolation_is_for_host_processes_and_usr_local_needs_it() {
+        let args = |a: &str| a.split(' ').map(String::from).collect::<Vec<_>>();
+        let o = Options::from_args(
+            &args("--usr-local /v --isolate-as 65534:65533 --mode process"),
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            o.isolation,
+            Some(Isolation {
+                uid: 65534,
+                gid: 65533,
+                usr_local: Some("/v".into())
+            })
+        );
+        for bad in [
+            "--mode process --usr-local /v",
+            "--isolate-as 1:1",
+            "--mode process --isolate-as nobody",
+        ] {
+            assert!(Options::from_args(&args(bad), "").is_err(), "{bad}");
+        }
     }
 
     #[test]

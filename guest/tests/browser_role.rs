@@ -57,7 +57,7 @@ async fn display_browser_input_screenshot_and_restart() {
     let (tx, mut rx) = mpsc::channel(64);
     let reaper = Reaper::start(&tracker, stop.clone(), tx.clone()).unwrap();
     let state = tempfile::tempdir().unwrap();
-    let role = BrowserRole::new(reaper, tx, state.path().to_path_buf(), None);
+    let role = BrowserRole::new(reaper, tx, state.path().to_path_buf(), None, None);
     let spec = BrowserSpec {
         width: 1024,
         height: 768,

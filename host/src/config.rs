@@ -161,6 +161,15 @@ pub struct VmConfig {
     /// as root), with an empty environment: it must not reach airlockd's
     /// keys, database or secrets.
     pub unsafe_host_browser_user: String,
+    /// Gives such a host-process browser what a browser VM has: its own
+    /// network namespace with only loopback (out only through the egress
+    /// gateway) and its own mounts (its own Chromium policy directory).
+    /// Needs airlockd to run as root.
+    pub unsafe_host_browser_isolated: bool,
+    /// With isolation: a tree mounted read-only over /usr/local in the
+    /// browser's mount namespace (an image's vendor layer, unpacked), so a
+    /// login runs the image's CLIs and Node.js.
+    pub unsafe_host_browser_usr_local: Option<PathBuf>,
     /// The agent build the host expects: its GNU build id must match the
     /// one a guest reports. The process backend also runs this binary.
     pub agent_binary: PathBuf,
@@ -230,6 +239,8 @@ impl Default for VmConfig {
             home_disk_mib: 4096,
             unsafe_host_browser: false,
             unsafe_host_browser_user: "nobody".into(),
+            unsafe_host_browser_isolated: false,
+            unsafe_host_browser_usr_local: None,
             agent_binary: "/usr/local/lib/airlock/airlock-guest".into(),
             expected_build_id: None,
             agent_port: airlock_proto::DEFAULT_AGENT_PORT,
@@ -607,9 +618,13 @@ impl Config {
         fix(&mut self.vm.kernel);
         fix(&mut self.vm.initramfs);
         fix(&mut self.vm.agent_binary);
-        for p in [&mut self.vm.browser_image, &mut self.vm.cli_image]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.vm.browser_image,
+            &mut self.vm.cli_image,
+            &mut self.vm.unsafe_host_browser_usr_local,
+        ]
+        .into_iter()
+        .flatten()
         {
             fix(p);
         }
@@ -694,6 +709,12 @@ impl Config {
         let browser_on_host = vm.browser_backend.unwrap_or(vm.backend) == BackendKind::Process;
         if browser_on_host && !vm.unsafe_host_browser {
             return bad("browser VMs would run as host processes (vm.backend or vm.browser_backend is \"process\"), where Chromium shares this host's network: use the qemu backend, or set vm.unsafe_host_browser = true for fast tests".into());
+        }
+        if vm.unsafe_host_browser_isolated && !browser_on_host {
+            return bad("vm.unsafe_host_browser_isolated applies to host-process browsers only: set vm.browser_backend = \"process\" or drop it".into());
+        }
+        if vm.unsafe_host_browser_usr_local.is_some() && !vm.unsafe_host_browser_isolated {
+            return bad("vm.unsafe_host_browser_usr_local is mounted in the browser's own mount namespace: set vm.unsafe_host_browser_isolated = true".into());
         }
         if !(64..=1 << 20).contains(&vm.home_disk_mib) {
             return bad("vm.home_disk_mib must be between 64 and 1048576".into());
@@ -801,6 +822,14 @@ mod tests {
         assert!(e.contains("vm.unsafe_host_browser"), "{e}");
         c.vm.unsafe_host_browser = true;
         c.validate().unwrap();
+        c.vm.unsafe_host_browser_usr_local = Some("/v".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("unsafe_host_browser_isolated = true"), "{e}");
+        c.vm.unsafe_host_browser_isolated = true;
+        c.validate().unwrap();
+        c.vm.browser_backend = None;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("host-process browsers only"), "{e}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::session::Sessions;
 use crate::store::CredentialStore;
 use crate::vm::backend::VmBackend;
 use crate::vm::layout::reconcile;
-use crate::vm::process::{HostBrowserUser, ProcessBackend};
+use crate::vm::process::{HostBrowserIsolation, HostBrowserUser, ProcessBackend};
 use crate::vm::qemu::QemuBackend;
 use crate::vm::VmManager;
 use airlock_fakes::oauth::{FakeOAuth, FakeOAuthConfig};
@@ -245,6 +245,10 @@ fn make_backend(
             config.vm.agent_binary.clone(),
             config.vm.console_max_bytes,
             host_browser_user(config)?,
+            HostBrowserIsolation {
+                isolated: config.vm.unsafe_host_browser_isolated,
+                usr_local: config.vm.unsafe_host_browser_usr_local.clone(),
+            },
         )),
     })
 }
@@ -257,6 +261,19 @@ fn host_browser_user(config: &Config) -> Result<Option<HostBrowserUser>, DaemonE
     }
     let user = HostBrowserUser::lookup(&config.vm.unsafe_host_browser_user)
         .map_err(DaemonError::HostBrowser)?;
+    if config.vm.unsafe_host_browser_isolated && user.is_none() {
+        return Err(DaemonError::HostBrowser(
+            "vm.unsafe_host_browser_isolated needs airlockd to run as root (the agent unshares namespaces and mounts before it drops to vm.unsafe_host_browser_user)".into(),
+        ));
+    }
+    if let Some(tree) = &config.vm.unsafe_host_browser_usr_local {
+        if !tree.join("bin").is_dir() {
+            return Err(DaemonError::HostBrowser(format!(
+                "vm.unsafe_host_browser_usr_local {} is not a /usr/local tree (no bin/ in it)",
+                tree.display()
+            )));
+        }
+    }
     if let Some(u) = &user {
         let agent = &config.vm.agent_binary;
         let streamer = agent.with_file_name("airlock-streamer");

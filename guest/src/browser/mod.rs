@@ -50,6 +50,8 @@ pub struct BrowserRole {
     reaper: Reaper,
     /// The account Chromium runs as (in an image).
     run_as: Option<RunAs>,
+    /// Chromium's managed policy directory, where it is this browser's.
+    policy_dir: Option<PathBuf>,
     events: mpsc::Sender<Event>,
     profile_dir: PathBuf,
     state_dir: PathBuf,
@@ -72,17 +74,21 @@ fn out_of_memory(line: &str) -> ErrorReply {
 }
 
 impl BrowserRole {
-    /// A stopped role; `state_dir` (tmpfs) holds Chromium's profile, and
-    /// Chromium runs as `run_as` when given.
+    /// A stopped role; `state_dir` (tmpfs) holds Chromium's profile,
+    /// Chromium runs as `run_as` when given, and an extra CA goes into a
+    /// managed policy in `policy_dir` when given (only where that
+    /// directory is this browser's alone).
     pub fn new(
         reaper: Reaper,
         events: mpsc::Sender<Event>,
         state_dir: PathBuf,
         run_as: Option<RunAs>,
+        policy_dir: Option<PathBuf>,
     ) -> Self {
         Self {
             reaper,
             run_as,
+            policy_dir,
             events,
             profile_dir: state_dir.join("chromium-profile"),
             state_dir,
@@ -145,11 +151,12 @@ impl BrowserRole {
         Ok(info)
     }
 
-    /// Installs the host's extra CA: Chromium's policy only in an image
-    /// (where the agent owns /etc; as a host process it would change the
-    /// host's Chromium), the file for logins always.
+    /// Installs the host's extra CA: Chromium's policy only where its
+    /// directory is this browser's (an image, an isolated host process; a
+    /// plain host process would change the host's Chromium), the file for
+    /// logins always.
     fn trust(&self, pem: &str) -> Result<(), ErrorReply> {
-        let policy = self.run_as.map(|_| std::path::Path::new(trust::POLICY_DIR));
+        let policy = self.policy_dir.as_deref();
         let path = trust::install(pem, &self.state_dir.join("trust"), policy)
             .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e))?;
         tracing::info!(path = %path.display(), chromium_policy = policy.is_some(), "extra CA installed");

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use super::console::Console;
 use super::layout::{LayoutError, VmDir};
+use super::VmKind;
 
 /// A boxed future, for the object-safe backend trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -67,7 +68,7 @@ pub struct LaunchSpec {
     /// What it boots (the process backend ignores this).
     pub boot: Boot,
     /// What it is for.
-    pub kind: super::VmKind,
+    pub kind: VmKind,
 }
 
 /// A backend could not start a VM.
@@ -149,10 +150,12 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     /// Facts for `/health`.
     fn info(&self) -> BackendInfo;
 
-    /// True when its guests have no network of their own, so a browser
-    /// VM's traffic must go through the host's egress gateway (QEMU: no
-    /// network device). The process backend shares the host's network.
-    fn isolates_network(&self) -> bool {
+    /// True when its guests of `kind` have no network of their own, so
+    /// their traffic must go through the host's egress gateway (QEMU: no
+    /// network device). The process backend shares the host's network,
+    /// except for isolated host browsers (loopback only).
+    fn isolates_network(&self, kind: VmKind) -> bool {
+        let _ = kind;
         false
     }
 }

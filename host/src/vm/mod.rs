@@ -383,7 +383,7 @@ impl VmManager {
         // A browser VM without a network of its own has a gateway; a CLI
         // VM only when the operator says so (egress.cli_vms).
         let gateway = req.kind == VmKind::Browser || self.inner.egress.for_cli_vms();
-        let egress = (gateway && self.inner.backend_for(req.kind).isolates_network())
+        let egress = (gateway && self.inner.backend_for(req.kind).isolates_network(req.kind))
             .then(|| (Arc::new(egress), Arc::new(EgressStats::default())));
         let handle = Arc::new(VmHandle {
             view: watch::channel(view.clone()).0,

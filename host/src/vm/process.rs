@@ -5,8 +5,14 @@
 //! `vm.unsafe_host_browser`). A browser "VM" then gets an empty
 //! environment and, when airlockd runs as root, an unprivileged account
 //! (`vm.unsafe_host_browser_user`), so neither Chromium nor a login CLI can
-//! read airlockd's keys, database or secrets. Its stdout and stderr are
-//! the VM's "console".
+//! read airlockd's keys, database or secrets. With
+//! `vm.unsafe_host_browser_isolated` the agent is started as root and
+//! isolates itself before it drops to that account (`--isolate-as`, see
+//! the agent's `sandbox` module): its own network namespace with only
+//! loopback, so Chromium and a login CLI get out only through the egress
+//! gateway as in a browser VM, and its own mounts, optionally with an
+//! image's `/usr/local` (`vm.unsafe_host_browser_usr_local`). Its stdout
+//! and stderr are the VM's "console".
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +33,15 @@ use super::console::Console;
 pub struct HostBrowserUser {
     uid: Uid,
     gid: Gid,
+}
+
+/// How a host-process browser is confined beyond its account.
+#[derive(Debug, Clone, Default)]
+pub struct HostBrowserIsolation {
+    /// Own network and mount namespaces.
+    pub isolated: bool,
+    /// Mounted read-only over /usr/local in them.
+    pub usr_local: Option<PathBuf>,
 }
 
 impl HostBrowserUser {
@@ -73,20 +88,25 @@ pub struct ProcessBackend {
     console_max_bytes: u64,
     /// For browser VMs: run as this account (when set).
     browser_user: Option<HostBrowserUser>,
+    /// For browser VMs: namespaces (only with `browser_user`).
+    isolation: HostBrowserIsolation,
 }
 
 impl ProcessBackend {
     /// A backend that runs `agent_binary`; browser VMs run as
-    /// `browser_user` when given.
+    /// `browser_user` when given, in their own namespaces when `isolation`
+    /// says so (which needs `browser_user`: airlockd is root).
     pub fn new(
         agent_binary: PathBuf,
         console_max_bytes: u64,
         browser_user: Option<HostBrowserUser>,
+        isolation: HostBrowserIsolation,
     ) -> Self {
         Self {
             agent_binary,
             console_max_bytes,
             browser_user,
+            isolation,
         }
     }
 
@@ -102,10 +122,18 @@ impl ProcessBackend {
         let Some(user) = self.browser_user else {
             return Ok(());
         };
+        // The egress gateway's socket exists when this backend isolates the
+        // browser (it is bound before the launch, like the agent's).
+        let egress = spec
+            .dir
+            .agent_listener(spec.agent_port + airlock_proto::egress::EGRESS_PORT_OFFSET);
         for path in [
             spec.dir.root().to_path_buf(),
             spec.dir.agent_listener(spec.agent_port),
-        ] {
+        ]
+        .into_iter()
+        .chain(egress.exists().then_some(egress))
+        {
             nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| {
                 BackendError::Io {
                     context: format!("give {} to the host-browser account", path.display()),
@@ -113,7 +141,17 @@ impl ProcessBackend {
                 }
             })?;
         }
-        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        if !self.isolation.isolated {
+            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+            return Ok(());
+        }
+        // The agent needs root for the namespaces and drops to the
+        // account itself before it talks to anyone.
+        cmd.arg("--isolate-as")
+            .arg(format!("{}:{}", user.uid, user.gid));
+        if let Some(tree) = &self.isolation.usr_local {
+            cmd.arg("--usr-local").arg(tree);
+        }
         Ok(())
     }
 
@@ -173,6 +211,10 @@ impl VmBackend for ProcessBackend {
         spec: &'a LaunchSpec,
     ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
         Box::pin(self.launch_inner(spec))
+    }
+
+    fn isolates_network(&self, kind: VmKind) -> bool {
+        kind == VmKind::Browser && self.isolation.isolated && self.browser_user.is_some()
     }
 
     fn info(&self) -> BackendInfo {

@@ -25,6 +25,7 @@ use super::backend::{
     VmProcess,
 };
 use super::console::Console;
+use super::VmKind;
 use crate::config::{QemuConfig, VmConfig};
 
 /// Kernel parameters that shorten boot by about 0.4 s under TCG (measured:
@@ -198,7 +199,7 @@ impl VmBackend for QemuBackend {
         Box::pin(self.launch_inner(spec))
     }
 
-    fn isolates_network(&self) -> bool {
+    fn isolates_network(&self, _kind: VmKind) -> bool {
         true
     }
 

@@ -21,7 +21,12 @@ fn hub(max_viewers: usize) -> Arc<Hub> {
     let vms = VmManager::new(
         Arc::new(Config::default()),
         (
-            Arc::new(ProcessBackend::new("/nonexistent".into(), 0, None)),
+            Arc::new(ProcessBackend::new(
+                "/nonexistent".into(),
+                0,
+                None,
+                Default::default(),
+            )),
             None,
         ),
         ExpectedAgent {
