@@ -112,8 +112,11 @@ struct Unacked {
     since: String,
 }
 
-/// How long after an answer the CLI must have reacted.
-const ANSWER_RETRY: Duration = Duration::from_secs(3);
+/// How long after an answer the CLI must have reacted. Not less: Gemini
+/// CLI, having taken the key, redraws its menu's text and has taken over
+/// three seconds to print its URL with another login beside it, and a key
+/// typed again then lands in its code prompt.
+const ANSWER_RETRY: Duration = Duration::from_secs(10);
 /// Times an answer is typed at most.
 const ANSWER_TRIES: u32 = 3;
 
@@ -266,6 +269,7 @@ impl Login {
                         if !opened && self.acceptable(&url) {
                             opened = true;
                             output_url = None;
+                            self.unacked = None;
                             code = self.open(&url, "shim", cancel).await?;
                         }
                     }
@@ -282,6 +286,13 @@ impl Login {
                             if let Some(url) = auth_urls(&self.tail).into_iter().find(|u| self.acceptable(u)) {
                                 output_url = Some((url, Box::pin(tokio::time::sleep(SHIM_GRACE))));
                             }
+                        }
+                        // A URL means the CLI got past its prompts: an
+                        // answer typed again now would land in the next
+                        // one (Gemini CLI's code prompt, when its redraw
+                        // repeats the menu's text on a fast machine).
+                        if opened || output_url.is_some() {
+                            self.unacked = None;
                         }
                     }
                     _ => pty_open = false,
