@@ -4,13 +4,15 @@
 # builds browser and cli images with them, runs the same login contract
 # the pinned ones pass in CI (tests/tests/vendor_clis.rs: the real login
 # in a browser VM through the viewer, against the vendor sandbox, and the
-# CLI using the delivered credential in a CLI VM), and prints per CLI its
-# version and whether it passed or the step where it broke.
+# CLI using the delivered credential in a CLI VM; vendor_failures.rs: the
+# failure modes), and prints per CLI its version and whether it passed or
+# the step where it broke.
 #
 # Not part of CI: the registry's newest versions change under it. Its
 # output belongs in the closing note of every issue that touches logins.
 # Nothing reaches a vendor: the CLIs run only in VMs without a network
-# interface, against the sandbox on loopback.
+# interface or in a host browser whose network namespace has only
+# loopback, against the sandbox on loopback.
 #
 # usage: scripts/vendor-check.sh        (after make build-vm; make does it)
 set -euo pipefail
@@ -26,8 +28,8 @@ declare -A provider_of=(
     ["@anthropic-ai/claude-code"]=claude_code
     ["@google/gemini-cli"]=gemini_cli
 )
-# Each CLI's tests in tests/tests/vendor_clis.rs start with its name: the
-# main login, its other path and its failure modes.
+# Each CLI's tests in tests/tests/vendor_{clis,failures}.rs start with its
+# name: the main login, its other path and its failure modes.
 declare -A prefix_of=(
     [codex]=codex_
     [claude_code]=claude_code_
@@ -57,7 +59,7 @@ mkdir -p "$work/images"
 log=$work/test.log
 set +e
 (cd "$repo" && AIRLOCK_IMAGES_DIR="$work/images" AIRLOCK_DAEMON="$target/debug/airlockd" \
-    cargo test --locked -p airlock-tests --test vendor_clis -- --test-threads=2 >"$log" 2>&1)
+    cargo test --locked -p airlock-tests --test vendor_clis --test vendor_failures -- --test-threads=2 >"$log" 2>&1)
 set -e
 
 echo "vendor-check $(date -u +%Y-%m-%dT%H:%MZ): newest published CLIs against the login contract"

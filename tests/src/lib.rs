@@ -30,6 +30,7 @@ pub mod login;
 pub mod peer;
 pub mod postgres;
 pub mod stats;
+pub mod vendors;
 
 /// Paths of the artifacts `make build image` produces.
 #[derive(Debug, Clone)]

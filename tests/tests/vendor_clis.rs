@@ -12,11 +12,10 @@
 //!
 //! Also: each CLI's other login path (Codex's device code, shown to the
 //! person in the viewer; Gemini CLI's user code; Claude Code's pasted
-//! code); the failure modes a real CLI has (failed exchange, denied
-//! consent, state mismatch, a stray request to its callback, a menu it
-//! goes back to) end the session at once with the CLI's own words; and
-//! the CLI and Chromium are stopped before the credential leaves the
-//! browser VM, so the sandbox sees no refresh of it from there.
+//! code); and the CLI and Chromium are stopped before the credential
+//! leaves the browser VM, so the sandbox sees no refresh of it from
+//! there. The failure modes, which end before any credential exists, are
+//! in `vendor_failures`.
 //!
 //! Every VM is torn down however a test ends (the harness's `Daemon`).
 
@@ -24,121 +23,28 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use airlock_fakes::oauth::OAuthEvent;
-use airlock_fakes::vendors::{SandboxConfig, VendorSandbox};
 use airlock_tests::cdp::Viewer;
-use airlock_tests::coturn::Coturn;
 use airlock_tests::live::{click_screen, press_key, type_keys};
 use airlock_tests::login::{loaded, state_is, step_events};
+use airlock_tests::vendors::{self, BrowserRole, World};
 use airlock_tests::{artifacts, Daemon, Settings};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-/// Under TCG a browser VM shows its first page about a minute after it
-/// was asked for; two tests may share the two cores.
-/// Gemini CLI (96 MB of bundled JavaScript) has taken three minutes more to show
-/// its first menu while another test's VMs were busy.
-const BROWSER_UP: Duration = Duration::from_secs(480);
-
-/// The images: `make image`'s, or `AIRLOCK_IMAGES_DIR`'s (`make
-/// vendor-check` builds some with the newest CLIs there).
-fn image(kind: &str) -> Result<PathBuf> {
-    let dir = match std::env::var_os("AIRLOCK_IMAGES_DIR") {
-        Some(d) => PathBuf::from(d).join(kind),
-        None => artifacts()?.build_dir.join("images").join(kind),
-    };
-    ensure!(
-        dir.join("manifest.json").is_file(),
-        "{} is missing: run `make image`",
-        dir.display()
-    );
-    Ok(dir)
-}
-
-/// The sandbox, coturn and an airlockd whose browser VMs reach the
-/// sandbox under the vendors' names.
-struct World {
-    sandbox: VendorSandbox,
-    d: Daemon,
-    coturn: Coturn,
-    _ca: tempfile::TempDir,
-}
-
-async fn world(tune: impl FnOnce(Settings) -> Settings) -> Result<World> {
-    let sandbox = VendorSandbox::start(SandboxConfig::default()).await?;
-    let ca = tempfile::tempdir()?;
-    let ca_file = ca.path().join("vendor-sandbox-ca.pem");
-    std::fs::write(&ca_file, sandbox.ca_pem())?;
-    let coturn = Coturn::start()?;
-    let path = |p: PathBuf| format!("{:?}", p.display().to_string());
-    let mut s = Settings::new("qemu")
-        .set("vm", "browser_image", &path(image("browser")?))
-        .set("vm", "cli_image", &path(image("cli")?))
-        .set("vm", "boot_timeout_ms", "180000")
-        .set("auth", "browser_timeout_ms", "400000")
-        .set("auth", "url_timeout_ms", "420000")
-        .set("auth", "user_timeout_ms", "900000")
-        .set("auth", "confirm_timeout_ms", "120000")
-        .set("auth", "extra_ca_file", &path(ca_file))
-        // Fewer frames to encode under TCG: the live view only has to show
-        // the page, and two logins share two cores.
-        .set("live", "framerate", "10");
-    for (name, addr) in sandbox.egress_routes() {
-        s = s.set("egress.routes", &format!("{name:?}"), &format!("{addr:?}"));
-    }
-    let d = Daemon::start(tune(coturn.settings(s))).await?;
-    Ok(World {
-        sandbox,
-        d,
-        coturn,
-        _ca: ca,
-    })
-}
-
-impl World {
-    /// Prints what helps when a test failed.
-    async fn diagnose(&self) {
-        self.d.print_sessions().await;
-        self.d.print_diagnostics();
-        eprintln!("==== vendor sandbox requests ====");
-        for r in self.sandbox.requests() {
-            eprintln!("{} {} {} -> {}", r.method, r.host, r.path, r.status);
-        }
-        for (vendor, oauth) in [
-            ("openai", &self.sandbox.openai),
-            ("anthropic", &self.sandbox.anthropic),
-            ("google", &self.sandbox.google),
-        ] {
-            eprintln!("==== {vendor} events ====\n{:#?}", oauth.events());
-        }
-        eprintln!("==== coturn log ====\n{}", self.coturn.log());
-    }
-}
-
-async fn with_world(
-    tune: impl FnOnce(Settings) -> Settings,
-    body: impl AsyncFnOnce(&World) -> Result<()>,
-) -> Result<()> {
-    let w = world(tune).await?;
-    let result = body(&w).await;
-    if result.is_err() {
-        w.diagnose().await;
-    }
-    result
-}
-
 /// Starts a session for `provider` and waits until the vendor's sign-in
-/// page (served at `authorize_path`) is on screen; returns the view with
-/// its viewer link.
+/// page is on screen; in a browser VM, prints what the login costs it
+/// (for SPECIFICATION.md).
 async fn awaiting_user(
-    d: &Daemon,
+    w: &World,
     user: &str,
     provider: &str,
     authorize_path: &str,
 ) -> Result<Value> {
-    let v = d
-        .start_until_page(user, provider, authorize_path, BROWSER_UP)
-        .await?;
-    // What the login costs the VM, for SPECIFICATION.md.
+    let d = &w.d;
+    let v = vendors::awaiting_user(d, user, provider, authorize_path).await?;
+    if w.role != BrowserRole::Vm {
+        return Ok(v);
+    }
     let vm = v["browserVmId"].as_str().context("browserVmId")?;
     let mem = d
         .exec(
@@ -242,7 +148,7 @@ async fn sh(d: &Daemon, vm: &str, script: &str) -> Result<Value> {
 /// Logs `provider` in through the viewer and waits for the session to
 /// complete; returns the final view.
 async fn login(w: &World, user: &str, provider: &str, authorize_path: &str) -> Result<Value> {
-    let v = awaiting_user(&w.d, user, provider, authorize_path).await?;
+    let v = awaiting_user(w, user, provider, authorize_path).await?;
     let id = v["sessionId"].as_str().context("sessionId")?.to_string();
     let _viewer = sign_in_through_the_viewer(&w.d, &v).await?;
     let done =
@@ -284,7 +190,8 @@ fn redeemed(events: &[OAuthEvent]) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn codex_logs_in_for_real_and_codex_login_status_passes_in_the_cli_vm() -> Result<()> {
-    with_world(
+    vendors::with_world(
+        BrowserRole::Vm,
         |s| s,
         async |w| {
             let done = login(w, "codex-alice", "codex", "/oauth/authorize").await?;
@@ -316,7 +223,8 @@ async fn codex_logs_in_for_real_and_codex_login_status_passes_in_the_cli_vm() ->
 
 #[tokio::test(flavor = "multi_thread")]
 async fn claude_code_logs_in_for_real_and_claude_auth_status_passes_in_the_cli_vm() -> Result<()> {
-    with_world(
+    vendors::with_world(
+        BrowserRole::Vm,
         |s| s,
         async |w| {
             let done = login(w, "claude-alice", "claude_code", "/cai/oauth/authorize").await?;
@@ -358,7 +266,9 @@ fn cli_vms_reach_google(s: Settings) -> Settings {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gemini_cli_logs_in_for_real_and_answers_a_prompt_in_the_cli_vm() -> Result<()> {
-    with_world(cli_vms_reach_google, async |w| {
+    vendors::with_world(
+        BrowserRole::Vm,
+        cli_vms_reach_google, async |w| {
         let done = login(w, "gemini-alice", "gemini_cli", "/o/oauth2/v2/auth").await?;
         ensure!(redeemed(&w.sandbox.google.events()), "Google never redeemed a code");
         let vm = done["cliVmId"].as_str().context("cliVmId")?;
@@ -380,141 +290,6 @@ async fn gemini_cli_logs_in_for_real_and_answers_a_prompt_in_the_cli_vm() -> Res
     .await
 }
 
-/// A failure the real CLI reports ends the session at once with the CLI's
-/// own words: signs in (allowing or denying) through the API's input and
-/// waits for the session to fail, which must happen well before any
-/// timeout, and with `expect` in its error.
-async fn fails_with(
-    w: &World,
-    provider: &str,
-    authorize_path: &str,
-    allow: bool,
-    expect: &[&str],
-) -> Result<()> {
-    let v = awaiting_user(&w.d, &format!("{provider}-fails"), provider, authorize_path).await?;
-    let id = v["sessionId"].as_str().context("sessionId")?;
-    w.d.sign_in_on_shown_page(id, allow).await?;
-    let acted = std::time::Instant::now();
-    let done =
-        w.d.wait_session(id, Duration::from_secs(180), |v| {
-            v["state"] == "failed" || v["state"] == "completed"
-        })
-        .await?;
-    let took = acted.elapsed();
-    let error = done["error"].as_str().unwrap_or_default();
-    ensure!(
-        state_is(&done, "failed"),
-        "the session {}: {done:#}",
-        done["state"]
-    );
-    for e in expect {
-        ensure!(
-            error.contains(e),
-            "the session's error lacks {e:?}: {error}"
-        );
-    }
-    // Under TCG a page load alone can take seconds: a minute is "at once"
-    // next to the ten-minute timeout a missed failure would wait for.
-    ensure!(
-        took < Duration::from_secs(60),
-        "the session failed {took:?} after the decision: {error}"
-    );
-    println!("{provider}: failed {took:?} after the decision: {error}");
-    Ok(())
-}
-
-/// Failure tests need no CLI VM, and nobody watches their stream (they act
-/// through the input endpoint): two frames a second leave the cores to
-/// the browser VM.
-fn no_cli_vm(s: Settings) -> Settings {
-    s.set("auth", "prestart_cli_vm", "false")
-        .set("live", "framerate", "2")
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn codex_failing_to_redeem_its_code_ends_the_session_with_codex_s_message() -> Result<()> {
-    with_world(no_cli_vm, async |w| {
-        w.sandbox.openai.refuse_code_exchanges(true);
-        fails_with(w, "codex", "/oauth/authorize", true, &["Error logging in"]).await
-    })
-    .await
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn claude_code_denied_consent_ends_the_session_with_claude_s_message() -> Result<()> {
-    with_world(no_cli_vm, async |w| {
-        fails_with(
-            w,
-            "claude_code",
-            "/cai/oauth/authorize",
-            false,
-            &["denied access", "Couldn't log in"],
-        )
-        .await
-    })
-    .await
-}
-
-/// Gemini CLI does not exit: it goes back to its menu with "Failed to
-/// sign in", which the profile's `fail_when` turns into the end.
-#[tokio::test(flavor = "multi_thread")]
-async fn gemini_cli_denied_consent_back_at_its_menu_ends_the_session_with_its_message() -> Result<()>
-{
-    with_world(no_cli_vm, async |w| {
-        fails_with(
-            w,
-            "gemini_cli",
-            "/o/oauth2/v2/auth",
-            false,
-            &["Failed to sign in. Message:", "access_denied"],
-        )
-        .await
-    })
-    .await
-}
-
-/// The Anthropic stand-in sends the browser back with another `state` than
-/// Claude Code sent: its callback server answers 400 and the CLI exits
-/// with "Couldn't log in: Invalid state parameter".
-#[tokio::test(flavor = "multi_thread")]
-async fn claude_code_state_mismatch_ends_the_session_with_claude_s_message() -> Result<()> {
-    with_world(no_cli_vm, async |w| {
-        w.sandbox.anthropic.tamper_state(true);
-        fails_with(
-            w,
-            "claude_code",
-            "/cai/oauth/authorize",
-            true,
-            &["Couldn't log in: Invalid state parameter"],
-        )
-        .await
-    })
-    .await
-}
-
-/// The Google stand-in sends the browser to `/favicon.ico` on Gemini CLI's
-/// callback server instead of the callback: the server takes exactly one
-/// request, so the CLI gives up ("Unexpected request") and goes back to
-/// its menu, which `fail_when` turns into the end.
-#[tokio::test(flavor = "multi_thread")]
-async fn gemini_cli_stray_callback_request_ends_the_session_with_its_message() -> Result<()> {
-    with_world(no_cli_vm, async |w| {
-        w.sandbox.google.stray_callback(true);
-        fails_with(
-            w,
-            "gemini_cli",
-            "/o/oauth2/v2/auth",
-            true,
-            &[
-                "Failed to sign in. Message:",
-                "Unexpected request: /favicon.ico",
-            ],
-        )
-        .await
-    })
-    .await
-}
-
 /// Codex's device-code path (`codex login --device-auth`): Codex opens no
 /// browser and listens nowhere; it prints auth.openai.com's device page and
 /// a one-time code. The agent opens the page and reports the code, the
@@ -527,10 +302,11 @@ async fn codex_device_code_login_shows_the_code_in_the_viewer_and_codex_works_in
     let dir = tempfile::tempdir()?;
     let providers = with_other_paths(dir.path())?;
     let file = format!("{:?}", providers.display().to_string());
-    with_world(
+    vendors::with_world(
+        BrowserRole::IsolatedHost,
         |s| s.set("auth", "providers_file", &file),
         async |w| {
-            let v = awaiting_user(&w.d, "codex-device-alice", "codex_device", "/airlock/device")
+            let v = awaiting_user(w, "codex-device-alice", "codex_device", "/airlock/device")
                 .await?;
             let id = v["sessionId"].as_str().context("sessionId")?;
             let view = w
@@ -655,7 +431,8 @@ async fn gemini_cli_user_code_flow_and_claude_code_pasted_code_log_in() -> Resul
     let dir = tempfile::tempdir()?;
     let providers = with_other_paths(dir.path())?;
     let file = format!("{:?}", providers.display().to_string());
-    with_world(
+    vendors::with_world(
+        BrowserRole::IsolatedHost,
         |s| s.set("auth", "providers_file", &file),
         async |w| {
             // One after the other: two more browser VMs beside another
