@@ -55,6 +55,11 @@ pub struct ProviderCredential {
     pub required: Vec<String>,
     /// Where it goes in the user's CLI VM (absolute).
     pub deliver_to: String,
+    /// For a JSON object shared with the person's own settings: the only
+    /// top-level keys taken from it; delivery sets just these in the CLI
+    /// VM's file and leaves the rest (see `session::merge`).
+    #[serde(default)]
+    pub merge_keys: Vec<String>,
 }
 
 /// How one CLI logs in.
@@ -191,6 +196,11 @@ fn validate(name: &str, p: &Provider) -> Result<(), ProviderError> {
     {
         return bad("required fields are JSON pointers starting with /");
     }
+    if p.credentials.iter().any(|c| {
+        c.merge_keys.len() > 16 || c.merge_keys.iter().any(|k| k.is_empty() || k.len() > 128)
+    }) {
+        return bad("merge_keys are at most 16 top-level keys of up to 128 bytes");
+    }
     if let Some(e) = p.egress.iter().find_map(|d| d.parse::<DestPattern>().err()) {
         return bad(&e.to_string());
     }
@@ -207,6 +217,15 @@ fn validate(name: &str, p: &Provider) -> Result<(), ProviderError> {
 }
 
 impl Provider {
+    /// The CLI-VM paths of its files that are merged, not replaced.
+    pub fn merged_paths(&self) -> Vec<String> {
+        self.credentials
+            .iter()
+            .filter(|c| !c.merge_keys.is_empty())
+            .map(|c| c.deliver_to.clone())
+            .collect()
+    }
+
     /// The destinations its login may reach (checked when loaded).
     pub fn egress_patterns(&self) -> Vec<DestPattern> {
         self.egress.iter().filter_map(|d| d.parse().ok()).collect()

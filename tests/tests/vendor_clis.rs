@@ -26,7 +26,7 @@ use airlock_fakes::oauth::OAuthEvent;
 use airlock_tests::cdp::Viewer;
 use airlock_tests::live::{click_screen, press_key, type_keys};
 use airlock_tests::login::{loaded, state_is, step_events};
-use airlock_tests::vendors::{self, BrowserRole, World};
+use airlock_tests::vendors::{self, BrowserRole, World, BROWSER_UP};
 use airlock_tests::{artifacts, Daemon, Settings};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -227,26 +227,64 @@ async fn claude_code_logs_in_for_real_and_claude_auth_status_passes_in_the_cli_v
         BrowserRole::Vm,
         |s| s,
         async |w| {
+            // The person's CLI VM, with their own ~/.claude.json, before
+            // the login: the account is merged into it, not over it.
+            let vm =
+                w.d.create_vm(json!({"kind": "cli", "userId": "claude-alice"}))
+                    .await?;
+            let booted = w.d.wait_state(&vm, "settled", BROWSER_UP).await?;
+            ensure!(booted["state"] == "ready", "the CLI VM: {booted}");
+            let own = r#"{"theme":"dark","numStartups":7}"#;
+            sh(
+                &w.d,
+                &vm,
+                &format!("umask 077 && printf '%s' '{own}' > /root/.claude.json"),
+            )
+            .await?;
             let done = login(w, "claude-alice", "claude_code", "/cai/oauth/authorize").await?;
             ensure!(
                 redeemed(&w.sandbox.anthropic.events()),
                 "Anthropic never redeemed a code"
             );
-            let vm = done["cliVmId"].as_str().context("cliVmId")?;
-            let out = sh(&w.d, vm, "claude auth status").await?;
+            ensure!(
+                done["cliVmId"] == vm.as_str(),
+                "delivered elsewhere: {done}"
+            );
+            // As delivered, before Claude Code rewrites the file (it
+            // migrates some keys of its own at every start).
+            let config = sh(
+                &w.d,
+                &vm,
+                "stat -c '%a' /root/.claude.json && cat /root/.claude.json",
+            )
+            .await?;
+            let text = config["stdout"].as_str().unwrap_or("");
+            let (mode, json_text) = text.split_once('\n').unwrap_or_default();
+            let merged: Value = serde_json::from_str(json_text)
+                .with_context(|| format!("~/.claude.json after delivery: {config}"))?;
+            ensure!(mode == "600", "~/.claude.json has mode {mode}");
+            ensure!(
+                merged["theme"] == "dark" && merged["numStartups"] == 7,
+                "the person's own settings were not kept: {merged}"
+            );
+            ensure!(
+                merged.as_object().is_some_and(|o| o.len() == 3),
+                "more than oauthAccount came from the browser VM: {merged}"
+            );
+            let out = sh(&w.d, &vm, "claude auth status").await?;
             ensure!(
                 out["exitCode"] == 0,
                 "claude auth status in the CLI VM: {out}"
             );
             let status: Value = serde_json::from_str(out["stdout"].as_str().unwrap_or(""))
                 .with_context(|| format!("claude auth status printed no JSON: {out}"))?;
-            // Read from the delivered credential: the plan the sandbox's
-            // profile reported at login. (The e-mail and organisation live
-            // in ~/.claude.json, which holds the person's own settings and
-            // is not overwritten: they show as null.)
+            // The plan from the delivered credential; the account from the
+            // oauthAccount merged into ~/.claude.json.
             ensure!(status["loggedIn"] == true, "{status}");
             ensure!(status["authMethod"] == "claude.ai", "{status}");
             ensure!(status["planTier"] == "max_20x", "{status}");
+            ensure!(status["email"] == "alice@example.com", "{status}");
+            ensure!(status["orgName"] == "Sandbox Org", "{status}");
             no_refresh(w)
         },
     )

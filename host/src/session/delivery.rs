@@ -11,11 +11,11 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use airlock_proto::limits::MAX_FILE_BYTES;
-use airlock_proto::{Operation, ReadFileRequest, Reply, WriteFileRequest};
+use airlock_proto::{Operation, ReadFileRequest, Reply, SecretBytes, WriteFileRequest};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Inner, SessionHandle, SessionState};
+use super::{merge, Inner, SessionHandle, SessionState};
 use crate::store::CredentialBundle;
 use crate::vm::{CreateVm, VmError, VmKind, VmState, VmView};
 
@@ -76,7 +76,8 @@ pub(super) async fn deliver_for_session(
         return;
     };
     let timeout = Duration::from_millis(ctx.cfg.delivery_timeout_ms);
-    match deliver(ctx, user, credential_id, bundle, timeout).await {
+    let merged = merged_paths(ctx, &h.view().provider);
+    match deliver(ctx, user, credential_id, bundle, &merged, timeout).await {
         Ok(vm) => completed(ctx, h, &vm),
         Err(DeliveryError::Pending(why)) => ctx.record(h, None, "deliveryPending", Some(why)),
         Err(DeliveryError::Failed(why)) => {
@@ -104,6 +105,7 @@ async fn deliver(
     user: &str,
     credential_id: &str,
     bundle: &CredentialBundle,
+    merged: &[String],
     timeout: Duration,
 ) -> Result<String, DeliveryError> {
     let started = Instant::now();
@@ -127,7 +129,7 @@ async fn deliver(
             vm.id, settled.state
         )));
     }
-    write_and_verify(ctx, &vm.id, bundle).await?;
+    write_and_verify(ctx, &vm.id, bundle, merged).await?;
     ctx.store
         .mark_delivered(credential_id, &vm.id)
         .await
@@ -154,52 +156,88 @@ pub(super) fn ensure_cli_vm(ctx: &Inner, user: &str) -> Result<VmView, VmError> 
     })
 }
 
-/// Writes every file (0600, atomically, parents created) and reads it back.
+/// The files of `provider` that are merged into the CLI VM's copy rather
+/// than replacing it (none if the profile is gone).
+fn merged_paths(ctx: &Inner, provider: &str) -> Vec<String> {
+    ctx.providers
+        .get(provider)
+        .map(|p| p.merged_paths())
+        .unwrap_or_default()
+}
+
+/// Writes every file (0600, atomically, parents created) and reads it back;
+/// a file in `merged` is first merged into the CLI VM's copy.
 async fn write_and_verify(
     ctx: &Inner,
     vm: &str,
     bundle: &CredentialBundle,
+    merged: &[String],
 ) -> Result<(), DeliveryError> {
-    let wait = Duration::from_secs(20);
     for f in &bundle.files {
+        let contents = if merged.contains(&f.path) {
+            let existing = read(ctx, vm, &f.path, true).await?;
+            let existing = existing.as_ref().map(|b| b.expose());
+            merge::merge_into(&f.path, existing, f.contents.expose())
+                .map(SecretBytes::new)
+                .map_err(|e| DeliveryError::Failed(e.to_string()))?
+        } else {
+            f.contents.clone()
+        };
         let write = WriteFileRequest {
             path: f.path.clone(),
             mode: 0o600,
             create_parents: true,
-            contents: f.contents.clone(),
+            contents: contents.clone(),
         };
         ctx.vms
-            .call(vm, Operation::WriteFile(write), wait)
+            .call(vm, Operation::WriteFile(write), FILE_WAIT)
             .await
             .map_err(|e| {
                 DeliveryError::Failed(format!("cannot write {} in CLI VM {vm}: {e}", f.path))
             })?;
-        let read = ReadFileRequest {
-            path: f.path.clone(),
-            max_bytes: MAX_FILE_BYTES,
-        };
-        let back = match ctx.vms.call(vm, Operation::ReadFile(read), wait).await {
-            Ok(Reply::File(back)) => back,
-            Ok(_) => {
-                return Err(DeliveryError::Failed(
-                    "the agent answered ReadFile with the wrong reply".into(),
-                ))
-            }
-            Err(e) => {
-                return Err(DeliveryError::Failed(format!(
-                    "cannot read {} back in CLI VM {vm}: {e}",
-                    f.path
-                )))
-            }
-        };
-        if sha(back.contents.expose()) != sha(f.contents.expose()) || back.mode != 0o600 {
+        let back = read(ctx, vm, &f.path, false).await?;
+        let same = back
+            .as_ref()
+            .is_some_and(|b| sha(b.expose()) == sha(contents.expose()));
+        if !same {
             return Err(DeliveryError::Failed(format!(
-                "{} in CLI VM {vm} does not read back as written (mode {:o})",
-                f.path, back.mode
+                "{} in CLI VM {vm} does not read back as written",
+                f.path
             )));
         }
     }
     Ok(())
+}
+
+/// How long one file operation in the CLI VM may take.
+const FILE_WAIT: Duration = Duration::from_secs(20);
+
+/// `path` in the CLI VM, checked to be 0600; `None` when it does not exist
+/// and `missing_ok`.
+async fn read(
+    ctx: &Inner,
+    vm: &str,
+    path: &str,
+    missing_ok: bool,
+) -> Result<Option<SecretBytes>, DeliveryError> {
+    let req = ReadFileRequest {
+        path: path.into(),
+        max_bytes: MAX_FILE_BYTES,
+    };
+    match ctx.vms.call(vm, Operation::ReadFile(req), FILE_WAIT).await {
+        Ok(Reply::File(back)) if back.mode == 0o600 || missing_ok => Ok(Some(back.contents)),
+        Ok(Reply::File(back)) => Err(DeliveryError::Failed(format!(
+            "{path} in CLI VM {vm} has mode {:o}, not 600",
+            back.mode
+        ))),
+        Ok(_) => Err(DeliveryError::Failed(
+            "the agent answered ReadFile with the wrong reply".into(),
+        )),
+        Err(e) if missing_ok && e.is_not_found() => Ok(None),
+        Err(e) => Err(DeliveryError::Failed(format!(
+            "cannot read {path} in CLI VM {vm}: {e}"
+        ))),
+    }
 }
 
 /// Delivers stored, undelivered credentials whenever a CLI VM of their
@@ -240,7 +278,7 @@ async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) {
                 .get(&record.id)
                 .await
                 .map_err(|e| DeliveryError::Failed(e.to_string()))?;
-            write_and_verify(ctx, vm, &bundle).await?;
+            write_and_verify(ctx, vm, &bundle, &merged_paths(ctx, &record.provider)).await?;
             ctx.store
                 .mark_delivered(&record.id, vm)
                 .await

@@ -7,6 +7,7 @@
 //! `/api/auth` handlers.
 
 mod delivery;
+mod merge;
 mod run;
 
 use std::collections::{BTreeMap, VecDeque};

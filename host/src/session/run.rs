@@ -15,7 +15,7 @@ use airlock_proto::{
 };
 use tokio::sync::mpsc;
 
-use super::delivery;
+use super::{delivery, merge};
 use super::{Inner, SessionHandle, SessionState};
 use crate::agent::AgentError;
 use crate::egress::policy::EgressPolicy;
@@ -466,15 +466,27 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
         "state",
         Some(format!("{} file(s)", c.files.len())),
     );
-    let mut files: Vec<CredentialFile> = c
-        .files
-        .into_iter()
-        .map(|f| CredentialFile {
-            path: provider.credentials[f.index as usize].deliver_to.clone(),
+    let mut files = Vec::with_capacity(c.files.len() + provider.cli_files.len());
+    for f in c.files {
+        let spec = &provider.credentials[f.index as usize];
+        // Of a file shared with the person's settings, only the profile's
+        // keys are kept (the guest is not trusted to have cut it down).
+        let contents = if spec.merge_keys.is_empty() {
+            f.contents
+        } else {
+            match merge::keep_keys(&spec.path, f.contents.expose(), &spec.merge_keys) {
+                Ok(kept) => SecretBytes::new(kept),
+                Err(e) => {
+                    return End::Failed(format!("the browser VM sent an invalid credential: {e}"))
+                }
+            }
+        };
+        files.push(CredentialFile {
+            path: spec.deliver_to.clone(),
             mode: 0o600,
-            contents: f.contents,
-        })
-        .collect();
+            contents,
+        });
+    }
     // What the CLI needs beside the credential travels with it, so every
     // delivery (now, or to a later CLI VM) writes both.
     files.extend(provider.cli_files.iter().map(|f| CredentialFile {

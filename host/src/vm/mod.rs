@@ -168,6 +168,19 @@ pub enum VmError {
     Image(#[from] ImageError),
 }
 
+impl VmError {
+    /// The agent answered that the file or program does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::Agent {
+                source: AgentError::Guest(reply),
+                ..
+            } if reply.code == airlock_proto::ErrorCode::NotFound
+        )
+    }
+}
+
 /// A request to create a VM.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
