@@ -363,12 +363,33 @@ impl Daemon {
         )
         .await?;
         self.wait_page(id, "/authorize/login", 1).await?;
+        let enter = [key(RETURN, true), key(RETURN, false)];
         let mut keys = Vec::new();
         if !allow {
             keys.extend([key(TAB, true), key(TAB, false)]);
         }
-        keys.extend([key(RETURN, true), key(RETURN, false)]);
-        self.input(id, Value::Array(keys)).await
+        keys.extend(enter.clone());
+        // An Enter on the settled consent page has been lost (the page
+        // stayed, Allow focused): a person presses again, and so does
+        // this, a bounded number of times. Only Enter: a Tab that was
+        // taken has already put the focus on Deny.
+        for attempt in 1..=3 {
+            self.input(id, Value::Array(keys)).await?;
+            let moved_on = self
+                .wait_session(id, Duration::from_secs(20), |v| {
+                    v["state"] != "awaiting_user"
+                        || loaded(v)
+                            .last()
+                            .is_some_and(|l| !l.ends_with("/authorize/login"))
+                })
+                .await;
+            if moved_on.is_ok() {
+                return Ok(());
+            }
+            eprintln!("the consent page did not move on after the keys (attempt {attempt})");
+            keys = enter.to_vec();
+        }
+        bail!("the consent page never took the Enter key")
     }
 }
 
