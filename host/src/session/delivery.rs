@@ -212,20 +212,21 @@ async fn write_and_verify(
 /// How long one file operation in the CLI VM may take.
 const FILE_WAIT: Duration = Duration::from_secs(20);
 
-/// `path` in the CLI VM, checked to be 0600; `None` when it does not exist
-/// and `missing_ok`.
+/// `path` in the CLI VM. Read back after a write (`persons_copy` false) it
+/// must exist with mode 0600; the person's own copy read before a merge
+/// may be missing (`None`) and have any mode.
 async fn read(
     ctx: &Inner,
     vm: &str,
     path: &str,
-    missing_ok: bool,
+    persons_copy: bool,
 ) -> Result<Option<SecretBytes>, DeliveryError> {
     let req = ReadFileRequest {
         path: path.into(),
         max_bytes: MAX_FILE_BYTES,
     };
     match ctx.vms.call(vm, Operation::ReadFile(req), FILE_WAIT).await {
-        Ok(Reply::File(back)) if back.mode == 0o600 || missing_ok => Ok(Some(back.contents)),
+        Ok(Reply::File(back)) if back.mode == 0o600 || persons_copy => Ok(Some(back.contents)),
         Ok(Reply::File(back)) => Err(DeliveryError::Failed(format!(
             "{path} in CLI VM {vm} has mode {:o}, not 600",
             back.mode
@@ -233,7 +234,7 @@ async fn read(
         Ok(_) => Err(DeliveryError::Failed(
             "the agent answered ReadFile with the wrong reply".into(),
         )),
-        Err(e) if missing_ok && e.is_not_found() => Ok(None),
+        Err(e) if persons_copy && e.is_not_found() => Ok(None),
         Err(e) => Err(DeliveryError::Failed(format!(
             "cannot read {path} in CLI VM {vm}: {e}"
         ))),

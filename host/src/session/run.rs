@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock_proto::{
-    BrowserEvent, BrowserSpec, CapturedCredential, ErrorCode, Event, LoginStep, Operation, Reply,
-    SecretBytes,
+    BrowserEvent, BrowserSpec, CapturedCredential, CapturedFile, ErrorCode, Event, LoginStep,
+    Operation, Reply, SecretBytes,
 };
 use tokio::sync::mpsc;
 
@@ -466,34 +466,10 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
         "state",
         Some(format!("{} file(s)", c.files.len())),
     );
-    let mut files = Vec::with_capacity(c.files.len() + provider.cli_files.len());
-    for f in c.files {
-        let spec = &provider.credentials[f.index as usize];
-        // Of a file shared with the person's settings, only the profile's
-        // keys are kept (the guest is not trusted to have cut it down).
-        let contents = if spec.merge_keys.is_empty() {
-            f.contents
-        } else {
-            match merge::keep_keys(&spec.path, f.contents.expose(), &spec.merge_keys) {
-                Ok(kept) => SecretBytes::new(kept),
-                Err(e) => {
-                    return End::Failed(format!("the browser VM sent an invalid credential: {e}"))
-                }
-            }
-        };
-        files.push(CredentialFile {
-            path: spec.deliver_to.clone(),
-            mode: 0o600,
-            contents,
-        });
-    }
-    // What the CLI needs beside the credential travels with it, so every
-    // delivery (now, or to a later CLI VM) writes both.
-    files.extend(provider.cli_files.iter().map(|f| CredentialFile {
-        path: f.path.clone(),
-        mode: 0o600,
-        contents: SecretBytes::new(f.contents.clone().into_bytes()),
-    }));
+    let files = match bundle_files(provider, c.files) {
+        Ok(files) => files,
+        Err(e) => return End::Failed(format!("the browser VM sent an invalid credential: {e}")),
+    };
     let bundle = CredentialBundle { files };
     let view = h.view();
     match ctx.store.put(&view.user_id, &view.provider, &bundle).await {
@@ -513,6 +489,41 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
         }
         Err(e) => End::Failed(format!("cannot store the credential: {e}")),
     }
+}
+
+/// The files to store for a captured credential: each where the CLI VM
+/// wants it, a file shared with the person's settings cut down to the
+/// profile's keys (the guest is not trusted to have done it), and what the
+/// CLI needs beside the credential, so that every delivery (now, or to a
+/// later CLI VM) writes both.
+fn bundle_files(
+    provider: &Provider,
+    captured: Vec<CapturedFile>,
+) -> Result<Vec<CredentialFile>, merge::MergeError> {
+    let mut files = Vec::with_capacity(captured.len() + provider.cli_files.len());
+    for f in captured {
+        let spec = &provider.credentials[f.index as usize];
+        let contents = if spec.merge_keys.is_empty() {
+            f.contents
+        } else {
+            SecretBytes::new(merge::keep_keys(
+                &spec.path,
+                f.contents.expose(),
+                &spec.merge_keys,
+            )?)
+        };
+        files.push(CredentialFile {
+            path: spec.deliver_to.clone(),
+            mode: 0o600,
+            contents,
+        });
+    }
+    files.extend(provider.cli_files.iter().map(|f| CredentialFile {
+        path: f.path.clone(),
+        mode: 0o600,
+        contents: SecretBytes::new(f.contents.clone().into_bytes()),
+    }));
+    Ok(files)
 }
 
 fn last_line(text: &str) -> &str {
