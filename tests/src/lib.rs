@@ -211,7 +211,8 @@ pub struct Daemon {
     pub sessions: std::sync::Mutex<Vec<String>>,
 }
 
-fn toml_path(p: &Path) -> String {
+/// `p` as a TOML string, for [`Settings::set`].
+pub fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 

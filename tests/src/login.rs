@@ -363,20 +363,39 @@ impl Daemon {
         )
         .await?;
         self.wait_page(id, "/authorize/login", 1).await?;
-        let enter = [key(RETURN, true), key(RETURN, false)];
-        let mut keys = Vec::new();
+        let mut first = Vec::new();
         if !allow {
-            keys.extend([key(TAB, true), key(TAB, false)]);
+            first.extend([key(TAB, true), key(TAB, false)]);
         }
-        keys.extend(enter.clone());
-        // An Enter on the settled consent page has been lost (the page
-        // stayed, Allow focused): a person presses again, and so does
-        // this, a bounded number of times. Only Enter: a Tab that was
-        // taken has already put the focus on Deny.
+        // Only Enter when pressing again: a Tab that was taken has already
+        // put the focus on Deny.
+        self.press_until_past_consent(id, Duration::from_secs(20), async |attempt| {
+            let mut keys = if attempt == 1 {
+                first.clone()
+            } else {
+                Vec::new()
+            };
+            keys.extend([key(RETURN, true), key(RETURN, false)]);
+            self.input(id, Value::Array(keys)).await
+        })
+        .await
+    }
+
+    /// Presses (`press`, given the attempt from 1) on the consent page until
+    /// the session leaves it, waiting `wait` each time. An Enter on the
+    /// settled page has been lost (the page stayed, Allow focused; under
+    /// TCG with two logins on two cores, and once on a loaded host): a
+    /// person presses again, and so does this, three times at most.
+    pub async fn press_until_past_consent(
+        &self,
+        id: &str,
+        wait: Duration,
+        mut press: impl AsyncFnMut(u32) -> Result<()>,
+    ) -> Result<()> {
         for attempt in 1..=3 {
-            self.input(id, Value::Array(keys)).await?;
+            press(attempt).await?;
             let moved_on = self
-                .wait_session(id, Duration::from_secs(20), |v| {
+                .wait_session(id, wait, |v| {
                     v["state"] != "awaiting_user"
                         || loaded(v)
                             .last()
@@ -386,8 +405,7 @@ impl Daemon {
             if moved_on.is_ok() {
                 return Ok(());
             }
-            eprintln!("the consent page did not move on after the keys (attempt {attempt})");
-            keys = enter.to_vec();
+            eprintln!("the consent page did not move on (attempt {attempt})");
         }
         bail!("the consent page never took the Enter key")
     }

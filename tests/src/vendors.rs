@@ -12,7 +12,7 @@
 //! Nothing here reaches a vendor: browser VMs have no network interface,
 //! the isolated host browser has only loopback, and CLI VMs have neither.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::coturn::Coturn;
 use crate::login::state_is;
-use crate::{artifacts, Daemon, Settings};
+use crate::{artifacts, toml_path, Daemon, Settings};
 
 /// Under TCG a browser VM shows its first page about a minute after it
 /// was asked for; two tests may share the two cores. Gemini CLI (96 MB of
@@ -121,18 +121,18 @@ pub async fn world(role: BrowserRole, tune: impl FnOnce(Settings) -> Settings) -
     std::fs::write(&ca_file, sandbox.ca_pem())?;
     let coturn = Coturn::start()?;
     let mut s = Settings::new("qemu")
-        .set("vm", "cli_image", &quoted(&image("cli")?))
+        .set("vm", "cli_image", &toml_path(&image("cli")?))
         .set("vm", "boot_timeout_ms", "180000")
         .set("auth", "browser_timeout_ms", "400000")
         .set("auth", "url_timeout_ms", "420000")
         .set("auth", "user_timeout_ms", "900000")
         .set("auth", "confirm_timeout_ms", "120000")
-        .set("auth", "extra_ca_file", &quoted(&ca_file))
+        .set("auth", "extra_ca_file", &toml_path(&ca_file))
         // Fewer frames to encode under TCG: the live view only has to show
         // the page, and two logins share two cores.
         .set("live", "framerate", "10");
     s = match role {
-        BrowserRole::Vm => s.set("vm", "browser_image", &quoted(&image("browser")?)),
+        BrowserRole::Vm => s.set("vm", "browser_image", &toml_path(&image("browser")?)),
         BrowserRole::IsolatedHost => s
             .set("vm", "browser_backend", "\"process\"")
             .set("vm", "unsafe_host_browser", "true")
@@ -140,7 +140,7 @@ pub async fn world(role: BrowserRole, tune: impl FnOnce(Settings) -> Settings) -
             .set(
                 "vm",
                 "unsafe_host_browser_usr_local",
-                &quoted(&vendor_tree()?),
+                &toml_path(&vendor_tree()?),
             ),
     };
     for (name, addr) in sandbox.egress_routes() {
@@ -154,10 +154,6 @@ pub async fn world(role: BrowserRole, tune: impl FnOnce(Settings) -> Settings) -
         coturn,
         _ca: ca,
     })
-}
-
-fn quoted(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
 }
 
 impl World {

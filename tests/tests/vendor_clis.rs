@@ -25,10 +25,10 @@ use std::time::Duration;
 use airlock_fakes::oauth::OAuthEvent;
 use airlock_tests::cdp::Viewer;
 use airlock_tests::live::{click_screen, press_key, type_keys};
-use airlock_tests::login::{loaded, state_is, step_events};
+use airlock_tests::login::{state_is, step_events};
 use airlock_tests::vendors::{self, BrowserRole, World, BROWSER_UP};
-use airlock_tests::{artifacts, Daemon, Settings};
-use anyhow::{bail, ensure, Context, Result};
+use airlock_tests::{artifacts, toml_path, Daemon, Settings};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
 /// Starts a session for `provider` and waits until the vendor's sign-in
@@ -112,27 +112,10 @@ async fn sign_in_and_allow(d: &Daemon, id: &str, viewer: &Viewer) -> Result<()> 
     type_keys(&viewer.tab, "correct horse").await?;
     press_key(&viewer.tab, "Enter", 13).await?;
     d.wait_page(id, "/authorize/login", 1).await?;
-    // The consent page has Allow focused. Under TCG with two logins on two
-    // cores this key has been lost (the page stayed, and one more Enter
-    // went through at once): a person would press again, and so does the
-    // test, a bounded number of times, each after waiting for the page to
-    // move on.
-    for attempt in 1..=3 {
-        press_key(&viewer.tab, "Enter", 13).await?;
-        let moved_on = d
-            .wait_session(id, Duration::from_secs(45), |v| {
-                v["state"] != "awaiting_user"
-                    || loaded(v)
-                        .last()
-                        .is_some_and(|l| !l.ends_with("/authorize/login"))
-            })
-            .await;
-        if moved_on.is_ok() {
-            return Ok(());
-        }
-        eprintln!("the consent page did not move on after Enter (attempt {attempt})");
-    }
-    bail!("the consent page never took the Enter key")
+    d.press_until_past_consent(id, Duration::from_secs(45), async |_| {
+        press_key(&viewer.tab, "Enter", 13).await
+    })
+    .await
 }
 
 /// Runs `script` with `sh -c` in a VM as root with root's home, with a
@@ -339,7 +322,7 @@ async fn codex_device_code_login_shows_the_code_in_the_viewer_and_codex_works_in
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let providers = with_other_paths(dir.path())?;
-    let file = format!("{:?}", providers.display().to_string());
+    let file = toml_path(&providers);
     vendors::with_world(
         BrowserRole::IsolatedHost,
         |s| s.set("auth", "providers_file", &file),
@@ -468,7 +451,7 @@ fn with_other_paths(w_dir: &std::path::Path) -> Result<PathBuf> {
 async fn gemini_cli_user_code_flow_and_claude_code_pasted_code_log_in() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let providers = with_other_paths(dir.path())?;
-    let file = format!("{:?}", providers.display().to_string());
+    let file = toml_path(&providers);
     vendors::with_world(
         BrowserRole::IsolatedHost,
         |s| s.set("auth", "providers_file", &file),

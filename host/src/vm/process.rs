@@ -126,7 +126,7 @@ impl ProcessBackend {
         // browser (it is bound before the launch, like the agent's).
         let egress = spec
             .dir
-            .agent_listener(spec.agent_port + airlock_proto::egress::EGRESS_PORT_OFFSET);
+            .agent_listener(super::supervisor::egress_port(spec.agent_port));
         for path in [
             spec.dir.root().to_path_buf(),
             spec.dir.agent_listener(spec.agent_port),

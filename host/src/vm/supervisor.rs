@@ -408,8 +408,8 @@ impl Supervisor {
     }
 }
 
-/// The egress gateway's vsock port.
-fn egress_port(agent_port: u32) -> u32 {
+/// The egress gateway's vsock port (its socket sits beside the agent's).
+pub(super) fn egress_port(agent_port: u32) -> u32 {
     agent_port + airlock_proto::egress::EGRESS_PORT_OFFSET
 }
 
