@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use airlock_proto::egress::EgressClient;
+use airlock_proto::restore::RefreshSpec;
 use airlock_proto::{
     capability, AgentMode, ErrorCode, ErrorReply, Event, GuestConfig, GuestMessage, Hello,
     LogLevel, Operation, Reply, StatusReport, PROTOCOL_VERSION,
@@ -55,6 +56,10 @@ pub struct Agent {
     proxies: Arc<OnceLock<ProxyPorts>>,
     /// The proxies' tasks (stopped with the agent's shutdown token).
     egress_tasks: TaskTracker,
+    /// Set by the host before it snapshots this VM, cleared by the refresh
+    /// of a restored copy: the connection beats and dials again at a quick
+    /// pace (a write is how the agent notices its vsock device went away).
+    pub expect_restore: tokio::sync::watch::Sender<bool>,
     /// Cancelled when the agent should stop (shutdown request or signal).
     pub shutdown: CancellationToken,
 }
@@ -144,6 +149,7 @@ impl Agent {
             transport: p.transport,
             proxies,
             egress_tasks: TaskTracker::new(),
+            expect_restore: tokio::sync::watch::Sender::new(false),
             shutdown: p.shutdown,
         }
     }
@@ -220,6 +226,7 @@ impl Agent {
             capability::LOGS,
             capability::BROWSER,
             capability::STREAM,
+            capability::SNAPSHOT,
         ];
         Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -290,7 +297,54 @@ impl Agent {
             Operation::StreamControl { viewer_id } => {
                 self.streamer.set_control(viewer_id).map(|()| Reply::Done)
             }
+            Operation::PrepareSnapshot => self.prepare_snapshot().await,
+            Operation::Refresh(spec) => self.refresh(spec).await,
         }
+    }
+
+    /// Only a VM's agent (PID 1) can be snapshotted and restored, and only
+    /// before any session used it.
+    async fn prepare_snapshot(&self) -> Result<Reply, ErrorReply> {
+        if self.mode != AgentMode::Pid1 {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "only a VM's agent running as PID 1 can be snapshotted",
+            ));
+        }
+        if self.logins.any_started() || self.streamer.is_running() {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "this VM already served a login: a snapshot would carry it into every copy",
+            ));
+        }
+        if self.browser.display_name().is_some() {
+            self.browser.warm_up().await?;
+            crate::streamer::warm_up(&self.reaper)
+                .await
+                .map_err(|e| ErrorReply::new(ErrorCode::Io, e))?;
+        }
+        self.expect_restore.send_replace(true);
+        tracing::info!("snapshot announced: dialling again quickly once the connection breaks");
+        Ok(Reply::Done)
+    }
+
+    async fn refresh(&self, spec: RefreshSpec) -> Result<Reply, ErrorReply> {
+        spec.validate()
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+        if self.mode != AgentMode::Pid1 {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "only a VM's agent running as PID 1 can refresh its VM",
+            ));
+        }
+        let report = blocking(move || {
+            crate::restore::refresh(&spec)
+                .map_err(|e| ErrorReply::new(ErrorCode::Io, e.to_string()))
+        })
+        .await?;
+        self.expect_restore.send_replace(false);
+        tracing::info!(clock_step_ms = report.clock_step_ms, restarted = ?report.restarted, "restored copy refreshed");
+        Ok(Reply::Refreshed(report))
     }
 
     /// Stops logins and the browser (before the agent exits).

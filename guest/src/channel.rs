@@ -11,7 +11,7 @@ use airlock_proto::{
     HostMessage, Operation, Outcome, Ready, Request, Response, Welcome, HOST_CID,
 };
 use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,6 +27,8 @@ const MAX_CONCURRENT_REQUESTS: usize = 32;
 const FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// Messages waiting for the writer.
 const OUTBOX: usize = 64;
+/// Redial pace while a restore is expected.
+const QUICK_REDIAL: Duration = Duration::from_millis(10);
 
 /// A byte stream to the host.
 pub trait HostStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -58,10 +60,13 @@ pub enum End {
     Shutdown,
 }
 
-/// Dials until connected or shut down, backing off from 10 ms to 1 s.
+/// Dials until connected or shut down, backing off from 10 ms to 1 s;
+/// every 10 ms while `expect_restore` is set (a snapshot was taken: a
+/// restored copy's host is there as soon as its vsock device is).
 pub async fn dial(
     transport: &Transport,
     shutdown: &CancellationToken,
+    expect_restore: &watch::Sender<bool>,
 ) -> Option<Box<dyn HostStream>> {
     let mut delay = Duration::from_millis(10);
     for attempt in 0u64.. {
@@ -88,7 +93,10 @@ pub async fn dial(
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return None,
         }
-        delay = (delay * 2).min(Duration::from_secs(1));
+        delay = match *expect_restore.borrow() {
+            true => QUICK_REDIAL,
+            false => (delay * 2).min(Duration::from_secs(1)),
+        };
     }
     None
 }
@@ -159,13 +167,12 @@ impl Connection {
         // The outbox is empty at this point, so this cannot fail.
         let _ = conn.outbox.try_send(GuestMessage::Event(ready));
         let interval = welcome.config.heartbeat_interval_ms;
-        if interval > 0 {
-            conn.tasks.spawn(heartbeats(
-                conn.outbox.clone(),
-                Duration::from_millis(interval),
-                conn.cancel.clone(),
-            ));
-        }
+        conn.tasks.spawn(heartbeats(
+            agent.expect_restore.subscribe(),
+            conn.outbox.clone(),
+            (interval > 0).then(|| Duration::from_millis(interval)),
+            conn.cancel.clone(),
+        ));
         conn.tasks.spawn(
             agent
                 .clone()
@@ -187,7 +194,13 @@ impl Connection {
     ) -> Result<End, ChannelError> {
         loop {
             let payload = tokio::select! {
-                _ = self.cancel.cancelled() => return Ok(End::Shutdown),
+                // The writer cancels the connection when the host stops
+                // taking frames: that is a broken connection to dial again,
+                // not the agent's shutdown (which would power the VM off).
+                _ = self.cancel.cancelled() => return Ok(match self.agent.shutdown.is_cancelled() {
+                    true => End::Shutdown,
+                    false => End::Closed,
+                }),
                 r = read_payload(rd, dec, buf) => match r? {
                     Some(p) => p,
                     None => return Ok(End::Closed),
@@ -297,22 +310,36 @@ async fn writer(
     }
 }
 
+/// Beats every `every` (none: no beats), and every [`QUICK_REDIAL`] while
+/// a snapshot is expected.
 async fn heartbeats(
+    mut snapshot: watch::Receiver<bool>,
     outbox: mpsc::Sender<GuestMessage>,
-    every: Duration,
+    every: Option<Duration>,
     cancel: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for seq in 0u64.. {
+    let mut seq = 0u64;
+    loop {
+        let quick = *snapshot.borrow_and_update();
+        let pause = match (quick, every) {
+            (true, _) => Some(QUICK_REDIAL),
+            (false, every) => every,
+        };
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = async { match pause { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => {}
+            r = snapshot.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                continue;
+            }
             _ = cancel.cancelled() => return,
         }
         let beat = Event::Heartbeat(Heartbeat {
             seq,
             uptime_ms: crate::sysinfo::uptime_ms(),
         });
+        seq += 1;
         // A full outbox means the host is not reading: skip this beat.
         let _ = outbox.try_send(GuestMessage::Event(beat));
     }

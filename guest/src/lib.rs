@@ -16,6 +16,7 @@ pub mod logging;
 pub mod login;
 pub mod options;
 pub mod process;
+pub mod restore;
 pub mod sandbox;
 pub mod stage1;
 pub mod streamer;
@@ -70,8 +71,10 @@ pub fn main_entry() -> ExitCode {
             init::console_line(&format!("airlock-guest: stage 1 failed: {e}"));
             init::power_off();
         }
-        if let Err(e) = run_pid1(started_ms) {
-            init::console_line(&format!("airlock-guest: fatal: {e}"));
+        // Said either way: a VM that powers off should say why.
+        match run_pid1(started_ms) {
+            Ok(()) => init::console_line("airlock-guest: stopped; powering off"),
+            Err(e) => init::console_line(&format!("airlock-guest: fatal: {e}")),
         }
         init::power_off();
     }
@@ -182,7 +185,9 @@ async fn serve_forever(
 
 async fn connect_loop(agent: &Arc<Agent>, opts: &Options) -> Result<(), AgentError> {
     for seq in 0u32.. {
-        let Some(stream) = channel::dial(&opts.transport, &agent.shutdown).await else {
+        let Some(stream) =
+            channel::dial(&opts.transport, &agent.shutdown, &agent.expect_restore).await
+        else {
             return Ok(());
         };
         match channel::serve(agent, stream, seq).await {

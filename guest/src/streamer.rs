@@ -30,6 +30,8 @@ use crate::wire::{read_payload, write_message};
 /// How long a start waits for the first pipeline to play (GStreamer's
 /// first start in a VM under TCG loads its plugins slowly).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// The warm-up scans every plugin: about 20 s in a VM under TCG.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// First and largest wait before a restart.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -64,6 +66,47 @@ pub fn streamer_program() -> PathBuf {
     match sibling {
         Some(p) if p.is_file() => p,
         _ => PathBuf::from("/usr/lib/airlock/airlock-streamer"),
+    }
+}
+
+/// GStreamer's plugin registry in a VM (the agent's runtime directory):
+/// the same file for the warm-up before a snapshot and every later
+/// streamer. Elsewhere GStreamer's own default.
+fn gst_registry() -> Option<PathBuf> {
+    let dir = std::path::Path::new("/run/airlock");
+    dir.is_dir().then(|| dir.join("gst-registry.bin"))
+}
+
+fn with_registry(cmd: &mut Command) -> &mut Command {
+    if let Some(r) = gst_registry() {
+        cmd.env("GST_REGISTRY", r);
+    }
+    cmd
+}
+
+/// Builds GStreamer's registry and loads the pipeline's elements once
+/// (`airlock-streamer --warm-up`), before this VM is snapshotted.
+pub async fn warm_up(reaper: &Reaper) -> Result<(), String> {
+    let program = streamer_program();
+    let mut cmd = Command::new(&program);
+    with_registry(&mut cmd)
+        .arg("--warm-up")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let (mut sup, _, _) = spawn(reaper, "streamer", &mut cmd)
+        .map_err(|e| format!("cannot warm up {} ({e})", program.display()))?;
+    match tokio::time::timeout(WARM_UP_TIMEOUT, sup.wait()).await {
+        Ok(exit) if exit.exit_code == Some(0) => Ok(()),
+        Ok(exit) => Err(format!(
+            "the streamer's warm-up failed ({exit:?}): {}",
+            sup.last_error_line()
+        )),
+        Err(_) => {
+            sup.kill().await;
+            Err(format!(
+                "the streamer's warm-up took over {WARM_UP_TIMEOUT:?}"
+            ))
+        }
     }
 }
 
@@ -109,7 +152,8 @@ impl Streamer {
         }
     }
 
-    fn is_running(&self) -> bool {
+    /// True while a streamer generation runs.
+    pub fn is_running(&self) -> bool {
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -277,7 +321,8 @@ impl Supervisor {
 
     fn spawn(&self) -> Result<(Supervised, pipe::Receiver, pipe::Sender), StreamerError> {
         let mut cmd = Command::new(&self.program);
-        cmd.env("DISPLAY", &self.display)
+        with_registry(&mut cmd)
+            .env("DISPLAY", &self.display)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let (sup, stdout, stdin) = spawn(&self.reaper, "streamer", &mut cmd)

@@ -21,6 +21,7 @@ pub mod frame;
 pub mod limits;
 pub mod login;
 pub mod message;
+pub mod restore;
 pub mod secret;
 pub mod stream;
 

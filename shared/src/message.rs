@@ -12,6 +12,7 @@ use crate::limits::*;
 use crate::login::{
     BrowserEvent, BrowserInfo, BrowserSpec, CapturedCredential, InputBatch, LoginEvent, LoginSpec,
 };
+use crate::restore::{RefreshReport, RefreshSpec};
 use crate::SecretBytes;
 
 // ---------------------------------------------------------------- envelopes
@@ -95,6 +96,8 @@ pub mod capability {
     pub const BROWSER: &str = "browser";
     /// Runs the WebRTC screen streamer (the live view).
     pub const STREAM: &str = "stream";
+    /// Survives a snapshot and takes a refresh as a restored copy.
+    pub const SNAPSHOT: &str = "snapshot";
 }
 
 /// The host's acceptance of an agent.
@@ -186,6 +189,11 @@ pub enum Operation {
         /// The controlling viewer.
         viewer_id: Option<String>,
     },
+    /// A snapshot of this VM follows: its connection to the host is about
+    /// to break, so dial again quickly until a restored copy connects.
+    PrepareSnapshot,
+    /// Make this restored copy its own (first request on its connection).
+    Refresh(RefreshSpec),
 }
 
 /// Run `argv` with a deadline and bounded output capture.
@@ -280,6 +288,8 @@ pub enum Reply {
     LoginStarted,
     /// A screenshot.
     Screenshot(Screenshot),
+    /// The restored copy is its own.
+    Refreshed(RefreshReport),
 }
 
 /// A PNG of the display.

@@ -208,6 +208,20 @@ impl BrowserRole {
         cdp.ok_or_else(|| unavailable("the browser is not running (start it first)"))
     }
 
+    /// Before a snapshot: one navigation away from the blank page and
+    /// back, so that what a session's first navigation needs (a renderer
+    /// Chromium keeps spare after a navigation, the code it runs) already
+    /// exists in every restored copy. Nothing is fetched.
+    pub async fn warm_up(&self) -> Result<(), ErrorReply> {
+        let cdp = self.cdp(Duration::from_secs(30)).await?;
+        for url in ["data:text/html,<title>airlock</title>", "about:blank"] {
+            cdp.open(url)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Opens `url` and remembers it for after a restart.
     pub async fn open(&self, url: &str) -> Result<(), ErrorReply> {
         *self

@@ -22,6 +22,8 @@ pub use session::LoginCtx;
 pub struct Logins {
     ctx: LoginCtx,
     running: std::sync::Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// Set by the first login: a VM that ran one is no snapshot template.
+    started: std::sync::atomic::AtomicBool,
     tracker: TaskTracker,
 }
 
@@ -31,6 +33,7 @@ impl Logins {
         Self {
             ctx,
             running: Default::default(),
+            started: Default::default(),
             tracker: TaskTracker::new(),
         }
     }
@@ -50,6 +53,8 @@ impl Logins {
             }
             running.insert(spec.session_id.clone(), cancel.clone());
         }
+        self.started
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let (ctx, running, id) = (
             self.ctx.clone(),
             self.running.clone(),
@@ -64,6 +69,11 @@ impl Logins {
                 .remove(&id);
         });
         Ok(())
+    }
+
+    /// True once any login was started here.
+    pub fn any_started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops a login (its CLI is killed and its files removed); false if

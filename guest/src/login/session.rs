@@ -375,6 +375,7 @@ impl Login {
         via: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<BoxFut<Option<String>>>, String> {
+        tracing::info!(via, "opening the login page");
         self.ctx
             .browser
             .open(url)

@@ -29,6 +29,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if std::env::args().nth(1).as_deref() == Some("--warm-up") {
+        return warm_up();
+    }
     match streamer::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -36,4 +39,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--warm-up`: builds GStreamer's plugin registry (its cache file, about
+/// 20 s of scanning in a VM under TCG) and loads the elements the pipeline
+/// uses, then exits. The agent runs it in a browser VM before that VM is
+/// snapshotted, so that every restored copy's first streamer starts warm.
+fn warm_up() -> ExitCode {
+    if let Err(e) = gstreamer::init() {
+        tracing::error!(error = %e, "cannot initialise GStreamer");
+        return ExitCode::FAILURE;
+    }
+    let missing: Vec<&str> = pipeline::ELEMENTS
+        .iter()
+        .copied()
+        .filter(|name| gstreamer::ElementFactory::make(name).build().is_err())
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(?missing, "elements the pipeline may use are not installed");
+    }
+    ExitCode::SUCCESS
 }

@@ -52,6 +52,22 @@ pub struct Capture {
     raw_tee: gst::Element,
 }
 
+/// Every element the pipeline may make (for `--warm-up`).
+pub const ELEMENTS: &[&str] = &[
+    "ximagesrc",
+    "capsfilter",
+    "videoconvert",
+    "videorate",
+    "queue",
+    "tee",
+    "webrtcbin",
+    "vp8enc",
+    "rtpvp8pay",
+    "x264enc",
+    "rtph264pay",
+    "jpegenc",
+];
+
 /// Prefix of each viewer's `webrtcbin` name; the bus watcher uses it to tell
 /// a viewer's failure from the stream's.
 pub const WEBRTC_PREFIX: &str = "webrtc-";
