@@ -48,6 +48,10 @@ pub struct Config {
     pub vm: VmConfig,
     /// The QEMU backend.
     pub qemu: QemuConfig,
+    /// The Firecracker backend.
+    pub firecracker: FirecrackerConfig,
+    /// Browser VMs restored from snapshots, and the warm pool.
+    pub snapshots: SnapshotsConfig,
     /// Login sessions.
     pub auth: AuthConfig,
     /// The encrypted credential store.
@@ -120,13 +124,15 @@ pub enum BackendKind {
     /// The agent as a plain host process over a Unix socket (tests of the
     /// host logic, and roles that need no isolation in development).
     Process,
+    /// Firecracker (KVM only), optionally under its jailer.
+    Firecracker,
 }
 
 /// VM settings shared by all backends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmConfig {
-    /// Backend: `qemu` or `process`.
+    /// Backend: `qemu`, `firecracker` or `process`.
     pub backend: BackendKind,
     /// Backend of browser VMs, when it differs from `backend` (`process`
     /// runs the browser role on this host: development and CI, until the
@@ -323,6 +329,66 @@ impl Default for QemuConfig {
             tcg_tb_size_mib: 256,
         }
     }
+}
+
+/// Firecracker backend settings. Nothing here is checked at load: a
+/// missing binary or KVM device is refused when a VM launches, as with
+/// QEMU, so a host without them can still run the other backends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirecrackerConfig {
+    /// The Firecracker binary (v1.15; its API is what the backend speaks).
+    pub binary: PathBuf,
+    /// Kernel for every Firecracker VM instead of `vm.kernel` or an
+    /// image's: on x86_64 Firecracker loads an uncompressed ELF `vmlinux`
+    /// (with virtio-mmio built in), not the bzImage QEMU boots. It must be
+    /// the same kernel build as the image's modules.
+    pub kernel: Option<PathBuf>,
+    /// Words appended to the kernel command line (after airlock's own, so
+    /// they win). Never put secrets here.
+    pub extra_append: String,
+    /// Run Firecracker under its jailer (chroot, uid/gid, cgroups, netns).
+    pub jailer: Option<JailerConfig>,
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        Self {
+            binary: "firecracker".into(),
+            kernel: None,
+            extra_append: String::new(),
+            jailer: None,
+        }
+    }
+}
+
+/// Firecracker's jailer. airlockd must run as root to use it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailerConfig {
+    /// The jailer binary (the same release as `firecracker.binary`).
+    #[serde(default = "default_jailer_binary")]
+    pub binary: PathBuf,
+    /// The account Firecracker runs as (not root).
+    pub uid: u32,
+    /// Its group.
+    pub gid: u32,
+    /// Where the jails are built (`<chroot_base>/firecracker/<vm id>/root`).
+    /// Unset: `<run_dir>/vms/<id>/jail`, removed with the VM's directory.
+    /// It must be on the filesystem of `paths.run_dir`: the agent's sockets
+    /// are hard-linked into the jail.
+    pub chroot_base: Option<PathBuf>,
+    /// `1` or `2`: the cgroup hierarchy of `cgroups` (jailer default 1).
+    pub cgroup_version: Option<u8>,
+    /// `--cgroup` values, `<file>=<value>` (e.g. `cpu.max=50000 100000`).
+    #[serde(default)]
+    pub cgroups: Vec<String>,
+    /// A network namespace to join (`/var/run/netns/NAME`).
+    pub netns: Option<PathBuf>,
+}
+
+fn default_jailer_binary() -> PathBuf {
+    "jailer".into()
 }
 
 /// Login sessions: providers, the browser, and every wait's deadline.
@@ -577,6 +643,46 @@ impl Default for LogConfig {
     }
 }
 
+/// Browser VMs from snapshots: a browser VM is saved once Chromium shows a
+/// blank page, and sessions get a copy restored from that state (under a
+/// second here under TCG, against about a minute for a cold boot).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// Make and use snapshots (backends that can: QEMU on q35).
+    pub enabled: bool,
+    /// Where snapshots live; `<state_dir>/snapshots` when unset. Several
+    /// airlockd may share one (each snapshot is named by what it was made
+    /// from).
+    pub dir: Option<PathBuf>,
+    /// Browser VMs kept restored ahead of demand (paused, loaded, their
+    /// vsock device not yet attached); 0 disables the pool.
+    pub warm_pool: usize,
+    /// Most memory the pool's VMs may take together (MiB of guest RAM);
+    /// the pool holds fewer VMs than `warm_pool` rather than exceed it.
+    pub pool_memory_mib: u64,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            warm_pool: 1,
+            pool_memory_mib: 4096,
+        }
+    }
+}
+
+impl SnapshotsConfig {
+    /// The snapshot directory in force.
+    pub fn dir_or(&self, state_dir: &Path) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("snapshots"))
+    }
+}
+
 /// Longest `run_dir` that leaves room for the per-VM socket names.
 const MAX_RUN_DIR_BYTES: usize = 60;
 
@@ -629,6 +735,9 @@ impl Config {
             fix(p);
         }
         fix(&mut self.auth.providers_file);
+        if let Some(p) = &mut self.snapshots.dir {
+            fix(p);
+        }
         if let Some(p) = &mut self.auth.extra_ca_file {
             fix(p);
         }
@@ -661,11 +770,17 @@ impl Config {
             &mut self.server.tls_cert,
             &mut self.server.tls_key,
             &mut self.qemu.firmware,
+            &mut self.firecracker.kernel,
         ]
         .into_iter()
         .flatten()
         {
             fix(p);
+        }
+        if let Some(j) = &mut self.firecracker.jailer {
+            for p in [&mut j.chroot_base, &mut j.netns].into_iter().flatten() {
+                fix(p);
+            }
         }
     }
 
@@ -721,6 +836,14 @@ impl Config {
         }
         if !(32..=4096).contains(&self.qemu.tcg_tb_size_mib) {
             return bad("qemu.tcg_tb_size_mib must be between 32 and 4096".into());
+        }
+        if let Some(j) = &self.firecracker.jailer {
+            if j.uid == 0 || j.gid == 0 {
+                return bad("firecracker.jailer.uid and gid must not be 0: the jailer exists to run Firecracker unprivileged".into());
+            }
+            if j.cgroup_version.is_some_and(|v| !(1..=2).contains(&v)) {
+                return bad("firecracker.jailer.cgroup_version must be 1 or 2".into());
+            }
         }
         if vm.max_frame_bytes < 4096
             || vm.max_frame_bytes > airlock_proto::limits::MAX_FRAME_BYTES_CEILING
@@ -830,6 +953,21 @@ mod tests {
         c.vm.browser_backend = None;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("host-process browsers only"), "{e}");
+    }
+
+    #[test]
+    fn a_firecracker_jailer_must_not_run_as_root() {
+        let c: Config = toml::from_str(
+            "[vm]\nbackend = \"firecracker\"\n[firecracker.jailer]\nuid = 0\ngid = 100\n",
+        )
+        .unwrap();
+        assert_eq!(c.vm.backend, BackendKind::Firecracker);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("firecracker.jailer.uid"), "{e}");
+        let c: Config = toml::from_str("[firecracker.jailer]\nuid = 123\ngid = 100\n").unwrap();
+        c.validate().unwrap();
+        let j = c.firecracker.jailer.unwrap();
+        assert_eq!(j.binary, PathBuf::from("jailer"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::server::{Server, ServerError};
 use crate::session::Sessions;
 use crate::store::CredentialStore;
 use crate::vm::backend::VmBackend;
+use crate::vm::firecracker::FirecrackerBackend;
 use crate::vm::layout::reconcile;
 use crate::vm::process::{HostBrowserIsolation, HostBrowserUser, ProcessBackend};
 use crate::vm::qemu::QemuBackend;
@@ -135,6 +136,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         let stop = shutdown.clone();
         background.spawn(async move { demo_server.run(demo_app, stop).await });
     }
+    match crate::session::browser_spec(&auth) {
+        Ok(spec) => vms.enable_snapshots(spec),
+        Err(e) => tracing::warn!(error = %e, "no browser VM snapshots: sessions will fail too"),
+    }
     let live = Live::new(config.live.clone(), vms.clone());
     let sessions = Sessions::new(
         vms.clone(),
@@ -200,7 +205,8 @@ async fn demo_oauth(
         .map_err(|e| DaemonError::Demo(e.to_string()))?;
     // Browser VMs without a network reach it through their gateway under a
     // name; a host-process browser reaches the address itself.
-    let vms_isolated = config.vm.browser_backend.unwrap_or(config.vm.backend) == BackendKind::Qemu;
+    let vms_isolated =
+        config.vm.browser_backend.unwrap_or(config.vm.backend) != BackendKind::Process;
     let (base_url, egress) = match vms_isolated {
         true => (
             format!("http://{DEMO_HOST}:{}{DEMO_PATH}", addr.port()),
@@ -241,6 +247,11 @@ fn make_backend(
             });
             qemu
         }
+        // Checks its binary and /dev/kvm at each launch, like QEMU's.
+        BackendKind::Firecracker => Arc::new(FirecrackerBackend::new(
+            config.firecracker.clone(),
+            config.vm.clone(),
+        )),
         BackendKind::Process => Arc::new(ProcessBackend::new(
             config.vm.agent_binary.clone(),
             config.vm.console_max_bytes,

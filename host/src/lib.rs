@@ -1,5 +1,6 @@
 //! airlockd: the host supervisor of airlock. It boots microVMs (QEMU with
-//! vhost-device-vsock, or the agent as a host process for tests), knows the
+//! vhost-device-vsock, Firecracker, or the agent as a host process for
+//! tests), restores browser VMs from snapshots, knows the
 //! moment each VM's agent is alive from its hello over vsock, relays
 //! requests to it, and serves all of this over an HTTP API.
 //!

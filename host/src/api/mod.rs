@@ -84,6 +84,9 @@ pub struct Health {
     backend: BackendInfo,
     #[serde(skip_serializing_if = "Option::is_none")]
     browser_backend: Option<BackendInfo>,
+    /// Browser VM snapshots and the warm pool, when enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshots: Option<crate::vm::restore::SnapshotStatus>,
 }
 
 async fn health(State(app): State<AppState>) -> Json<Health> {
@@ -94,5 +97,6 @@ async fn health(State(app): State<AppState>) -> Json<Health> {
         vms: app.vms.list().len(),
         backend: app.vms.backend_info(),
         browser_backend: app.vms.browser_backend_info(),
+        snapshots: app.vms.snapshot_status(),
     })
 }

@@ -10,6 +10,8 @@ mod delivery;
 mod merge;
 mod run;
 
+pub use run::browser_spec;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};

@@ -192,7 +192,7 @@ async fn start_browser(
     };
     let vm = ctx
         .vms
-        .create_with(req, Some(tx), egress_policy(ctx, h, provider))
+        .create_browser(req, Some(tx), egress_policy(ctx, h, provider))
         .map_err(|e| End::Failed(format!("cannot create the browser VM: {e}")))?;
     h.view
         .send_modify(|v| v.browser_vm_id = Some(vm.id.clone()));
@@ -221,22 +221,8 @@ async fn start_browser(
             .unwrap_or_else(|| format!("it is still {:?}", settled.state));
         return Err(End::Failed(format!("the browser VM did not start: {why}")));
     }
-    let spec = BrowserSpec {
-        width: ctx.cfg.screen_width,
-        height: ctx.cfg.screen_height,
-        proxy: ctx.cfg.proxy.clone(),
-        chromium: Some(ctx.cfg.chromium.clone()),
-        extra_args: ctx.cfg.chromium_args.clone(),
-        extra_ca_pem: match &ctx.cfg.extra_ca_file {
-            None => None,
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                End::Failed(format!(
-                    "cannot read auth.extra_ca_file {}: {e}",
-                    path.display()
-                ))
-            })?),
-        },
-    };
+    ctx.record(h, None, "browserVm", Some(vm_started(&settled)));
+    let spec = browser_spec(&ctx.cfg).map_err(End::Failed)?;
     let left = deadline.saturating_duration_since(Instant::now());
     let started = tokio::select! {
         r = ctx.vms.call(&vm.id, Operation::StartBrowser(spec), left) => r,
@@ -263,6 +249,47 @@ async fn start_browser(
         ))),
         Err(e) => Err(End::Failed(format!("Chromium did not start: {e}"))),
     }
+}
+
+/// What Chromium in a session's browser VM starts with (also what the
+/// browser VM snapshot is made with, so that a restored VM's Chromium is
+/// the one the session would have started).
+pub fn browser_spec(cfg: &crate::config::AuthConfig) -> Result<BrowserSpec, String> {
+    let extra_ca_pem = match &cfg.extra_ca_file {
+        None => None,
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read auth.extra_ca_file {}: {e}", path.display()))?,
+        ),
+    };
+    Ok(BrowserSpec {
+        width: cfg.screen_width,
+        height: cfg.screen_height,
+        proxy: cfg.proxy.clone(),
+        chromium: Some(cfg.chromium.clone()),
+        extra_args: cfg.chromium_args.clone(),
+        extra_ca_pem,
+    })
+}
+
+/// How the browser VM started, with its timings, for the history.
+fn vm_started(v: &crate::vm::VmView) -> String {
+    let t = &v.timings;
+    let mut detail = format!(
+        "{}: ready {} ms after the request",
+        v.origin.describe(),
+        t.request_to_ready_ms.unwrap_or_default()
+    );
+    for (name, value) in [
+        ("restore", t.restore_ms),
+        ("resume", t.resume_ms),
+        ("refresh", t.refresh_ms),
+    ] {
+        if let Some(ms) = value {
+            detail.push_str(&format!(", {name} {ms} ms"));
+        }
+    }
+    detail
 }
 
 /// Follows the login until it ends.

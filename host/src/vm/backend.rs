@@ -40,6 +40,16 @@ pub enum Boot {
         /// The user's persistent home disk (CLI VMs), mounted on `/root`.
         home: Option<std::path::PathBuf>,
     },
+    /// A saved state of a VM that booted `image` (a browser VM's
+    /// snapshot): loaded into a paused VM, which runs once resumed.
+    Restore {
+        /// The image the saved VM booted (its drives are attached again).
+        image: crate::image::GoldenImage,
+        /// The init it booted (the command line must match the saved one).
+        init: &'static str,
+        /// The saved state.
+        state: std::path::PathBuf,
+    },
 }
 
 impl Boot {
@@ -48,6 +58,9 @@ impl Boot {
         match self {
             Boot::Initramfs => format!("image {}", initramfs.display()),
             Boot::Image { image, .. } => image.describe(),
+            Boot::Restore { image, state, .. } => {
+                format!("{} restored from {}", image.describe(), state.display())
+            }
         }
     }
 }
@@ -116,6 +129,15 @@ pub enum BackendError {
     /// Setting up files failed.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// Saving or loading a VM's state failed.
+    #[error("{0}")]
+    Restore(String),
+    /// The backend cannot save or restore VMs.
+    #[error("the {0} backend cannot snapshot VMs")]
+    Unsupported(&'static str),
+    /// QEMU's control socket failed.
+    #[error(transparent)]
+    Qmp(#[from] super::qmp::QmpError),
     /// Other I/O.
     #[error("{context}: {source}")]
     Io {
@@ -158,6 +180,49 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
         let _ = kind;
         false
     }
+
+    /// What a saved state depends on besides the image and the VM's size
+    /// (machine, CPU model, acceleration, VMM): part of a snapshot's key.
+    /// `None` when this backend cannot snapshot.
+    fn snapshot_compat<'a>(&'a self) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+
+    /// Saves a running VM's state to `out`; the VM stays paused, with no
+    /// vsock device (the agent's connection breaks first).
+    fn save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        out: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<SaveStats, BackendError>> {
+        let _ = (dir, out);
+        Box::pin(async { Err(BackendError::Unsupported(self.info().backend)) })
+    }
+
+    /// Loads `spec`'s saved state ([`Boot::Restore`]) into a new VM that
+    /// stays paused, without its vsock device, until [`VmBackend::resume`].
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+    ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
+        let _ = spec;
+        Box::pin(async { Err(BackendError::Unsupported(self.info().backend)) })
+    }
+
+    /// Attaches a restored VM's vsock device and lets it run.
+    fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        let _ = dir;
+        Box::pin(async { Err(BackendError::Unsupported(self.info().backend)) })
+    }
+}
+
+/// What saving a VM took.
+#[derive(Debug, Clone, Copy)]
+pub struct SaveStats {
+    /// Bytes of the saved state.
+    pub bytes: u64,
+    /// From the request to the state being complete.
+    pub took: Duration,
 }
 
 /// One process of a VM (the VMM, or a device helper).
@@ -253,6 +318,13 @@ impl RunningVm {
             self.io_cancel.cancel();
             self.io_tasks.wait().await;
         }
+    }
+
+    /// True when one of its processes has exited (checked without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        self.processes
+            .iter_mut()
+            .any(|p| !matches!(p.child.try_wait(), Ok(None)))
     }
 
     /// Waits up to `grace` for the VMM to exit on its own (after the agent

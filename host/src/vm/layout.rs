@@ -40,6 +40,7 @@ const LOG_FILES: &[&str] = &[
     "xvfb.log",
     "chromium.log",
     "streamer.log",
+    "metrics.json",
 ];
 
 /// The working directory of one VM.
@@ -78,6 +79,11 @@ impl VmDir {
     /// `<uds_path>_<port>`: where guest-initiated connections arrive.
     pub fn agent_listener(&self, port: u32) -> PathBuf {
         self.root.join(format!("vsock.sock_{port}"))
+    }
+
+    /// QEMU's control socket (QMP).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.root.join("qmp.sock")
     }
 
     /// Serial console socket (airlockd listens, QEMU connects).

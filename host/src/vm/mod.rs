@@ -7,14 +7,19 @@
 pub mod accel;
 pub mod backend;
 pub mod console;
+pub mod firecracker;
 pub mod home;
 pub mod layout;
+pub mod pool;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
+pub mod restore;
+pub mod snapshot;
 mod supervisor;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use airlock_proto::{Event, Operation, Reply};
@@ -29,6 +34,8 @@ use crate::egress::policy::EgressPolicy;
 use crate::egress::{Egress, EgressStats, EgressView};
 use crate::image::{ExpectedAgent, GoldenImage, ImageError};
 use backend::{BackendInfo, Boot, VmBackend};
+use pool::WarmVm;
+use restore::{Origin, Restorer, SnapshotStatus};
 
 /// The init a browser image's stage 1 executes: the agent itself, as PID 1
 /// (a browser VM needs no service manager).
@@ -82,6 +89,19 @@ pub struct Timings {
     /// API request to ready (host clock).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_to_ready_ms: Option<u64>,
+    /// Loading the saved state (restored VMs; for a warm VM, done before
+    /// the request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<u64>,
+    /// Attaching the vsock device and letting the VM run (restored VMs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_ms: Option<u64>,
+    /// The refresh of a restored VM: new entropy, clock, network service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_ms: Option<u64>,
+    /// How far the refresh stepped the guest's clock (ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_step_ms: Option<i64>,
 }
 
 /// The public description of a VM.
@@ -92,6 +112,8 @@ pub struct VmView {
     pub id: String,
     /// What it is for.
     pub kind: VmKind,
+    /// How it started: booted, restored from a snapshot, or from the pool.
+    pub origin: Origin,
     /// Where it is in its life.
     pub state: VmState,
     /// Why it failed.
@@ -196,6 +218,30 @@ pub struct CreateVm {
     pub vcpus: Option<u32>,
 }
 
+/// How the supervisor gets a VM running.
+#[derive(Debug)]
+struct Launch {
+    boot: Boot,
+    origin: Origin,
+    /// A warm VM from the pool: only resumed.
+    warm: Option<WarmVm>,
+}
+
+impl Launch {
+    fn cold(boot: Boot) -> Self {
+        Self {
+            boot,
+            origin: Origin::Boot,
+            warm: None,
+        }
+    }
+}
+
+/// A new VM id.
+fn new_vm_id() -> String {
+    format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
 /// One VM as the manager tracks it.
 #[derive(Debug)]
 struct VmHandle {
@@ -209,6 +255,9 @@ struct VmHandle {
     keep_logs: Mutex<Option<String>>,
     /// Its egress gateway's policy and counters (browser VMs only).
     egress: Option<(Arc<EgressPolicy>, Arc<EgressStats>)>,
+    /// Set while its state is saved: the agent's connection breaks on
+    /// purpose then, and the VM is deleted after.
+    saving: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
     finished: CancellationToken,
 }
@@ -251,6 +300,8 @@ struct Inner {
     expected: Arc<ExpectedAgent>,
     /// Egress settings every browser VM's gateway uses.
     egress: Arc<Egress>,
+    /// Browser VM snapshots and the warm pool, once enabled.
+    restorer: OnceLock<Arc<Restorer>>,
     vms: Mutex<BTreeMap<String, Arc<VmHandle>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -281,6 +332,7 @@ impl VmManager {
                 states: broadcast::channel(256).0,
                 expected: Arc::new(expected),
                 egress,
+                restorer: OnceLock::new(),
                 vms: Mutex::default(),
                 tracker: TaskTracker::new(),
                 shutdown,
@@ -344,6 +396,96 @@ impl VmManager {
         events: Option<mpsc::Sender<Event>>,
         egress: EgressPolicy,
     ) -> Result<VmView, VmError> {
+        let boot = self.boot_for(req.kind)?;
+        self.create_inner(req, events, egress, Launch::cold(boot))
+    }
+
+    /// Like [`VmManager::create_with`] for a session's browser VM: taken
+    /// from the warm pool, else restored from the snapshot, else booted
+    /// (no snapshot yet, or a size other than the snapshot's).
+    pub fn create_browser(
+        &self,
+        req: CreateVm,
+        events: Option<mpsc::Sender<Event>>,
+        egress: EgressPolicy,
+    ) -> Result<VmView, VmError> {
+        let boot = self.boot_for(VmKind::Browser)?;
+        let snap = match (&boot, self.inner.restorer.get()) {
+            (Boot::Image { image, .. }, Some(r)) => r.snapshot_for(image),
+            _ => None,
+        };
+        let Some(snap) = snap.filter(|s| {
+            let i = &s.manifest.inputs;
+            req.memory_mib.is_none_or(|m| m == i.memory_mib)
+                && req.vcpus.is_none_or(|v| v == i.vcpus)
+        }) else {
+            return self.create_inner(req, events, egress, Launch::cold(boot));
+        };
+        let Boot::Image { image, init, .. } = boot else {
+            return Err(VmError::Invalid("a snapshot needs a browser image".into()));
+        };
+        let (warm, stale) = match self.inner.restorer.get() {
+            Some(r) => r.pool.take(&snap),
+            None => (None, Vec::new()),
+        };
+        for w in stale {
+            self.inner.tracker.spawn(w.discard());
+        }
+        let i = &snap.manifest.inputs;
+        let req = CreateVm {
+            memory_mib: Some(i.memory_mib),
+            vcpus: Some(i.vcpus),
+            ..req
+        };
+        let launch = Launch {
+            boot: Boot::Restore {
+                image,
+                init,
+                state: snap.state(),
+            },
+            origin: if warm.is_some() {
+                Origin::Pool
+            } else {
+                Origin::Snapshot
+            },
+            warm,
+        };
+        self.create_inner(req, events, egress, launch)
+    }
+
+    /// Starts making browser VM snapshots whose Chromium starts with
+    /// `browser`, and filling the warm pool (per `snapshots` in the
+    /// config); a no-op when disabled or without a browser image.
+    pub fn enable_snapshots(&self, browser: airlock_proto::BrowserSpec) {
+        let cfg = &self.inner.config;
+        if !cfg.snapshots.enabled || cfg.vm.browser_image.is_none() {
+            return;
+        }
+        let s = &cfg.snapshots;
+        let restorer = Arc::new(Restorer::new(
+            &s.dir_or(&cfg.paths.state_dir),
+            browser,
+            s.warm_pool,
+            s.pool_memory_mib,
+            cfg.vm.browser_memory_mib,
+        ));
+        if self.inner.restorer.set(restorer.clone()).is_ok() {
+            self.inner.tracker.spawn(restorer.run(self.clone()));
+        }
+    }
+
+    /// Snapshots and the pool, for `/health` (`None` when disabled).
+    pub fn snapshot_status(&self) -> Option<SnapshotStatus> {
+        self.inner.restorer.get().map(|r| r.status())
+    }
+
+    fn create_inner(
+        &self,
+        req: CreateVm,
+        events: Option<mpsc::Sender<Event>>,
+        egress: EgressPolicy,
+        launch: Launch,
+    ) -> Result<VmView, VmError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(VmError::ShuttingDown);
         }
@@ -355,7 +497,6 @@ impl VmManager {
             }
         }
         let cfg = &self.inner.config.vm;
-        let boot = self.boot_for(req.kind)?;
         let (memory_default, vcpus_default) = match req.kind {
             VmKind::Browser => (cfg.browser_memory_mib, cfg.browser_vcpus),
             VmKind::Cli => (cfg.default_memory_mib, cfg.default_vcpus),
@@ -374,10 +515,14 @@ impl VmManager {
                 cfg.max_vcpus
             )));
         }
-        let id = format!("vm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let id = launch
+            .warm
+            .as_ref()
+            .map_or_else(new_vm_id, |w| w.id.clone());
         let view = VmView {
             id: id.clone(),
             kind: req.kind,
+            origin: launch.origin,
             state: VmState::Booting,
             error: None,
             owner: req.user_id.clone(),
@@ -388,7 +533,10 @@ impl VmManager {
             accel: None,
             vmm_pid: None,
             created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            timings: Timings::default(),
+            timings: Timings {
+                restore_ms: launch.warm.as_ref().map(|w| w.restored_ms),
+                ..Timings::default()
+            },
             logs_dir: None,
             egress: None,
             out_of_memory: None,
@@ -404,18 +552,23 @@ impl VmManager {
             events,
             keep_logs: Mutex::new(None),
             egress,
+            saving: Default::default(),
             stop: self.inner.shutdown.child_token(),
             finished: CancellationToken::new(),
         });
         {
             let mut vms = self.vms();
             if vms.len() >= cfg.max_vms {
+                // A refused warm VM is not lost to a leak: it goes.
+                if let Some(w) = launch.warm {
+                    self.inner.tracker.spawn(w.discard());
+                }
                 return Err(VmError::Capacity(cfg.max_vms));
             }
             vms.insert(id.clone(), handle.clone());
         }
-        tracing::info!(vm_id = %id, kind = ?req.kind, memory_mib, vcpus, "creating VM");
-        let sv = supervisor::Supervisor::new(self.inner.clone(), handle, boot, Instant::now());
+        tracing::info!(vm_id = %id, kind = ?req.kind, origin = ?launch.origin, memory_mib, vcpus, "creating VM");
+        let sv = supervisor::Supervisor::new(self.inner.clone(), handle, launch, Instant::now());
         self.inner.tracker.spawn(sv.run());
         Ok(view)
     }
@@ -533,6 +686,27 @@ impl VmManager {
                 id: id.to_string(),
                 source,
             })
+    }
+
+    /// Saves a ready VM's state to `out` (a snapshot's template): its vsock
+    /// device goes, and the VM stays paused until it is deleted.
+    pub async fn save(
+        &self,
+        id: &str,
+        out: &std::path::Path,
+    ) -> Result<backend::SaveStats, VmError> {
+        let handle = self.handle(id)?;
+        let kind = handle.view.borrow().kind;
+        handle
+            .saving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let dir = layout::VmDir::create(&self.inner.config.paths.run_dir, id)
+            .map_err(|e| VmError::Invalid(e.to_string()))?;
+        self.inner
+            .backend_for(kind)
+            .save(&dir, out)
+            .await
+            .map_err(|e| VmError::Invalid(format!("cannot save VM {id}: {e}")))
     }
 
     /// Stops every VM and waits for all supervisors to finish.

@@ -11,20 +11,23 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use inotify::{Inotify, WatchMask};
+use serde_json::{json, Value};
 use tokio::net::UnixListener;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
 use super::accel::{self, Accel, AccelDecision, ProbeInputs};
 use super::backend::{
-    file_tail, BackendError, BackendInfo, Boot, BoxFuture, LaunchSpec, RunningVm, VmBackend,
-    VmProcess,
+    file_tail, BackendError, BackendInfo, Boot, BoxFuture, LaunchSpec, RunningVm, SaveStats,
+    VmBackend, VmProcess,
 };
 use super::console::Console;
+use super::layout::VmDir;
+use super::qmp::Qmp;
 use super::VmKind;
 use crate::config::{QemuConfig, VmConfig};
 
@@ -39,6 +42,21 @@ const BOOT_SPEEDUPS: &str =
 
 /// How long vhost-device-vsock gets to create its socket.
 const VHOST_READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long QEMU gets to create its control socket.
+const QMP_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest gets to release its vsock device (ACPI hotplug).
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(20);
+/// Saving or loading a browser VM's state (hundreds of MB from the page
+/// cache; a loaded host makes it slower).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The vsock device, its vhost-user chardev, and the PCIe root port it is
+/// plugged into (ids in QEMU's device tree).
+const VSOCK_DEVICE: &str = "vsock";
+const VHOST_CHARDEV: &str = "vhost";
+const VSOCK_PORT: &str = "rp-vsock";
 
 /// Runs VMs under QEMU.
 #[derive(Debug)]
@@ -47,6 +65,7 @@ pub struct QemuBackend {
     vm: VmConfig,
     state_dir: PathBuf,
     accel: Arc<OnceCell<AccelDecision>>,
+    version: OnceCell<String>,
 }
 
 impl QemuBackend {
@@ -58,6 +77,7 @@ impl QemuBackend {
             vm,
             state_dir,
             accel: Arc::default(),
+            version: OnceCell::new(),
         }
     }
 
@@ -99,10 +119,8 @@ impl QemuBackend {
         Ok(())
     }
 
-    async fn launch_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
-        self.check_inputs(&spec.boot)?;
-        let accel = self.detect_accel().await.accel;
-        let dir = &spec.dir;
+    /// The VM's console capture, served before QEMU connects to it.
+    fn start_console(&self, dir: &VmDir, accel: Accel) -> Result<RunningVm, BackendError> {
         let console = Console::create(&dir.file("console.log"), self.vm.console_max_bytes)
             .map_err(|source| BackendError::Io {
                 context: "create console.log".into(),
@@ -113,11 +131,22 @@ impl QemuBackend {
                 context: "bind the console socket".into(),
                 source,
             })?;
-        let mut vm = RunningVm::new(console.clone(), Some(accel.as_str().into()));
+        let vm = RunningVm::new(console.clone(), Some(accel.as_str().into()));
         {
             let (tracker, cancel) = vm.io();
             console.serve(console_listener, tracker, cancel);
         }
+        Ok(vm)
+    }
+
+    /// vhost-device-vsock, then QEMU; both end up in `vm` (QEMU first).
+    async fn start_processes(
+        &self,
+        spec: &LaunchSpec,
+        accel: Accel,
+        vm: &mut RunningVm,
+    ) -> Result<(), BackendError> {
+        let dir = &spec.dir;
         let vhost = self.start_vhost(spec).await?;
         let vhost_pid = vhost.id().unwrap_or_default();
         let args = qemu_args(&self.qemu, &self.vm, spec, accel);
@@ -132,23 +161,158 @@ impl QemuBackend {
             child: vhost,
         });
         dir.record_pids(&[("qemu", qemu_pid), ("vhost", vhost_pid)])?;
+        Ok(())
+    }
+
+    async fn launch_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
+        self.check_inputs(&spec.boot)?;
+        let accel = self.detect_accel().await.accel;
+        let mut vm = self.start_console(&spec.dir, accel)?;
+        self.start_processes(spec, accel, &mut vm).await?;
         Ok(vm)
+    }
+
+    async fn restore_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
+        let Boot::Restore { state, .. } = &spec.boot else {
+            return Err(BackendError::Unsupported(
+                "qemu (restore without a saved state)",
+            ));
+        };
+        if !hotplug_vsock(&self.qemu) {
+            return Err(BackendError::Unsupported(
+                "qemu (machine without PCIe hotplug)",
+            ));
+        }
+        let accel = self.detect_accel().await.accel;
+        let mut vm = self.start_console(&spec.dir, accel)?;
+        self.start_processes(spec, accel, &mut vm).await?;
+        let qmp_socket = spec.dir.qmp_socket();
+        let program = self.qemu.binary.display().to_string();
+        let Some(qemu) = vm.processes.first_mut() else {
+            return Err(BackendError::Unsupported("qemu (no process)"));
+        };
+        wait_created(
+            &spec.dir,
+            &qmp_socket,
+            &mut qemu.child,
+            &program,
+            QMP_READY_TIMEOUT,
+        )
+        .await?;
+        let mut qmp = Qmp::connect(&qmp_socket, QMP_TIMEOUT).await?;
+        enable_migration_events(&mut qmp).await?;
+        let uri = format!("exec:cat {}", shell_quote(state));
+        qmp.execute("migrate-incoming", json!({ "uri": uri }), QMP_TIMEOUT)
+            .await?;
+        let done = qmp
+            .wait_event("load the saved state", migration_ended, RESTORE_TIMEOUT)
+            .await?;
+        if done["data"]["status"] != "completed" {
+            return Err(BackendError::Restore(format!(
+                "loading {} failed: {}",
+                state.display(),
+                file_tail(&spec.dir.file("vmm.log"), 3)
+            )));
+        }
+        Ok(vm)
+    }
+
+    async fn resume_inner(&self, dir: &VmDir) -> Result<(), BackendError> {
+        let mut qmp = Qmp::connect(&dir.qmp_socket(), QMP_TIMEOUT).await?;
+        let socket = dir.vhost_socket().display().to_string();
+        let backend = json!({"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": socket}}, "server": false}});
+        qmp.execute(
+            "chardev-add",
+            json!({"id": VHOST_CHARDEV, "backend": backend}),
+            QMP_TIMEOUT,
+        )
+        .await?;
+        let device = json!({"driver": "vhost-user-vsock-pci", "chardev": VHOST_CHARDEV,
+            "id": VSOCK_DEVICE, "bus": VSOCK_PORT});
+        qmp.execute("device_add", device, QMP_TIMEOUT).await?;
+        qmp.execute("cont", json!({}), QMP_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// Unplugs the vsock device (QEMU 7.2 refuses to save a VM with a
+    /// vhost-user device), then streams the state to `out` with QEMU's
+    /// default 32 MiB/s migration cap lifted.
+    async fn save_inner(&self, dir: &VmDir, out: &Path) -> Result<SaveStats, BackendError> {
+        self.save_steps(dir, out).await.map_err(|e| match e {
+            BackendError::Qmp(e) => BackendError::Restore(format!(
+                "{e} (QEMU's log: {})",
+                file_tail(&dir.file("vmm.log"), 3)
+            )),
+            e => e,
+        })
+    }
+
+    async fn save_steps(&self, dir: &VmDir, out: &Path) -> Result<SaveStats, BackendError> {
+        let started = Instant::now();
+        let mut qmp = Qmp::connect(&dir.qmp_socket(), QMP_TIMEOUT).await?;
+        qmp.execute("device_del", json!({ "id": VSOCK_DEVICE }), QMP_TIMEOUT)
+            .await?;
+        qmp.wait_event(
+            "unplug the vsock device",
+            |v| v["event"] == "DEVICE_DELETED" && v["data"]["device"] == VSOCK_DEVICE,
+            UNPLUG_TIMEOUT,
+        )
+        .await?;
+        qmp.execute(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1u64 << 40}),
+            QMP_TIMEOUT,
+        )
+        .await?;
+        enable_migration_events(&mut qmp).await?;
+        // Stopped first: the state is then one consistent pass, with no
+        // dirty-page tracking of a running guest to trust.
+        qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
+        let uri = format!("exec:cat > {}", shell_quote(out));
+        qmp.execute("migrate", json!({ "uri": uri }), QMP_TIMEOUT)
+            .await?;
+        let done = qmp
+            .wait_event("save the VM", migration_ended, SAVE_TIMEOUT)
+            .await?;
+        if done["data"]["status"] != "completed" {
+            return Err(BackendError::Restore(format!(
+                "saving to {} failed: {}",
+                out.display(),
+                file_tail(&dir.file("vmm.log"), 3)
+            )));
+        }
+        let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+        Ok(SaveStats {
+            bytes,
+            took: started.elapsed(),
+        })
+    }
+
+    /// QEMU's version line, asked once.
+    async fn version(&self) -> String {
+        self.version
+            .get_or_init(|| async {
+                let out = Command::new(&self.qemu.binary)
+                    .arg("--version")
+                    .output()
+                    .await;
+                match out {
+                    Ok(o) => String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                    Err(e) => format!("unknown ({e})"),
+                }
+            })
+            .await
+            .clone()
     }
 
     async fn start_vhost(&self, spec: &LaunchSpec) -> Result<tokio::process::Child, BackendError> {
         let dir = &spec.dir;
         let socket = dir.vhost_socket();
-        // Watch before spawning, so the socket's creation cannot be missed.
-        let watch = Inotify::init()
-            .and_then(|i| {
-                i.watches()
-                    .add(dir.root(), WatchMask::CREATE | WatchMask::MOVED_TO)
-                    .map(|_| i)
-            })
-            .map_err(|source| BackendError::Io {
-                context: "watch the VM directory".into(),
-                source,
-            })?;
         let args: Vec<OsString> = vec![
             "--guest-cid".into(),
             "3".into(),
@@ -159,36 +323,90 @@ impl QemuBackend {
         ];
         let program = &self.qemu.vhost_vsock_binary;
         let mut child = spawn_logged(program, &args, &dir.file("vhost.log"))?;
-        let mut events =
-            watch
-                .into_event_stream(vec![0u8; 4096])
-                .map_err(|source| BackendError::Io {
-                    context: "watch the VM directory".into(),
-                    source,
-                })?;
-        let wait_socket = async {
-            while !socket.exists() {
-                if events.next().await.is_none() {
-                    break;
-                }
-            }
-        };
-        tokio::select! {
-            r = tokio::time::timeout(VHOST_READY_TIMEOUT, wait_socket) => match r {
-                Ok(()) if socket.exists() => Ok(child),
-                _ => Err(BackendError::NotReady {
-                    program: program.display().to_string(),
-                    what: socket.display().to_string(),
-                    waited: VHOST_READY_TIMEOUT,
-                }),
-            },
-            status = child.wait() => Err(BackendError::EarlyExit {
-                program: program.display().to_string(),
-                status: status.map(super::backend::describe_status).unwrap_or_else(|e| e.to_string()),
-                log_tail: file_tail(&dir.file("vhost.log"), 5),
-            }),
-        }
+        let shown = program.display().to_string();
+        wait_created(dir, &socket, &mut child, &shown, VHOST_READY_TIMEOUT).await?;
+        Ok(child)
     }
+}
+
+/// Waits until `path` exists in `dir` (inotify), failing if `child`
+/// exits first or `timeout` passes.
+async fn wait_created(
+    dir: &VmDir,
+    path: &Path,
+    child: &mut tokio::process::Child,
+    program: &str,
+    timeout: Duration,
+) -> Result<(), BackendError> {
+    let io = |source| BackendError::Io {
+        context: "watch the VM directory".into(),
+        source,
+    };
+    let watch = Inotify::init().map_err(io)?;
+    watch
+        .watches()
+        .add(dir.root(), WatchMask::CREATE | WatchMask::MOVED_TO)
+        .map_err(io)?;
+    let mut events = watch.into_event_stream(vec![0u8; 4096]).map_err(io)?;
+    // Checked after the watch exists, so a creation cannot slip between.
+    let wait = async {
+        while !path.exists() {
+            if events.next().await.is_none() {
+                break;
+            }
+        }
+    };
+    let log = if program.contains("vhost") {
+        "vhost.log"
+    } else {
+        "vmm.log"
+    };
+    tokio::select! {
+        r = tokio::time::timeout(timeout, wait) => match r {
+            Ok(()) if path.exists() => Ok(()),
+            _ => Err(BackendError::NotReady {
+                program: program.to_string(),
+                what: path.display().to_string(),
+                waited: timeout,
+            }),
+        },
+        status = child.wait() => Err(BackendError::EarlyExit {
+            program: program.to_string(),
+            status: status.map(super::backend::describe_status).unwrap_or_else(|e| e.to_string()),
+            log_tail: file_tail(&dir.file(log), 5),
+        }),
+    }
+}
+
+/// QEMU reports a migration's progress as events only when asked to.
+async fn enable_migration_events(qmp: &mut Qmp) -> Result<(), BackendError> {
+    let caps = json!({"capabilities": [{"capability": "events", "state": true}]});
+    qmp.execute("migrate-set-capabilities", caps, QMP_TIMEOUT)
+        .await?;
+    Ok(())
+}
+
+/// A MIGRATION event that ends one (either way).
+fn migration_ended(v: &Value) -> bool {
+    v["event"] == "MIGRATION"
+        && matches!(
+            v["data"]["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
+}
+
+/// `p` quoted for the shell QEMU runs `exec:` migration URIs with.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+/// Machines whose vsock device sits on its own PCIe root port, so it can
+/// be unplugged before a save and plugged into a restored copy.
+fn hotplug_vsock(q: &QemuConfig) -> bool {
+    q.machine
+        .split(',')
+        .next()
+        .is_some_and(|m| m.contains("q35"))
 }
 
 impl VmBackend for QemuBackend {
@@ -201,6 +419,44 @@ impl VmBackend for QemuBackend {
 
     fn isolates_network(&self, _kind: VmKind) -> bool {
         true
+    }
+
+    fn snapshot_compat<'a>(&'a self) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async {
+            if !hotplug_vsock(&self.qemu) {
+                return None;
+            }
+            let accel = self.detect_accel().await.accel;
+            let q = &self.qemu;
+            Some(format!(
+                "{} | machine {} | cpu {} | accel {} | firmware {:?} | append {:?}",
+                self.version().await,
+                q.machine,
+                q.cpu,
+                accel.as_str(),
+                q.firmware,
+                q.extra_append
+            ))
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        out: &'a Path,
+    ) -> BoxFuture<'a, Result<SaveStats, BackendError>> {
+        Box::pin(self.save_inner(dir, out))
+    }
+
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+    ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
+        Box::pin(self.restore_inner(spec))
+    }
+
+    fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(self.resume_inner(dir))
     }
 
     fn info(&self) -> BackendInfo {
@@ -270,11 +526,35 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
         "none",
         "-no-reboot",
     ]);
-    push(&[
-        "-chardev",
-        &format!("socket,id=vhost,path={}", dir.vhost_socket().display()),
-    ]);
-    push(&["-device", "vhost-user-vsock-pci,chardev=vhost"]);
+    let restoring = matches!(spec.boot, Boot::Restore { .. });
+    if hotplug_vsock(q) {
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", dir.qmp_socket().display()),
+        ]);
+        push(&[
+            "-device",
+            &format!("pcie-root-port,id={VSOCK_PORT},bus=pcie.0,chassis=1"),
+        ]);
+    }
+    // A restored VM gets its vsock device once its state is loaded.
+    if !restoring {
+        let vhost = dir.vhost_socket();
+        push(&[
+            "-chardev",
+            &format!("socket,id={VHOST_CHARDEV},path={}", vhost.display()),
+        ]);
+        let bus = match hotplug_vsock(q) {
+            true => format!(",id={VSOCK_DEVICE},bus={VSOCK_PORT}"),
+            false => String::new(),
+        };
+        push(&[
+            "-device",
+            &format!("vhost-user-vsock-pci,chardev={VHOST_CHARDEV}{bus}"),
+        ]);
+    } else {
+        push(&["-S", "-incoming", "defer"]);
+    }
     push(&[
         "-chardev",
         &format!("socket,id=console,path={}", dir.console_socket().display()),
@@ -298,12 +578,16 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
 /// image's layers are shared read-only by every VM (nothing is copied);
 /// drives appear in order as vda, vdb, ... for stage 1.
 fn boot_args(vm: &VmConfig, boot: &Boot, args: &mut Vec<OsString>) -> (OsString, OsString, String) {
-    let Boot::Image { image, init, home } = boot else {
-        return (
-            vm.kernel.clone().into(),
-            vm.initramfs.clone().into(),
-            String::new(),
-        );
+    let (image, init, home) = match boot {
+        Boot::Initramfs => {
+            return (
+                vm.kernel.clone().into(),
+                vm.initramfs.clone().into(),
+                String::new(),
+            )
+        }
+        Boot::Image { image, init, home } => (image, init, home.as_ref()),
+        Boot::Restore { image, init, .. } => (image, init, None),
     };
     let mut names = Vec::new();
     for (i, layer) in image.layers.iter().enumerate() {

@@ -9,16 +9,20 @@ use std::pin::Pin;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use airlock_proto::{GuestConfig, Operation};
+use airlock_proto::restore::{RefreshSpec, REFRESH_SEED_BYTES};
+use airlock_proto::{GuestConfig, Operation, Reply, SecretBytes};
+use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::backend::{Boot, LaunchSpec, RunningVm};
+use super::backend::{BackendError, Boot, LaunchSpec, RunningVm};
 use super::layout::{prune_failed, VmDir};
-use super::{Inner, VmHandle, VmKind, VmState, VmView};
+use super::pool::WarmVm;
+use super::restore::Origin;
+use super::{Inner, Launch, VmHandle, VmKind, VmState, VmView};
 use crate::agent::guestlog::GuestLog;
 use crate::agent::handshake::{Accepted, HandshakeConfig};
 use crate::agent::listener::{spawn_acceptor, AgentEvent};
@@ -36,12 +40,18 @@ enum Outcome {
 
 /// Grace for helper processes (vhost-device-vsock) after SIGTERM.
 const HELPER_GRACE: Duration = Duration::from_millis(500);
+/// How long a restored VM's refresh may take (the network service's
+/// restart is most of it).
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Runs one VM from launch to teardown.
 pub(super) struct Supervisor {
     inner: Arc<Inner>,
     handle: Arc<VmHandle>,
     boot: Boot,
+    origin: Origin,
+    /// A warm VM from the pool, taken when the VM starts.
+    warm: std::sync::Mutex<Option<WarmVm>>,
     requested: Instant,
     id: String,
     /// The acceptor and agent connection tasks of this VM.
@@ -57,14 +67,16 @@ impl Supervisor {
     pub(super) fn new(
         inner: Arc<Inner>,
         handle: Arc<VmHandle>,
-        boot: Boot,
+        launch: Launch,
         requested: Instant,
     ) -> Self {
         let id = handle.view.borrow().id.clone();
         Self {
             inner,
             handle,
-            boot,
+            boot: launch.boot,
+            origin: launch.origin,
+            warm: std::sync::Mutex::new(launch.warm),
             requested,
             id,
             tasks: TaskTracker::new(),
@@ -174,7 +186,7 @@ impl Supervisor {
             kind: self.handle.view.borrow().kind,
         };
         let mut vm = tokio::select! {
-            r = self.inner.backend_for(self.handle.view.borrow().kind).launch(&spec) => match r {
+            r = self.start(&spec) => match r {
                 Ok(vm) => vm,
                 Err(e) => return (Outcome::Failed(format!("cannot start the VM: {e}")), None),
             },
@@ -191,6 +203,69 @@ impl Supervisor {
             Err(outcome) => outcome,
         };
         (outcome, Some(vm))
+    }
+
+    /// Boots the VM, or restores it (a warm VM is only resumed).
+    async fn start(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
+        let backend = self.inner.backend_for(spec.kind);
+        let warm = self
+            .warm
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let vm = match (warm, &spec.boot) {
+            (Some(w), _) => w.vm,
+            (None, Boot::Restore { .. }) => {
+                let t = Instant::now();
+                let vm = backend.restore(spec).await?;
+                self.update(|v| v.timings.restore_ms = Some(ms(t.elapsed())));
+                vm
+            }
+            (None, _) => return backend.launch(spec).await,
+        };
+        let t = Instant::now();
+        backend.resume(&spec.dir).await?;
+        self.update(|v| v.timings.resume_ms = Some(ms(t.elapsed())));
+        Ok(vm)
+    }
+
+    /// Makes a restored VM its own before anyone uses it: fresh entropy
+    /// from this host, its clock stepped to this host's, and Chromium's
+    /// network service restarted (copies of one snapshot must not share
+    /// random state).
+    async fn refresh(&self, acc: &Accepted) -> Result<(), Outcome> {
+        let mut seed = vec![0u8; REFRESH_SEED_BYTES];
+        SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| Outcome::Failed("cannot draw entropy for the restored VM".into()))?;
+        let unix_time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(ms)
+            .unwrap_or_default();
+        let spec = RefreshSpec {
+            seed: SecretBytes::new(seed),
+            unix_time_ms,
+        };
+        let t = Instant::now();
+        match acc
+            .client
+            .call(Operation::Refresh(spec), REFRESH_TIMEOUT)
+            .await
+        {
+            Ok(Reply::Refreshed(r)) => {
+                self.update(|v| {
+                    v.timings.refresh_ms = Some(ms(t.elapsed()));
+                    v.timings.clock_step_ms = Some(r.clock_step_ms);
+                });
+                Ok(())
+            }
+            Ok(other) => Err(Outcome::Failed(format!(
+                "the restored VM's agent answered its refresh with {other:?}"
+            ))),
+            Err(e) => Err(Outcome::Failed(format!(
+                "the restored VM could not be made its own (entropy, clock): {e}"
+            ))),
+        }
     }
 
     /// Records that the guest ran out of memory (the VM goes on; whoever
@@ -255,6 +330,9 @@ impl Supervisor {
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(AgentEvent::Connected(acc)) => {
+                    if self.origin != Origin::Boot {
+                        self.refresh(&acc).await?;
+                    }
                     self.ready(*acc, vm, vmm_started);
                     Ok(())
                 }
@@ -279,9 +357,12 @@ impl Supervisor {
             v.agent_version = Some(h.agent_version.clone());
             v.agent_build_id = Some(h.build_id.clone());
             let t = &mut v.timings;
-            t.vmm_to_init_ms = init_at.map(|i| ms(i.saturating_duration_since(vmm_started)));
-            t.guest_uptime_at_init_ms = Some(h.uptime_at_start_ms);
-            t.init_to_hello_ms = Some(h.uptime_at_hello_ms - h.uptime_at_start_ms);
+            // A restored VM's agent started in the template, long ago.
+            if self.origin == Origin::Boot {
+                t.vmm_to_init_ms = init_at.map(|i| ms(i.saturating_duration_since(vmm_started)));
+                t.guest_uptime_at_init_ms = Some(h.uptime_at_start_ms);
+                t.init_to_hello_ms = Some(h.uptime_at_hello_ms - h.uptime_at_start_ms);
+            }
             t.hello_to_ready_ms = Some(ms(acc.ready_at - acc.hello_at));
             t.request_to_ready_ms = Some(ms(acc.ready_at - self.requested));
         });
@@ -315,6 +396,10 @@ impl Supervisor {
                 exit = vm.wait_exit() => return Outcome::Failed(format!("the VM stopped unexpectedly: {exit}")),
                 _ = async { match &agent { Some(a) => a.closed().await, None => pending().await } } => {
                     self.handle.set_agent(None);
+                    // A VM being saved lost its vsock device on purpose.
+                    if self.handle.saving.load(std::sync::atomic::Ordering::Relaxed) {
+                        continue;
+                    }
                     lost = Some(Box::pin(tokio::time::sleep(reconnect)));
                     log.note("agent connection lost; waiting for the agent to dial again");
                 }
