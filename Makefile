@@ -82,6 +82,7 @@ bench: build image
 	cargo bench --locked -p airlock-tests --bench login
 	cargo bench --locked -p airlock-tests --bench live
 	cargo bench --locked -p airlock-tests --bench browser_vm
+	cargo bench --locked -p airlock-tests --bench snapshots
 
 clean:
 	rm -rf $(BUILD)

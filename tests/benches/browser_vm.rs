@@ -23,7 +23,7 @@ use airlock_tests::cdp::Viewer;
 use airlock_tests::coturn::Coturn;
 use airlock_tests::live::click_screen;
 use airlock_tests::login::{state_is, step_events};
-use airlock_tests::stats::{median, percentile};
+use airlock_tests::stats::{median, percentile, row, rss_mib};
 use airlock_tests::{artifacts, Daemon, Settings};
 use anyhow::{bail, Context, Result};
 use reqwest::Method;
@@ -229,21 +229,6 @@ async fn measure(d: &Daemon, view: &Value) -> Result<Sample> {
     })
 }
 
-fn rss_mib(pid: i32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))?
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .ok()
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
 /// Disk blocks used under `path` (KiB), as `du -sk` counts them.
 fn du_kib(path: &std::path::Path) -> f64 {
     Command::new("du")
@@ -259,15 +244,6 @@ fn du_kib(path: &std::path::Path) -> f64 {
                 .ok()
         })
         .unwrap_or(f64::NAN)
-}
-
-fn row(label: &str, xs: &[f64], unit: &str) {
-    println!(
-        "{label:<58} {:>8.0} {unit} {:>8.0} {unit} {:>8.0} {unit}",
-        median(xs),
-        percentile(xs, 0.0),
-        percentile(xs, 100.0)
-    );
 }
 
 fn report(samples: &[Sample], figures: &mut serde_json::Map<String, Value>) {

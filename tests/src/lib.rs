@@ -166,7 +166,10 @@ impl Settings {
             .set("vm", "backend", &format!("{backend:?}"))
             .set("server", "listen", "\"127.0.0.1:0\"")
             .set("qemu", "accel", "\"tcg\"")
-            .set("vm", "boot_timeout_ms", "60000");
+            .set("vm", "boot_timeout_ms", "60000")
+            // Snapshots cost a minute of both cores to make: the tests
+            // that are about them turn them on (`tests/snapshots.rs`).
+            .set("snapshots", "enabled", "false");
         match backend {
             "process" => s.set("vm", "unsafe_host_browser", "true"),
             _ => s,
@@ -500,8 +503,8 @@ impl Drop for Daemon {
 }
 
 /// Runs a test body against a fresh airlockd. When the body fails (an
-/// error or a panic) airlockd's log and the VMs' consoles are printed; in
-/// every case the daemon and its VMs are torn down.
+/// error or a panic) its sessions, airlockd's log and the VMs' consoles
+/// are printed; in every case the daemon and its VMs are torn down.
 pub async fn with_daemon(
     settings: Settings,
     body: impl AsyncFnOnce(&mut Daemon) -> Result<()>,
@@ -509,9 +512,21 @@ pub async fn with_daemon(
     let mut d = Daemon::start(settings).await?;
     let result = body(&mut d).await;
     if result.is_err() {
+        d.print_sessions().await;
         d.print_diagnostics();
     }
     result
+}
+
+/// A golden image `make image` built (`browser` or `cli`).
+pub fn golden_image(kind: &str) -> Result<PathBuf> {
+    let dir = artifacts()?.build_dir.join("images").join(kind);
+    anyhow::ensure!(
+        dir.join("manifest.json").is_file(),
+        "{} is missing: run `make image`",
+        dir.display()
+    );
+    Ok(dir)
 }
 
 /// `pid cmdline` of every process whose command line contains `needle`.

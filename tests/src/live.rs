@@ -134,3 +134,54 @@ pub async fn press_key(viewer: &Tab, key: &str, code: i64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Signs in to the demo provider as a person would, through the viewer
+/// page of the session `v` (awaiting the user, on its sign-in page): waits
+/// for video, clicks and types on it, allows on the consent page, and
+/// returns the session once it completed. The viewer is returned too, for
+/// whatever else the caller checks while it is open.
+pub async fn demo_login_through_viewer(
+    d: &Daemon,
+    v: &Value,
+) -> Result<(Value, crate::cdp::Viewer)> {
+    let id = v["sessionId"].as_str().context("sessionId")?;
+    let link = format!(
+        "{}{}",
+        d.base,
+        v["viewerUrl"].as_str().context("viewerUrl")?
+    );
+    let viewer = crate::cdp::Viewer::open(&link).await?;
+    viewer
+        .tab
+        .wait_for(
+            "(() => { const v = document.querySelector('#screen'); return v && v.videoWidth > 0 && v.currentTime > 0 ? true : null; })()",
+            Duration::from_secs(90),
+        )
+        .await
+        .context("the viewer never showed video (TURN over TCP through the egress gateway)")?;
+    sign_in_and_allow(d, id, &viewer).await?;
+    let done = d
+        .wait_session(id, Duration::from_secs(300), |v| {
+            v["state"] == "completed" || v["state"] == "failed"
+        })
+        .await?;
+    anyhow::ensure!(done["state"] == "completed", "{done}");
+    Ok((done, viewer))
+}
+
+/// Through the viewer: types alice's name and password into the sign-in
+/// form on screen (its first field after a click above the form), then
+/// allows on the consent page (Allow has the focus there).
+pub async fn sign_in_and_allow(d: &Daemon, id: &str, viewer: &crate::cdp::Viewer) -> Result<()> {
+    click_screen(&viewer.tab, 20.0, 140.0).await?;
+    press_key(&viewer.tab, "Tab", 9).await?;
+    type_keys(&viewer.tab, "alice").await?;
+    press_key(&viewer.tab, "Tab", 9).await?;
+    type_keys(&viewer.tab, "correct horse").await?;
+    press_key(&viewer.tab, "Enter", 13).await?;
+    d.wait_page(id, "/authorize/login", 1).await?;
+    d.press_until_past_consent(id, Duration::from_secs(45), async |_| {
+        press_key(&viewer.tab, "Enter", 13).await
+    })
+    .await
+}

@@ -18,6 +18,32 @@ pub fn percentile(xs: &[f64], p: f64) -> f64 {
     v[lo] + (v[hi] - v[lo]) * (rank - lo as f64)
 }
 
+/// Resident memory of a process (MiB), NaN when it is gone.
+pub fn rss_mib(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Prints one figure: median, min and max of several runs.
+pub fn row(label: &str, xs: &[f64], unit: &str) {
+    println!(
+        "{label:<58} {:>8.0} {unit} {:>8.0} {unit} {:>8.0} {unit}",
+        median(xs),
+        percentile(xs, 0.0),
+        percentile(xs, 100.0)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,11 +25,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use airlock_tests::cdp::Viewer;
 use airlock_tests::coturn::Coturn;
-use airlock_tests::live::{click_screen, press_key, type_keys};
+use airlock_tests::live::demo_login_through_viewer;
 use airlock_tests::login::{loaded, state_is, step_events};
-use airlock_tests::{artifacts, Daemon, Settings};
+use airlock_tests::{artifacts, golden_image, Daemon, Settings};
 use anyhow::{ensure, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -38,23 +37,13 @@ use serde_json::{json, Value};
 /// was asked for; two tests may share the two cores.
 const BROWSER_UP: Duration = Duration::from_secs(300);
 
-fn image(kind: &str) -> Result<PathBuf> {
-    let dir = artifacts()?.build_dir.join("images").join(kind);
-    ensure!(
-        dir.join("manifest.json").is_file(),
-        "{} is missing: run `make image`",
-        dir.display()
-    );
-    Ok(dir)
-}
-
 /// airlockd with browser and CLI VMs from the golden images, the demo
 /// provider, and `coturn` for the live view.
 fn settings(coturn: &Coturn) -> Result<Settings> {
     let path = |p: PathBuf| format!("{:?}", p.display().to_string());
     let s = Settings::new("qemu")
-        .set("vm", "browser_image", &path(image("browser")?))
-        .set("vm", "cli_image", &path(image("cli")?))
+        .set("vm", "browser_image", &path(golden_image("browser")?))
+        .set("vm", "cli_image", &path(golden_image("cli")?))
         .set("vm", "boot_timeout_ms", "180000")
         .set("auth", "demo", "true")
         .set("auth", "browser_timeout_ms", "400000")
@@ -94,17 +83,6 @@ fn chromium_children_of(pid: i32) -> Vec<i32> {
 async fn the_demo_login_runs_in_a_browser_vm_through_the_viewer_page() -> Result<()> {
     with_vms(|s| s, async |d, _| {
         let v = awaiting_user(d, "vm-alice").await?;
-        let id = v["sessionId"].as_str().context("sessionId")?;
-        let link = format!("{}{}", d.base, v["viewerUrl"].as_str().context("viewerUrl")?);
-        let viewer = Viewer::open(&link).await?;
-        viewer
-            .tab
-            .wait_for(
-                "(() => { const v = document.querySelector('#screen'); return v && v.videoWidth > 0 && v.currentTime > 0 ? true : null; })()",
-                Duration::from_secs(90),
-            )
-            .await
-            .context("the viewer never showed video (TURN over TCP through the egress gateway)")?;
         // Chromium in the VM: an unprivileged user, its own sandbox on.
         let vm = v["browserVmId"].as_str().context("browserVmId")?;
         let list = "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \
@@ -116,26 +94,11 @@ async fn the_demo_login_runs_in_a_browser_vm_through_the_viewer_page() -> Result
             ensure!(!p.starts_with("0 "), "a Chromium process runs as root: {p}");
             ensure!(!p.contains("--no-sandbox"), "Chromium runs without its sandbox: {p}");
         }
-        // Above the form: focus the page, then Tab to the username field.
-        click_screen(&viewer.tab, 20.0, 140.0).await?;
-        press_key(&viewer.tab, "Tab", 9).await?;
-        type_keys(&viewer.tab, "alice").await?;
-        press_key(&viewer.tab, "Tab", 9).await?;
-        type_keys(&viewer.tab, "correct horse").await?;
-        press_key(&viewer.tab, "Enter", 13).await?;
-        d.wait_page(id, "/authorize/login", 1).await?;
-        // The consent page has Allow focused.
-        press_key(&viewer.tab, "Enter", 13).await?;
+        let (done, _viewer) = demo_login_through_viewer(d, &v).await?;
         ensure!(
             chromium_children_of(d.pid()).is_empty(),
             "a browser-role Chromium runs on the host"
         );
-        let done = d
-            .wait_session(id, Duration::from_secs(300), |v| {
-                v["state"] == "completed" || v["state"] == "failed"
-            })
-            .await?;
-        ensure!(state_is(&done, "completed"), "{done}");
         let events = step_events(&done);
         ensure!(events.iter().any(|e| e == "streamerRunning"), "{events:?}");
         ensure!(events.iter().any(|e| e == "egress"), "{events:?}");
@@ -466,7 +429,7 @@ async fn a_browser_vm_with_too_little_memory_fails_saying_so() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_browser_image_with_another_agent_is_refused_by_name() -> Result<()> {
-    let real = image("browser")?;
+    let real = golden_image("browser")?;
     let copy = tempfile::tempdir()?;
     for entry in std::fs::read_dir(&real)? {
         let entry = entry?;

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use airlock_fakes::oauth::OAuthEvent;
 use airlock_tests::cdp::Viewer;
-use airlock_tests::live::{click_screen, press_key, type_keys};
+use airlock_tests::live::{click_screen, press_key, sign_in_and_allow, type_keys};
 use airlock_tests::login::{state_is, step_events};
 use airlock_tests::vendors::{self, BrowserRole, World, BROWSER_UP};
 use airlock_tests::{artifacts, toml_path, Daemon, Settings};
@@ -99,23 +99,6 @@ async fn open_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
         .await
         .context("the viewer never showed video")?;
     Ok(viewer)
-}
-
-/// Through the viewer: types alice's name and password into the sign-in
-/// form on screen (its first field after a click on the page), then
-/// allows on the consent page.
-async fn sign_in_and_allow(d: &Daemon, id: &str, viewer: &Viewer) -> Result<()> {
-    click_screen(&viewer.tab, 20.0, 140.0).await?;
-    press_key(&viewer.tab, "Tab", 9).await?;
-    type_keys(&viewer.tab, "alice").await?;
-    press_key(&viewer.tab, "Tab", 9).await?;
-    type_keys(&viewer.tab, "correct horse").await?;
-    press_key(&viewer.tab, "Enter", 13).await?;
-    d.wait_page(id, "/authorize/login", 1).await?;
-    d.press_until_past_consent(id, Duration::from_secs(45), async |_| {
-        press_key(&viewer.tab, "Enter", 13).await
-    })
-    .await
 }
 
 /// Runs `script` with `sh -c` in a VM as root with root's home, with a
