@@ -6,6 +6,8 @@
 //! and at `awaiting_user`; the snapshot's size and the time to make it.
 //! Under QEMU/TCG on this machine, sessions one after another, each
 //! cancelled once measured. Figures also go to `build/bench/snapshots.json`.
+//! `AIRLOCK_BENCH_ONLY=cold,restored,pool` picks phases;
+//! `AIRLOCK_BENCH_STEPS=1` prints each session's steps.
 
 use std::time::{Duration, Instant};
 
@@ -114,8 +116,29 @@ async fn session(d: &Daemon, user: &str) -> Result<Sample> {
             .map(|p| rss_mib(p as i32))
             .unwrap_or(f64::NAN),
     };
+    if std::env::var_os("AIRLOCK_BENCH_STEPS").is_some() {
+        print_steps(&v, &vm);
+    }
     d.cancel_session(&id).await?;
     Ok(sample)
+}
+
+/// The session's steps, ms after its first, and the VM's timings
+/// (`AIRLOCK_BENCH_STEPS=1`: where the time goes).
+fn print_steps(session: &Value, vm: &Value) {
+    let steps = session["steps"].as_array().cloned().unwrap_or_default();
+    let t0 = steps
+        .first()
+        .and_then(|s| at_ms(&json!({"steps": [s]}), s["event"].as_str()?));
+    for s in &steps {
+        let at = at_ms(
+            &json!({"steps": [s]}),
+            s["event"].as_str().unwrap_or_default(),
+        );
+        let rel = at.zip(t0).map(|(a, b)| a - b).unwrap_or(f64::NAN);
+        println!("  {rel:>8.0} ms  {} {}", s["event"], s["detail"]);
+    }
+    println!("  VM timings: {}", vm["timings"]);
 }
 
 fn report(label: &str, xs: &[Sample], figures: &mut serde_json::Map<String, Value>) {
@@ -172,13 +195,17 @@ async fn run() -> Result<()> {
     let mut figures = serde_json::Map::new();
     let dir = tempfile::tempdir()?;
 
-    let d = Daemon::start(settings(None)?).await?;
-    let mut cold = Vec::new();
-    for i in 0..n {
-        cold.push(session(&d, &format!("cold-{i}")).await?);
+    let only = std::env::var("AIRLOCK_BENCH_ONLY").unwrap_or_default();
+    let wanted = |phase: &str| only.is_empty() || only.split(',').any(|p| p == phase);
+    if wanted("cold") {
+        let d = Daemon::start(settings(None)?).await?;
+        let mut cold = Vec::new();
+        for i in 0..n {
+            cold.push(session(&d, &format!("cold-{i}")).await?);
+        }
+        drop(d);
+        report("cold boot", &cold, &mut figures);
     }
-    drop(d);
-    report("cold boot", &cold, &mut figures);
 
     // A fresh snapshot directory: the first daemon makes one.
     let made = Instant::now();
@@ -193,41 +220,44 @@ async fn run() -> Result<()> {
         m["saveMs"]
     );
     figures.insert("snapshot".into(), m.clone());
-    let mut restored = Vec::new();
-    for i in 0..n {
-        restored.push(session(&d, &format!("restored-{i}")).await?);
+    if wanted("restored") {
+        let mut restored = Vec::new();
+        for i in 0..n {
+            restored.push(session(&d, &format!("restored-{i}")).await?);
+        }
+        report("restored on demand", &restored, &mut figures);
     }
     drop(d);
-    report("restored on demand", &restored, &mut figures);
 
-    let d = Daemon::start(settings(Some((dir.path(), 1)))?).await?;
-    let mut pooled = Vec::new();
-    let mut warm_rss = Vec::new();
-    for i in 0..n {
-        wait(&d, |s| s["poolReady"] == 1).await?;
-        // The warm VM: paused and loaded, before anyone takes it.
-        let (_, vms) = d.request(Method::GET, "/api/vms", None).await?;
-        let before: Vec<i32> = vms["vms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v["vmmPid"].as_i64())
-            .map(|p| p as i32)
-            .collect();
-        let warm: Vec<f64> = airlock_tests::processes_naming(d.dir.path(), Some(d.pid()))
-            .iter()
-            .filter(|p| p.contains("qemu-system"))
-            .filter_map(|p| p.split_whitespace().next()?.parse::<i32>().ok())
-            .filter(|p| !before.contains(p))
-            .map(rss_mib)
-            .collect();
-        warm_rss.extend(warm);
-        pooled.push(session(&d, &format!("pool-{i}")).await?);
+    if wanted("pool") {
+        let d = Daemon::start(settings(Some((dir.path(), 1)))?).await?;
+        let mut pooled = Vec::new();
+        let mut warm_rss = Vec::new();
+        for i in 0..n {
+            wait(&d, |s| s["poolReady"] == 1).await?;
+            // The warm VM: restored, refreshed and running, before anyone
+            // takes it.
+            let (_, vms) = d.request(Method::GET, "/api/vms", None).await?;
+            let warm: Vec<f64> = vms["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["pooled"] == true)
+                .filter_map(|v| v["vmmPid"].as_i64())
+                .map(|p| rss_mib(p as i32))
+                .collect();
+            warm_rss.extend(warm);
+            pooled.push(session(&d, &format!("pool-{i}")).await?);
+        }
+        drop(d);
+        report("from the warm pool", &pooled, &mut figures);
+        row(
+            "QEMU RSS of a warm VM (restored, refreshed, running)",
+            &warm_rss,
+            "MiB",
+        );
+        figures.insert("warm VM RSS MiB".into(), json!(median(&warm_rss)));
     }
-    drop(d);
-    report("from the warm pool", &pooled, &mut figures);
-    row("QEMU RSS of a warm VM (restored, paused)", &warm_rss, "MiB");
-    figures.insert("warm VM RSS MiB".into(), json!(median(&warm_rss)));
 
     let out = artifacts()?.build_dir.join("bench");
     std::fs::create_dir_all(&out)?;

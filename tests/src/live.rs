@@ -185,3 +185,19 @@ pub async fn sign_in_and_allow(d: &Daemon, id: &str, viewer: &crate::cdp::Viewer
     })
     .await
 }
+
+/// Keeps the page in `tab` changing (a counter in its corner redrawn 25
+/// times a second), for tests that count video frames: the streamer sends
+/// frames of a still screen only about once a second.
+pub async fn keep_changing(tab: &Tab) -> Result<()> {
+    tab.eval(
+        "(() => { const e = document.createElement('div'); \
+         e.style.cssText = 'position:fixed;right:0;bottom:0;font:12px monospace'; \
+         document.body.appendChild(e); \
+         window.__airlockTicker = setInterval(() => { e.textContent = String(performance.now()); }, 40); \
+         return true; })()",
+    )
+    .await
+    .context("cannot animate the page")?;
+    Ok(())
+}

@@ -12,7 +12,9 @@
 use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
-use airlock_tests::live::{click_screen, element_center, press_key, type_keys, LiveSession};
+use airlock_tests::live::{
+    click_screen, element_center, keep_changing, press_key, type_keys, LiveSession,
+};
 use airlock_tests::login::{state_is, step_events, with_rig, LoginRig, FAKE, FAKE_CREDENTIAL};
 use airlock_tests::peer::Peer;
 use airlock_tests::Settings;
@@ -42,6 +44,7 @@ async fn live_session(rig: &LoginRig) -> Result<LiveSession> {
 async fn an_independent_peer_gets_complete_frames_and_keyframes_on_request() -> Result<()> {
     with_rig(loopback, async |rig| {
         let live = live_session(rig).await?;
+        keep_changing(&browser_role_tab(rig.daemon.pid()).await?).await?;
         let peer = Peer::connect(&live.ws_url).await?;
         ensure!(peer.welcome["controlling"] == true, "{}", peer.welcome);
         peer.connected(Duration::from_secs(15)).await?;
@@ -97,10 +100,11 @@ async fn the_viewer_page_shows_the_screen_takes_input_and_outlives_a_streamer_cr
     with_rig(loopback, async |rig| {
         let d = &rig.daemon;
         let live = live_session(rig).await?;
+        let browser = browser_role_tab(d.pid()).await?;
+        keep_changing(&browser).await?;
         let viewer = Viewer::open(&live.page_url).await?;
         wait_frames(&viewer.tab, 30, Duration::from_secs(30)).await?;
         // A click on the password field and typing, as a person would.
-        let browser = browser_role_tab(d.pid()).await?;
         let (x, y) = element_center(&browser, "#password").await?;
         click_screen(&viewer.tab, x, y).await?;
         browser

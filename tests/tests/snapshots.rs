@@ -355,7 +355,15 @@ async fn the_pool_keeps_to_its_memory_bound_and_leaves_nothing_behind() -> Resul
     with_daemon(s, async |d| {
         let s = wait_snapshots(d, "two warm VMs", |s| s["poolReady"] == 2).await?;
         ensure!(s["poolTarget"] == 2, "{s}");
-        // Paused and loaded: QEMU and vhost-device-vsock per warm VM.
+        // Running, unowned, listed as pooled: a QEMU each.
+        let (_, vms) = d.request(Method::GET, "/api/vms", None).await?;
+        let pooled: Vec<&Value> = vms["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["pooled"] == true && v["state"] == "ready" && v["owner"].is_null())
+            .collect();
+        ensure!(pooled.len() == 2, "{vms}");
         let procs = d.leftover_processes();
         ensure!(
             procs.iter().filter(|p| p.contains("qemu-system")).count() == 2,

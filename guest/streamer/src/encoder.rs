@@ -15,6 +15,7 @@ use gstreamer::prelude::*;
 use gstreamer_video as gst_video;
 
 use crate::branch::{self, Branch, BranchError};
+use crate::damage::Wake;
 
 /// Seconds between keyframes when nobody asks: viewers ask when they need
 /// one (PLI), so periodic ones are only a safety net.
@@ -52,6 +53,8 @@ impl Counters {
 #[derive(Debug, Clone)]
 pub struct Keyframer {
     encoder_src: gst::Pad,
+    /// A still screen sends no frames: the keyframe needs one.
+    wake: Wake,
 }
 
 impl Keyframer {
@@ -64,6 +67,7 @@ impl Keyframer {
         if !self.encoder_src.send_event(event) {
             tracing::debug!("encoder did not take the keyframe request");
         }
+        self.wake.wake();
     }
 }
 
@@ -84,6 +88,7 @@ impl Encoder {
         raw_tee: &gst::Element,
         spec: &StreamSpec,
         counters: Arc<Counters>,
+        wake: Wake,
     ) -> Result<Self, BranchError> {
         let name = codec_name(codec);
         let queue = branch::leaky_queue(&format!("{name}-queue"), 1)?;
@@ -104,7 +109,7 @@ impl Encoder {
         Ok(Self {
             codec,
             tee,
-            keyframer: Keyframer { encoder_src },
+            keyframer: Keyframer { encoder_src, wake },
             branch,
         })
     }

@@ -8,6 +8,7 @@
 //! stderr.
 
 mod branch;
+mod damage;
 mod datachannel;
 mod encoder;
 mod ice;

@@ -5,6 +5,7 @@
 //! `streamer` builds one [`Capture`] per run and waits for its first frame
 //! (which gives the `Ready` size) before it accepts viewers.
 
+use std::sync::Arc;
 use std::thread;
 
 use airlock_proto::stream::StreamSpec;
@@ -13,6 +14,7 @@ use gstreamer::prelude::*;
 use gstreamer_video as gst_video;
 
 use crate::branch::{self, BranchError};
+use crate::damage::{Gate, Wake};
 
 /// Why the capture pipeline failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,7 @@ pub enum BusEvent {
 pub struct Capture {
     pipeline: gst::Pipeline,
     raw_tee: gst::Element,
+    gate: Arc<Gate>,
 }
 
 /// Every element the pipeline may make (for `--warm-up`).
@@ -73,7 +76,9 @@ pub const ELEMENTS: &[&str] = &[
 pub const WEBRTC_PREFIX: &str = "webrtc-";
 
 impl Capture {
-    /// Builds `ximagesrc ! caps ! videoconvert ! queue ! tee` for `display`.
+    /// Builds `ximagesrc ! caps ! videoconvert ! queue ! tee` for `display`,
+    /// with frames of an unchanged screen dropped right after the grab
+    /// ([`crate::damage`]).
     pub fn build(spec: &StreamSpec, display: &str) -> Result<Self, PipelineError> {
         gst::init().map_err(|e| PipelineError::Init(e.to_string()))?;
         let pipeline = gst::Pipeline::with_name("airlock-streamer");
@@ -96,7 +101,26 @@ impl Capture {
             .add_many(chain)
             .map_err(|_| BranchError::Link("capture".into()))?;
         gst::Element::link_many(chain).map_err(|_| BranchError::Link("capture".into()))?;
-        Ok(Self { pipeline, raw_tee })
+        let gate = Arc::new(Gate::open(display));
+        let grabbed = src
+            .static_pad("src")
+            .ok_or_else(|| BranchError::Link("capture".into()))?;
+        let g = gate.clone();
+        grabbed.add_probe(gst::PadProbeType::BUFFER, move |_, _| match g.pass() {
+            true => gst::PadProbeReturn::Ok,
+            false => gst::PadProbeReturn::Drop,
+        });
+        Ok(Self {
+            pipeline,
+            raw_tee,
+            gate,
+        })
+    }
+
+    /// A handle that makes the next captured frame go on (encoders that
+    /// need a frame now: a keyframe for a new viewer).
+    pub fn waker(&self) -> Wake {
+        self.gate.waker()
     }
 
     /// The pipeline everything else is added to.

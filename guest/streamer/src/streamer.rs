@@ -173,6 +173,7 @@ impl Streamer {
             capture.raw_tee(),
             &spec,
             counters.clone(),
+            capture.waker(),
         )?;
         let first = tx.clone();
         capture.on_first_frame(move |width, height| {
@@ -416,6 +417,7 @@ impl Streamer {
                 self.capture.raw_tee(),
                 &self.ctx.spec,
                 self.counters.clone(),
+                self.capture.waker(),
             )?;
             self.encoders.insert(codec, encoder);
         }

@@ -87,6 +87,57 @@ impl Drop for Xvfb {
     }
 }
 
+/// Keeps the screen changing (the root window's colour, 50 times a
+/// second): the streamer sends frames of a still screen only once a
+/// second. Stops on [`Painter::stop`] or drop.
+struct Painter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Painter {
+    fn start(display: &str) -> Result<Self> {
+        use x11rb::connection::Connection;
+        use x11rb::protocol::xproto::{ChangeWindowAttributesAux, ConnectionExt};
+        let (conn, screen) = x11rb::connect(Some(display))?;
+        let root = conn.setup().roots[screen].root;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut colour = 0u32;
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                colour = colour.wrapping_add(0x010203) & 0xffffff;
+                let aux = ChangeWindowAttributesAux::new().background_pixel(colour);
+                let painted = conn.change_window_attributes(root, &aux).is_ok()
+                    && conn.clear_area(false, root, 0, 0, 0, 0).is_ok()
+                    && conn.flush().is_ok();
+                if !painted {
+                    return;
+                }
+                // The animation's pace, not a wait for anything.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Painter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The streamer process; killed on drop unless it was stopped.
 struct Streamer {
     child: Child,
@@ -565,6 +616,7 @@ impl Reports {
 
 /// Xvfb, the streamer and the report plumbing of one test.
 struct Harness {
+    painter: Painter,
     // Dropped last: the streamer needs the display until it is gone.
     streamer: Streamer,
     _xvfb: Xvfb,
@@ -582,6 +634,7 @@ impl Harness {
     /// As [`Harness::start`], with the spec adjusted by `tune`.
     async fn start_with(tune: impl FnOnce(&mut StreamSpec)) -> Result<Self> {
         let xvfb = Xvfb::start()?;
+        let painter = Painter::start(&xvfb.display)?;
         let (report_tx, report_rx) = mpsc::unbounded_channel();
         let streamer = Streamer::start(&xvfb.display, report_tx)?;
         let pipe = streamer.sender();
@@ -606,6 +659,7 @@ impl Harness {
             .await?;
         assert_eq!(size, (1280, 720));
         Ok(Self {
+            painter,
             streamer,
             _xvfb: xvfb,
             pipe,
@@ -646,6 +700,7 @@ async fn a_webrtc_peer_gets_video_keyframes_and_input() -> Result<()> {
     h264_viewer(&h).await?;
     ice_restart(&h, &mut alice).await?;
     bad_signals(&h, &mut alice).await?;
+    still_screen(&mut h, &mut alice).await?;
     alice.pc.close().await?;
     let status = h.streamer.stop(&mut h.reports).await?;
     assert!(status.success(), "streamer exit status {status}");
@@ -666,6 +721,31 @@ async fn video_and_keyframes(h: &Harness, alice: &mut Peer) -> Result<()> {
     alice
         .wait_video("a requested keyframe", |v| v.keyframes > before)
         .await?;
+    Ok(())
+}
+
+/// A still screen costs about a frame a second (the capture ticks 30
+/// times), and a keyframe request still gets its keyframe at once.
+async fn still_screen(h: &mut Harness, alice: &mut Peer) -> Result<()> {
+    h.painter.stop();
+    // The frames of the last change drain first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let window = Duration::from_secs(4);
+    let before = alice.video.borrow().frames;
+    tokio::time::sleep(window).await;
+    let sent = alice.video.borrow().frames - before;
+    assert!(
+        sent <= 8,
+        "{sent} frames of a still screen in {window:?} (at most about one a second)"
+    );
+    let keyframes = alice.video.borrow().keyframes;
+    h.pipe.signal("alice", Signal::KeyFrame)?;
+    timeout(
+        Duration::from_millis(500),
+        alice.wait_video("a keyframe of a still screen", |v| v.keyframes > keyframes),
+    )
+    .await
+    .map_err(|_| anyhow!("no keyframe within 0.5 s of the request on a still screen"))??;
     Ok(())
 }
 

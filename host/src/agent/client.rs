@@ -35,8 +35,33 @@ pub struct ClientOptions {
     /// hung agent with its socket still open is noticed.
     pub silence_limit: Option<Duration>,
     /// Where login, credential and browser events go (the session that owns
-    /// the VM); without one they are dropped.
-    pub events: Option<mpsc::Sender<Event>>,
+    /// the VM); while it has none they are dropped.
+    pub events: Arc<EventSink>,
+}
+
+/// The session a VM's events go to: none for a VM that waits in the warm
+/// pool, set when a session takes it. Shared by every connection of the
+/// VM's agent.
+#[derive(Debug, Default)]
+pub struct EventSink(Mutex<Option<mpsc::Sender<Event>>>);
+
+impl EventSink {
+    /// A sink sending to `to`, if any.
+    pub fn new(to: Option<mpsc::Sender<Event>>) -> Self {
+        Self(Mutex::new(to))
+    }
+
+    /// From now on events go to `to`.
+    pub fn set(&self, to: mpsc::Sender<Event>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(to);
+    }
+
+    fn current(&self) -> Option<mpsc::Sender<Event>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// A request to the agent failed.
@@ -221,7 +246,8 @@ async fn read_loop(mut reader: Reader, inner: Arc<Inner>, log: Arc<GuestLog>, op
 /// Hands a session event to the VM's owner. Awaited: a slow owner slows
 /// the guest down rather than losing a credential.
 async fn forward(opts: &ClientOptions, log: &GuestLog, event: Event) {
-    match &opts.events {
+    // Cloned out: no lock is held while the send waits.
+    match opts.events.current() {
         Some(sink) => {
             if sink.send(event).await.is_err() {
                 log.note("a session event arrived after its session ended; dropped");

@@ -8,4 +8,4 @@ pub mod guestlog;
 pub mod handshake;
 pub mod listener;
 
-pub use client::{AgentClient, AgentError, ClientOptions};
+pub use client::{AgentClient, AgentError, ClientOptions, EventSink};

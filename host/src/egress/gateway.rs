@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::connect::connect;
-use super::policy::EgressPolicy;
+use super::policy::CurrentPolicy;
 use super::{Egress, EgressStats};
 
 /// Time a stream gets to name its destination.
@@ -29,8 +29,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Gateway {
     /// The daemon's egress settings (routes, upstream proxies, limits).
     pub egress: Arc<Egress>,
-    /// What this VM may reach.
-    pub policy: Arc<EgressPolicy>,
+    /// What this VM may reach (read per stream: it changes when a
+    /// session takes a VM from the warm pool).
+    pub policy: Arc<CurrentPolicy>,
     /// Its counters.
     pub stats: Arc<EgressStats>,
     /// For logs.
@@ -84,11 +85,12 @@ impl Gateway {
             Ok(Err(why)) => return self.refuse(&mut s, None, why).await,
             Err(_) => return self.refuse(&mut s, None, "no request in time".into()).await,
         };
-        let target = match self.policy.decide(&self.egress.routes, &open) {
+        let policy = self.policy.get();
+        let target = match policy.decide(&self.egress.routes, &open) {
             Ok(t) => t,
             Err(why) => return self.refuse(&mut s, Some(&open), why).await,
         };
-        let upstream = self.egress.upstream_for(self.policy.user.as_deref());
+        let upstream = self.egress.upstream_for(policy.user.as_deref());
         let timeout = Duration::from_millis(self.egress.cfg.connect_timeout_ms);
         let mut remote = match connect(&target, upstream, &self.egress.local, timeout).await {
             Ok(r) => r,

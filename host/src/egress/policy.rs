@@ -142,6 +142,35 @@ pub struct EgressPolicy {
     pub user: Option<String>,
 }
 
+/// A VM's policy as it is now: a VM from the warm pool starts with
+/// nothing allowed and gets its session's policy when a session takes it.
+/// Each new stream reads the current one.
+#[derive(Debug)]
+pub struct CurrentPolicy(std::sync::RwLock<std::sync::Arc<EgressPolicy>>);
+
+impl CurrentPolicy {
+    /// Starts with `policy`.
+    pub fn new(policy: EgressPolicy) -> Self {
+        Self(std::sync::RwLock::new(std::sync::Arc::new(policy)))
+    }
+
+    /// The policy for a stream opened now.
+    pub fn get(&self) -> std::sync::Arc<EgressPolicy> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the policy (streams already open keep theirs).
+    pub fn set(&self, policy: EgressPolicy) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(policy);
+    }
+}
+
 /// Where an allowed stream goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {

@@ -13,6 +13,7 @@ use airlock_proto::{
     BrowserEvent, BrowserSpec, CapturedCredential, CapturedFile, ErrorCode, Event, LoginStep,
     Operation, Reply, SecretBytes,
 };
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::{delivery, merge};
@@ -275,8 +276,13 @@ pub fn browser_spec(cfg: &crate::config::AuthConfig) -> Result<BrowserSpec, Stri
 /// How the browser VM started, with its timings, for the history.
 fn vm_started(v: &crate::vm::VmView) -> String {
     let t = &v.timings;
+    let asked = match v.origin {
+        // Its request was the pool's, before this session.
+        crate::vm::restore::Origin::Pool => "the pool asked for it",
+        _ => "the request",
+    };
     let mut detail = format!(
-        "{}: ready {} ms after the request",
+        "{}: ready {} ms after {asked}",
         v.origin.describe(),
         t.request_to_ready_ms.unwrap_or_default()
     );
@@ -304,16 +310,17 @@ async fn follow(
     let mut denied: Option<String> = None;
     let trouble = vm_trouble(&ctx.vms, vm);
     tokio::pin!(trouble);
-    // The streamer starts beside the login, so neither waits for the other
-    // and the agent's events keep flowing meanwhile.
-    let hub = h.hub.clone();
-    let stream_start = hub.start_stream(vm);
-    tokio::pin!(stream_start);
-    let mut starting = true;
+    // The streamer starts once the sign-in page is open: started beside
+    // the CLI and Chromium's navigation it competes with them for the
+    // browser VM's CPU (under TCG the page took 12 s instead of 3, and the
+    // person saw it no sooner). Awaited in this loop, so the agent's events
+    // keep flowing meanwhile.
+    let mut stream_start: Option<BoxFuture<'static, Result<(), String>>> = None;
+    let mut stream_requested = false;
     loop {
         let event = tokio::select! {
-            r = &mut stream_start, if starting => {
-                starting = false;
+            r = async { stream_start.as_mut().expect("guarded").await }, if stream_start.is_some() => {
+                stream_start = None;
                 stream_started(ctx, h, r);
                 continue;
             }
@@ -336,8 +343,14 @@ async fn follow(
         };
         match event {
             Event::Login(e) => {
+                let page_open = matches!(e.step, LoginStep::WaitingForUser);
                 if let Some(end) = on_login_step(ctx, h, provider, e.step, &mut denied) {
                     return end;
+                }
+                if page_open && !stream_requested {
+                    stream_requested = true;
+                    let (hub, vm) = (h.hub.clone(), vm.to_string());
+                    stream_start = Some(Box::pin(async move { hub.start_stream(&vm).await }));
                 }
             }
             Event::Credential(c) => return store(ctx, h, provider, c).await,

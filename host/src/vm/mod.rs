@@ -28,13 +28,12 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{AgentClient, AgentError, EventSink};
 use crate::config::Config;
-use crate::egress::policy::EgressPolicy;
+use crate::egress::policy::{CurrentPolicy, EgressPolicy};
 use crate::egress::{Egress, EgressStats, EgressView};
 use crate::image::{ExpectedAgent, GoldenImage, ImageError};
 use backend::{BackendInfo, Boot, VmBackend};
-use pool::WarmVm;
 use restore::{Origin, Restorer, SnapshotStatus};
 
 /// The init a browser image's stage 1 executes: the agent itself, as PID 1
@@ -89,8 +88,8 @@ pub struct Timings {
     /// API request to ready (host clock).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_to_ready_ms: Option<u64>,
-    /// Loading the saved state (restored VMs; for a warm VM, done before
-    /// the request).
+    /// Loading the saved state (restored VMs; for a VM of the warm pool,
+    /// done before a session took it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<u64>,
     /// Attaching the vsock device and letting the VM run (restored VMs).
@@ -114,6 +113,9 @@ pub struct VmView {
     pub kind: VmKind,
     /// How it started: booted, restored from a snapshot, or from the pool.
     pub origin: Origin,
+    /// Waiting in the warm pool: running, refreshed, with no owner and
+    /// nothing allowed out, until a session takes it.
+    pub pooled: bool,
     /// Where it is in its life.
     pub state: VmState,
     /// Why it failed.
@@ -222,9 +224,8 @@ pub struct CreateVm {
 #[derive(Debug)]
 struct Launch {
     boot: Boot,
+    /// [`Origin::Pool`]: a VM for the warm pool, created without an owner.
     origin: Origin,
-    /// A warm VM from the pool: only resumed.
-    warm: Option<WarmVm>,
 }
 
 impl Launch {
@@ -232,7 +233,6 @@ impl Launch {
         Self {
             boot,
             origin: Origin::Boot,
-            warm: None,
         }
     }
 }
@@ -249,12 +249,12 @@ struct VmHandle {
     /// The connected agent; `None` while booting or reconnecting.
     agent: watch::Sender<Option<AgentClient>>,
     /// Where the agent's session events go (the session that owns it).
-    events: Option<mpsc::Sender<Event>>,
+    events: Arc<EventSink>,
     /// Set by [`VmManager::delete_keeping_logs`]: keep the logs of this
     /// stopped VM, with this reason.
     keep_logs: Mutex<Option<String>>,
     /// Its egress gateway's policy and counters (browser VMs only).
-    egress: Option<(Arc<EgressPolicy>, Arc<EgressStats>)>,
+    egress: Option<(Arc<CurrentPolicy>, Arc<EgressStats>)>,
     /// Set while its state is saved: the agent's connection breaks on
     /// purpose then, and the VM is deleted after.
     saving: std::sync::atomic::AtomicBool,
@@ -424,12 +424,8 @@ impl VmManager {
         let Boot::Image { image, init, .. } = boot else {
             return Err(VmError::Invalid("a snapshot needs a browser image".into()));
         };
-        let (warm, stale) = match self.inner.restorer.get() {
-            Some(r) => r.pool.take(&snap),
-            None => (None, Vec::new()),
-        };
-        for w in stale {
-            self.inner.tracker.spawn(w.discard());
+        if let Some(view) = self.claim_pooled(&snap, &req, &events, &egress) {
+            return Ok(view);
         }
         let i = &snap.manifest.inputs;
         let req = CreateVm {
@@ -443,12 +439,7 @@ impl VmManager {
                 init,
                 state: snap.state(),
             },
-            origin: if warm.is_some() {
-                Origin::Pool
-            } else {
-                Origin::Snapshot
-            },
-            warm,
+            origin: Origin::Snapshot,
         };
         self.create_inner(req, events, egress, launch)
     }
@@ -515,14 +506,12 @@ impl VmManager {
                 cfg.max_vcpus
             )));
         }
-        let id = launch
-            .warm
-            .as_ref()
-            .map_or_else(new_vm_id, |w| w.id.clone());
+        let id = new_vm_id();
         let view = VmView {
             id: id.clone(),
             kind: req.kind,
             origin: launch.origin,
+            pooled: launch.origin == Origin::Pool,
             state: VmState::Booting,
             error: None,
             owner: req.user_id.clone(),
@@ -533,10 +522,7 @@ impl VmManager {
             accel: None,
             vmm_pid: None,
             created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            timings: Timings {
-                restore_ms: launch.warm.as_ref().map(|w| w.restored_ms),
-                ..Timings::default()
-            },
+            timings: Timings::default(),
             logs_dir: None,
             egress: None,
             out_of_memory: None,
@@ -544,12 +530,15 @@ impl VmManager {
         // A browser VM without a network of its own has a gateway; a CLI
         // VM only when the operator says so (egress.cli_vms).
         let gateway = req.kind == VmKind::Browser || self.inner.egress.for_cli_vms();
-        let egress = (gateway && self.inner.backend_for(req.kind).isolates_network(req.kind))
-            .then(|| (Arc::new(egress), Arc::new(EgressStats::default())));
+        let egress =
+            (gateway && self.inner.backend_for(req.kind).isolates_network(req.kind)).then(|| {
+                let policy = Arc::new(CurrentPolicy::new(egress));
+                (policy, Arc::new(EgressStats::default()))
+            });
         let handle = Arc::new(VmHandle {
             view: watch::channel(view.clone()).0,
             agent: watch::channel(None).0,
-            events,
+            events: Arc::new(EventSink::new(events)),
             keep_logs: Mutex::new(None),
             egress,
             saving: Default::default(),
@@ -559,10 +548,6 @@ impl VmManager {
         {
             let mut vms = self.vms();
             if vms.len() >= cfg.max_vms {
-                // A refused warm VM is not lost to a leak: it goes.
-                if let Some(w) = launch.warm {
-                    self.inner.tracker.spawn(w.discard());
-                }
                 return Err(VmError::Capacity(cfg.max_vms));
             }
             vms.insert(id.clone(), handle.clone());

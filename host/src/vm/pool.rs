@@ -1,57 +1,44 @@
 //! The warm pool: browser VMs restored from the current snapshot ahead of
-//! demand. A warm VM is loaded and paused, with its vhost-device-vsock
-//! running but no vsock device attached, so it uses no CPU and nothing in
-//! it runs until a session takes it; the VM manager then attaches the
-//! device, lets it run and refreshes it ([`super::supervisor`]). Refilled
-//! in the background up to a target bounded by memory; drained on
-//! shutdown. Owned by [`super::restore::Restorer`].
+//! demand and left running, refreshed (entropy and clock of their own,
+//! Chromium's network service restarted) with their agent connected and
+//! Chromium on its blank page, but with no owner and nothing allowed out.
+//! A session takes one ([`VmManager::claim_pooled`]) by giving it an owner,
+//! the session's event sink and egress policy: nothing has to run before
+//! its login starts. The pool's VMs are ordinary VMs of the manager (listed
+//! with `pooled: true`), so shutdown stops them with the rest. Refilled in
+//! the background up to a target bounded by memory. Owned by
+//! [`super::restore::Restorer`].
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use airlock_proto::Event;
+use tokio::sync::{mpsc, Notify};
 
-use super::backend::RunningVm;
-use super::layout::VmDir;
-use super::restore::Restorer;
+use super::backend::Boot;
+use super::restore::{template_policy, Origin, Restorer};
 use super::snapshot::Snapshot;
-use super::VmManager;
+use super::{CreateVm, Launch, VmError, VmKind, VmManager, VmState, VmView};
+use crate::egress::policy::EgressPolicy;
 
-/// Grace for a warm VM's processes when the pool drains.
-const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// Pause after a failed restore before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
-/// A restored, paused browser VM waiting for a session.
+/// One VM of the pool.
 #[derive(Debug)]
-pub struct WarmVm {
-    /// The id it gets when taken.
-    pub id: String,
-    /// Its directory (sockets, console, logs).
-    pub dir: VmDir,
-    /// Its processes.
-    pub vm: RunningVm,
-    /// The snapshot it was restored from.
-    pub snapshot: Arc<Snapshot>,
-    /// How long restoring it took (ms).
-    pub restored_ms: u64,
+struct Member {
+    id: String,
+    /// The key of the snapshot it was restored from.
+    key: String,
+    /// Restored, refreshed and connected: a session may take it.
+    ready: bool,
 }
 
-impl WarmVm {
-    /// Stops its processes and removes its files.
-    pub async fn discard(mut self) {
-        self.vm.stop(DRAIN_GRACE).await;
-        if let Err(e) = self.dir.remove() {
-            tracing::warn!(vm_id = %self.id, error = %e, "cannot remove a warm VM's directory");
-        }
-    }
-}
-
-/// Warm VMs and their refill.
+/// The pool's VMs and their refill.
 #[derive(Debug)]
 pub struct Pool {
     target: usize,
-    ready: Mutex<Vec<WarmVm>>,
+    members: Mutex<Vec<Member>>,
     refill: Notify,
 }
 
@@ -60,18 +47,18 @@ impl Pool {
     pub fn new(target: usize) -> Self {
         Self {
             target,
-            ready: Mutex::default(),
+            members: Mutex::default(),
             refill: Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<WarmVm>> {
-        self.ready.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Warm VMs ready now.
+    /// VMs a session could take now.
     pub fn ready(&self) -> usize {
-        self.lock().len()
+        self.lock().iter().filter(|m| m.ready).count()
     }
 
     /// Wakes the refill (a new snapshot, a VM taken).
@@ -79,67 +66,171 @@ impl Pool {
         self.refill.notify_one();
     }
 
-    /// A warm VM restored from `snap`, if one is ready. Warm VMs of an
-    /// older snapshot, and any whose QEMU died while it waited, are
-    /// returned in `stale` for the caller to discard.
-    pub fn take(&self, snap: &Snapshot) -> (Option<WarmVm>, Vec<WarmVm>) {
-        let key = snap.key();
-        let mut ready = self.lock();
-        let (mut fresh, mut stale) = (Vec::new(), Vec::new());
-        for mut w in std::mem::take(&mut *ready) {
-            match w.snapshot.key() == key && !w.vm.has_exited() {
-                true => fresh.push(w),
-                false => stale.push(w),
-            }
-        }
-        let taken = fresh.pop();
-        *ready = fresh;
-        drop(ready);
+    /// Takes a ready VM restored from snapshot `key`. Members of another
+    /// snapshot are forgotten and returned for the caller to delete.
+    fn take(&self, key: &str) -> (Option<String>, Vec<String>) {
+        let mut members = self.lock();
+        let (keep, stale): (Vec<Member>, Vec<Member>) = std::mem::take(&mut *members)
+            .into_iter()
+            .partition(|m| m.key == key);
+        *members = keep;
+        let taken = members
+            .iter()
+            .position(|m| m.ready)
+            .map(|i| members.remove(i).id);
+        drop(members);
         self.wake();
-        (taken, stale)
+        (taken, stale.into_iter().map(|m| m.id).collect())
+    }
+
+    /// Forgets members whose VM is gone or not running; returns those
+    /// still registered (failed ones) for the caller to delete.
+    fn prune(&self, vms: &VmManager) -> Vec<String> {
+        let mut dead = Vec::new();
+        self.lock()
+            .retain(|m| match vms.get(&m.id).map(|v| v.state) {
+                Ok(VmState::Booting | VmState::Ready) => true,
+                Ok(_) => {
+                    dead.push(m.id.clone());
+                    false
+                }
+                Err(_) => false,
+            });
+        dead
     }
 
     /// Restores VMs until the pool holds its target, then waits to be
-    /// woken; ends at shutdown.
+    /// woken (a VM taken or gone, a new snapshot); ends at shutdown.
     pub async fn run(&self, restorer: &Restorer, vms: &VmManager) {
         let shutdown = vms.inner.shutdown.clone();
+        let mut changes = vms.subscribe_states();
         while !shutdown.is_cancelled() {
-            let snap = match self.ready() < self.target {
+            for id in self.prune(vms) {
+                let _ = vms.delete(&id).await;
+            }
+            let snap = match self.lock().len() < self.target {
                 true => restorer.current(),
                 false => None,
             };
             let Some(snap) = snap else {
+                // Any VM's change may be one of ours failing.
                 tokio::select! {
-                    _ = self.refill.notified() => continue,
+                    _ = self.refill.notified() => {}
+                    _ = changes.recv() => {}
                     _ = shutdown.cancelled() => break,
                 }
+                continue;
             };
-            // Not cancelled by shutdown: a half-restored VM would leave its
-            // directory behind; it takes about a second, then drains.
-            let restored = restorer.restore_warm(vms, snap).await;
-            match restored {
-                Ok(warm) => {
-                    tracing::info!(vm_id = %warm.id, restored_ms = warm.restored_ms, "warm browser VM ready");
-                    self.lock().push(warm);
-                }
-                Err(why) => {
-                    tracing::warn!(error = %why, "warm pool refill failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(RETRY_AFTER) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
+            if let Err(why) = self.fill_one(vms, &snap).await {
+                tracing::warn!(error = %why, "warm pool refill failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = shutdown.cancelled() => break,
                 }
             }
         }
     }
 
-    /// Stops every warm VM (shutdown).
-    pub async fn drain(&self) {
-        let all = std::mem::take(&mut *self.lock());
-        let n = all.len();
-        futures_util::future::join_all(all.into_iter().map(WarmVm::discard)).await;
-        if n > 0 {
-            tracing::info!(vms = n, "warm pool drained");
+    /// Restores one VM into the pool and waits until it is ready.
+    async fn fill_one(&self, vms: &VmManager, snap: &Snapshot) -> Result<(), String> {
+        let view = vms.create_pooled(snap).map_err(|e| e.to_string())?;
+        self.lock().push(Member {
+            id: view.id.clone(),
+            key: snap.key(),
+            ready: false,
+        });
+        let timeout = Duration::from_millis(vms.inner.config.vm.boot_timeout_ms);
+        let settled = vms
+            .wait_for(
+                &view.id,
+                &[VmState::Ready, VmState::Failed, VmState::Stopped],
+                timeout,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if settled.state != VmState::Ready {
+            // The next round prunes and deletes it.
+            let why = settled
+                .error
+                .unwrap_or_else(|| format!("{:?}", settled.state));
+            return Err(format!("a warm browser VM did not start: {why}"));
+        }
+        if let Some(m) = self.lock().iter_mut().find(|m| m.id == view.id) {
+            m.ready = true;
+        }
+        tracing::info!(vm_id = %view.id, ready_ms = settled.timings.request_to_ready_ms, "warm browser VM ready");
+        Ok(())
+    }
+}
+
+impl VmManager {
+    /// A browser VM for the warm pool, restored from `snap`: no owner, no
+    /// session, nothing allowed out.
+    fn create_pooled(&self, snap: &Snapshot) -> Result<VmView, VmError> {
+        let Boot::Image { image, init, .. } = self.boot_for(VmKind::Browser)? else {
+            return Err(VmError::Invalid("a snapshot needs a browser image".into()));
+        };
+        let i = &snap.manifest.inputs;
+        let req = CreateVm {
+            kind: VmKind::Browser,
+            user_id: None,
+            memory_mib: Some(i.memory_mib),
+            vcpus: Some(i.vcpus),
+        };
+        let launch = Launch {
+            boot: Boot::Restore {
+                image,
+                init,
+                state: snap.state(),
+            },
+            origin: Origin::Pool,
+        };
+        self.create_inner(req, None, template_policy(), launch)
+    }
+
+    /// Gives a ready VM of the pool restored from `snap` to the requester
+    /// of `req`: its owner, where its events go, and what it may reach.
+    /// `None` when the pool has none.
+    pub(super) fn claim_pooled(
+        &self,
+        snap: &Snapshot,
+        req: &CreateVm,
+        events: &Option<mpsc::Sender<Event>>,
+        egress: &EgressPolicy,
+    ) -> Option<VmView> {
+        let pool = &self.inner.restorer.get()?.pool;
+        loop {
+            let (taken, stale) = pool.take(&snap.key());
+            for id in stale {
+                let vms = self.clone();
+                self.inner.tracker.spawn(async move {
+                    let _ = vms.delete(&id).await;
+                });
+            }
+            let id = taken?;
+            let handle = self.handle(&id).ok()?;
+            if handle.view.borrow().state != VmState::Ready {
+                // Failed since it was ready.
+                let vms = self.clone();
+                self.inner.tracker.spawn(async move {
+                    let _ = vms.delete(&id).await;
+                });
+                continue;
+            }
+            if let Some(sink) = events {
+                handle.events.set(sink.clone());
+            }
+            if let Some((policy, _)) = &handle.egress {
+                policy.set(egress.clone());
+            }
+            handle.view.send_modify(|v| {
+                v.owner = req.user_id.clone();
+                v.pooled = false;
+            });
+            let view = handle.current();
+            let _ = self.inner.states.send(view.clone());
+            tracing::info!(vm_id = %view.id, "browser VM taken from the warm pool");
+            return Some(view);
         }
     }
 }

@@ -13,10 +13,9 @@ use airlock_proto::{BrowserSpec, Operation, Reply};
 use serde::Serialize;
 use tokio::sync::Notify;
 
-use super::layout::VmDir;
-use super::pool::{Pool, WarmVm};
+use super::pool::Pool;
 use super::snapshot::{self, Inputs, Manifest, Snapshot, SnapshotError, Store};
-use super::{CreateVm, VmKind, VmManager, VmState, BROWSER_INIT};
+use super::{CreateVm, VmKind, VmManager, VmState};
 use crate::egress::policy::EgressPolicy;
 use crate::image::GoldenImage;
 
@@ -184,8 +183,8 @@ impl Restorer {
                 _ = shutdown.cancelled() => break,
             }
         }
+        // The pool's VMs are the manager's: its shutdown stops them.
         let _ = pool.await;
-        self.pool.drain().await;
     }
 
     /// Loads the snapshot of the current inputs, or makes it.
@@ -258,55 +257,11 @@ impl Restorer {
             browser: self.browser.clone(),
         })
     }
-
-    /// Restores a paused VM from `snap` for the pool (see [`WarmVm`]).
-    pub(super) async fn restore_warm(
-        &self,
-        vms: &VmManager,
-        snap: Arc<Snapshot>,
-    ) -> Result<WarmVm, String> {
-        let started = Instant::now();
-        let cfg = &vms.inner.config;
-        let image = GoldenImage::open(
-            "browser",
-            cfg.vm.browser_image.as_deref().unwrap_or(Path::new("")),
-            &vms.inner.expected,
-        )
-        .map_err(|e| e.to_string())?;
-        let id = super::new_vm_id();
-        let dir = VmDir::create(&cfg.paths.run_dir, &id).map_err(|e| e.to_string())?;
-        let spec = super::backend::LaunchSpec {
-            vm_id: id.clone(),
-            dir: dir.clone(),
-            memory_mib: snap.manifest.inputs.memory_mib,
-            vcpus: snap.manifest.inputs.vcpus,
-            agent_port: snap.manifest.inputs.agent_port,
-            boot: super::backend::Boot::Restore {
-                image,
-                init: BROWSER_INIT,
-                state: snap.state(),
-            },
-            kind: VmKind::Browser,
-        };
-        let backend = vms.inner.backend_for(VmKind::Browser);
-        match backend.restore(&spec).await {
-            Ok(vm) => Ok(WarmVm {
-                id,
-                dir,
-                vm,
-                snapshot: snap,
-                restored_ms: snapshot::ms(started.elapsed()),
-            }),
-            Err(e) => {
-                let _ = dir.remove();
-                Err(format!("cannot restore a warm browser VM: {e}"))
-            }
-        }
-    }
 }
 
-/// The template VM's egress: nothing (it only shows a blank page).
-fn template_policy() -> EgressPolicy {
+/// The egress of the template VM and of VMs waiting in the pool: nothing
+/// (they only show a blank page).
+pub(super) fn template_policy() -> EgressPolicy {
     EgressPolicy {
         label: "the snapshot template".into(),
         allow: Vec::new(),

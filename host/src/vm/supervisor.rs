@@ -20,7 +20,6 @@ use tokio_util::task::TaskTracker;
 
 use super::backend::{BackendError, Boot, LaunchSpec, RunningVm};
 use super::layout::{prune_failed, VmDir};
-use super::pool::WarmVm;
 use super::restore::Origin;
 use super::{Inner, Launch, VmHandle, VmKind, VmState, VmView};
 use crate::agent::guestlog::GuestLog;
@@ -50,8 +49,6 @@ pub(super) struct Supervisor {
     handle: Arc<VmHandle>,
     boot: Boot,
     origin: Origin,
-    /// A warm VM from the pool, taken when the VM starts.
-    warm: std::sync::Mutex<Option<WarmVm>>,
     requested: Instant,
     id: String,
     /// The acceptor and agent connection tasks of this VM.
@@ -76,7 +73,6 @@ impl Supervisor {
             handle,
             boot: launch.boot,
             origin: launch.origin,
-            warm: std::sync::Mutex::new(launch.warm),
             requested,
             id,
             tasks: TaskTracker::new(),
@@ -205,23 +201,17 @@ impl Supervisor {
         (outcome, Some(vm))
     }
 
-    /// Boots the VM, or restores it (a warm VM is only resumed).
+    /// Boots the VM, or restores it from its snapshot and lets it run.
     async fn start(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
         let backend = self.inner.backend_for(spec.kind);
-        let warm = self
-            .warm
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let vm = match (warm, &spec.boot) {
-            (Some(w), _) => w.vm,
-            (None, Boot::Restore { .. }) => {
+        let vm = match &spec.boot {
+            Boot::Restore { .. } => {
                 let t = Instant::now();
                 let vm = backend.restore(spec).await?;
                 self.update(|v| v.timings.restore_ms = Some(ms(t.elapsed())));
                 vm
             }
-            (None, _) => return backend.launch(spec).await,
+            _ => return backend.launch(spec).await,
         };
         let t = Instant::now();
         backend.resume(&spec.dir).await?;
