@@ -655,8 +655,8 @@ pub struct SnapshotsConfig {
     /// airlockd may share one (each snapshot is named by what it was made
     /// from).
     pub dir: Option<PathBuf>,
-    /// Browser VMs kept restored ahead of demand (paused, loaded, their
-    /// vsock device not yet attached); 0 disables the pool.
+    /// Browser VMs kept restored ahead of demand (running, refreshed, no
+    /// owner, nothing allowed out); 0 disables the pool.
     pub warm_pool: usize,
     /// Most memory the pool's VMs may take together (MiB of guest RAM);
     /// the pool holds fewer VMs than `warm_pool` rather than exceed it.

@@ -26,6 +26,8 @@ fn main() -> Result<()> {
 #[derive(Debug, Default, Clone)]
 struct Sample {
     total_ms: f64,
+    /// Request to the streamer playing (it starts once the page is open).
+    to_stream_ms: f64,
     to_vm_ready_ms: f64,
     ready_to_url_ms: f64,
     restore_ms: f64,
@@ -95,6 +97,15 @@ async fn session(d: &Daemon, user: &str) -> Result<Sample> {
     if !state_is(&v, "awaiting_user") {
         bail!("session {id}: {v}");
     }
+    let streaming = d
+        .wait_session(&id, Duration::from_secs(120), |v| {
+            at_ms(v, "streamerRunning").is_some() || at_ms(v, "streamUnavailable").is_some()
+        })
+        .await?;
+    let to_stream_ms = match at_ms(&streaming, "streamerRunning") {
+        Some(t) => t - at_ms(&v, "state").unwrap_or(f64::NAN),
+        None => bail!("session {id}: the live view did not start: {streaming}"),
+    };
     let vm_id = v["browserVmId"].as_str().context("browserVmId")?;
     let (_, vm) = d
         .request(Method::GET, &format!("/api/vms/{vm_id}"), None)
@@ -106,6 +117,7 @@ async fn session(d: &Daemon, user: &str) -> Result<Sample> {
     let url = at_ms(&v, "urlOpened").unwrap_or(f64::NAN);
     let sample = Sample {
         total_ms,
+        to_stream_ms,
         to_vm_ready_ms: ready - created,
         ready_to_url_ms: url - ready,
         restore_ms: num("restoreMs"),
@@ -117,7 +129,7 @@ async fn session(d: &Daemon, user: &str) -> Result<Sample> {
             .unwrap_or(f64::NAN),
     };
     if std::env::var_os("AIRLOCK_BENCH_STEPS").is_some() {
-        print_steps(&v, &vm);
+        print_steps(&streaming, &vm);
     }
     d.cancel_session(&id).await?;
     Ok(sample)
@@ -144,10 +156,15 @@ fn print_steps(session: &Value, vm: &Value) {
 fn report(label: &str, xs: &[Sample], figures: &mut serde_json::Map<String, Value>) {
     println!("\n{label} ({} sessions): median, min, max", xs.len());
     let col = |f: fn(&Sample) -> f64| xs.iter().map(f).collect::<Vec<f64>>();
-    let rows: [(&str, Vec<f64>, &str); 7] = [
+    let rows: [(&str, Vec<f64>, &str); 8] = [
         (
             "POST /api/auth/start to awaiting_user",
             col(|s| s.total_ms),
+            "ms",
+        ),
+        (
+            "  request to the streamer playing (after the page opens)",
+            col(|s| s.to_stream_ms),
             "ms",
         ),
         (

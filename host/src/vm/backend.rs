@@ -82,6 +82,9 @@ pub struct LaunchSpec {
     pub boot: Boot,
     /// What it is for.
     pub kind: VmKind,
+    /// Runs at the lowest CPU priority (a VM of the warm pool, restored
+    /// beside sessions' logins) until [`super::pool`] raises it.
+    pub background: bool,
 }
 
 /// A backend could not start a VM.

@@ -83,19 +83,22 @@ impl Pool {
         (taken, stale.into_iter().map(|m| m.id).collect())
     }
 
-    /// Forgets members whose VM is gone or not running; returns those
-    /// still registered (failed ones) for the caller to delete.
-    fn prune(&self, vms: &VmManager) -> Vec<String> {
+    /// Forgets members whose VM is gone or not running, and those of a
+    /// snapshot other than `current` (the image or agent changed); returns
+    /// those still registered for the caller to delete.
+    fn prune(&self, vms: &VmManager, current: Option<&str>) -> Vec<String> {
         let mut dead = Vec::new();
-        self.lock()
-            .retain(|m| match vms.get(&m.id).map(|v| v.state) {
-                Ok(VmState::Booting | VmState::Ready) => true,
+        self.lock().retain(|m| {
+            let stale = current.is_some_and(|key| key != m.key);
+            match vms.get(&m.id).map(|v| v.state) {
+                Ok(VmState::Booting | VmState::Ready) if !stale => true,
                 Ok(_) => {
                     dead.push(m.id.clone());
                     false
                 }
                 Err(_) => false,
-            });
+            }
+        });
         dead
     }
 
@@ -105,7 +108,8 @@ impl Pool {
         let shutdown = vms.inner.shutdown.clone();
         let mut changes = vms.subscribe_states();
         while !shutdown.is_cancelled() {
-            for id in self.prune(vms) {
+            let key = restorer.current().map(|s| s.key());
+            for id in self.prune(vms, key.as_deref()) {
                 let _ = vms.delete(&id).await;
             }
             let snap = match self.lock().len() < self.target {
@@ -160,6 +164,30 @@ impl Pool {
         }
         tracing::info!(vm_id = %view.id, ready_ms = settled.timings.request_to_ready_ms, "warm browser VM ready");
         Ok(())
+    }
+}
+
+/// Gives every thread of a claimed pool VM's QEMU (started at nice 19,
+/// so that a refill takes only what CPU sessions leave: under TCG on two
+/// cores a refill beside a login made its page 3 s slower) the normal
+/// priority. Linux keeps a nice value per thread, so each one is named.
+async fn foreground(vm_id: String, pid: u32) {
+    let tids: Vec<String> = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(dir) => dir
+            .flatten()
+            .map(|t| t.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => return,
+    };
+    let status = tokio::process::Command::new("renice")
+        .args(["-n", "0", "-p"])
+        .args(&tids)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
+    if !status.is_ok_and(|s| s.success()) {
+        tracing::warn!(%vm_id, "cannot raise the priority of a VM taken from the warm pool");
     }
 }
 
@@ -229,6 +257,9 @@ impl VmManager {
             });
             let view = handle.current();
             let _ = self.inner.states.send(view.clone());
+            if let Some(pid) = view.vmm_pid {
+                self.inner.tracker.spawn(foreground(view.id.clone(), pid));
+            }
             tracing::info!(vm_id = %view.id, "browser VM taken from the warm pool");
             return Some(view);
         }

@@ -165,8 +165,8 @@ impl Restorer {
         self.pool.wake();
     }
 
-    /// Keeps a snapshot current and the pool full until shutdown, then
-    /// drains the pool.
+    /// Keeps a snapshot current and the pool full until shutdown (the
+    /// manager's shutdown stops the pool's VMs with the rest).
     pub async fn run(self: Arc<Self>, vms: VmManager) {
         let shutdown = vms.inner.shutdown.clone();
         let pool = tokio::spawn({

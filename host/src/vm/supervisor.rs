@@ -180,6 +180,7 @@ impl Supervisor {
             agent_port: cfg.agent_port,
             boot,
             kind: self.handle.view.borrow().kind,
+            background: self.handle.view.borrow().pooled,
         };
         let mut vm = tokio::select! {
             r = self.start(&spec) => match r {

@@ -22,6 +22,7 @@ fn spec_for(dir: &VmDir, boot: Boot) -> LaunchSpec {
         agent_port: 1024,
         boot,
         kind: crate::vm::VmKind::Cli,
+        background: false,
     }
 }
 

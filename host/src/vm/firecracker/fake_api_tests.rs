@@ -258,6 +258,7 @@ fn fake_backend(root: &Path, script: &str) -> (FirecrackerBackend, LaunchSpec) {
         agent_port: 1024,
         boot: Boot::Initramfs,
         kind: crate::vm::VmKind::Cli,
+        background: false,
     };
     (backend, spec)
 }
