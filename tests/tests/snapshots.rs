@@ -364,6 +364,16 @@ async fn the_pool_keeps_to_its_memory_bound_and_leaves_nothing_behind() -> Resul
             .filter(|v| v["pooled"] == true && v["state"] == "ready" && v["owner"].is_null())
             .collect();
         ensure!(pooled.len() == 2, "{vms}");
+        // Their guest RAM lives in /dev/shm, named by id (see `ramfile`).
+        let ram_files: Vec<PathBuf> = pooled
+            .iter()
+            .filter_map(|v| v["id"].as_str())
+            .map(|id| PathBuf::from(format!("/dev/shm/airlock-{id}.ram")))
+            .collect();
+        ensure!(
+            ram_files.iter().all(|f| f.exists()),
+            "no RAM files: {ram_files:?}"
+        );
         let procs = d.leftover_processes();
         ensure!(
             procs.iter().filter(|p| p.contains("qemu-system")).count() == 2,
@@ -375,6 +385,8 @@ async fn the_pool_keeps_to_its_memory_bound_and_leaves_nothing_behind() -> Resul
         ensure!(procs.is_empty(), "left running after shutdown: {procs:#?}");
         let dirs = d.leftover_vm_dirs();
         ensure!(dirs.is_empty(), "VM directories left: {dirs:?}");
+        let left: Vec<&PathBuf> = ram_files.iter().filter(|f| f.exists()).collect();
+        ensure!(left.is_empty(), "guest RAM files left: {left:?}");
         Ok(())
     })
     .await

@@ -224,6 +224,9 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
 pub struct SaveStats {
     /// Bytes of the saved state.
     pub bytes: u64,
+    /// Bytes of guest RAM kept beside it (a file-backed VM's RAM is not
+    /// in the state), holes and zeros left out.
+    pub ram_bytes: u64,
     /// From the request to the state being complete.
     pub took: Duration,
 }

@@ -129,8 +129,19 @@ impl VmDir {
         Ok(dest)
     }
 
-    /// Removes the directory and everything left in it.
+    /// The VM's id (the directory's name).
+    pub fn id(&self) -> String {
+        self.root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Removes the directory and everything left in it, and the VM's RAM
+    /// file (kept in `/dev/shm`, see [`super::ramfile`]).
     pub fn remove(&self) -> Result<(), LayoutError> {
+        let ram = super::ramfile::path_for(&self.id());
+        super::ramfile::remove(&self.id()).map_err(|e| LayoutError::new("remove", &ram, e))?;
         match fs::remove_dir_all(&self.root) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

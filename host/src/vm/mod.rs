@@ -14,6 +14,7 @@ pub mod pool;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod ramfile;
 pub mod restore;
 pub mod snapshot;
 mod supervisor;

@@ -28,7 +28,7 @@ use super::backend::{
 use super::console::Console;
 use super::layout::VmDir;
 use super::qmp::Qmp;
-use super::VmKind;
+use super::{ramfile, VmKind};
 use crate::config::{QemuConfig, VmConfig};
 
 /// Kernel parameters that shorten boot by about 0.4 s under TCG (measured:
@@ -189,6 +189,12 @@ impl QemuBackend {
                 "qemu (machine without PCIe hotplug)",
             ));
         }
+        let ram = ramfile::path_for(&spec.vm_id);
+        ramfile::copy_sparse(&ramfile::beside(state), &ram, spec.background)
+            .await
+            .map_err(|e| {
+                BackendError::Restore(format!("cannot copy the snapshot's guest RAM: {e}"))
+            })?;
         let accel = self.detect_accel().await.accel;
         let mut vm = self.start_console(&spec.dir, accel)?;
         self.start_processes(spec, accel, &mut vm).await?;
@@ -206,7 +212,8 @@ impl QemuBackend {
         )
         .await?;
         let mut qmp = Qmp::connect(&qmp_socket, QMP_TIMEOUT).await?;
-        enable_migration_events(&mut qmp).await?;
+        // The RAM is the copied file: the state carries none.
+        set_migration_capabilities(&mut qmp, true).await?;
         let uri = format!("exec:cat {}", shell_quote(state));
         qmp.execute("migrate-incoming", json!({ "uri": uri }), QMP_TIMEOUT)
             .await?;
@@ -271,9 +278,12 @@ impl QemuBackend {
             QMP_TIMEOUT,
         )
         .await?;
-        enable_migration_events(&mut qmp).await?;
+        let ram = ramfile::path_for(&dir.id());
+        let file_backed = ram.exists();
+        set_migration_capabilities(&mut qmp, file_backed).await?;
         // Stopped first: the state is then one consistent pass, with no
-        // dirty-page tracking of a running guest to trust.
+        // dirty-page tracking of a running guest to trust (and the RAM
+        // file is not written while it is copied).
         qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
         let uri = format!("exec:cat > {}", shell_quote(out));
         qmp.execute("migrate", json!({ "uri": uri }), QMP_TIMEOUT)
@@ -289,8 +299,22 @@ impl QemuBackend {
             )));
         }
         let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+        let ram_bytes = match file_backed {
+            true => {
+                let to = ramfile::beside(out);
+                let copied = ramfile::copy_sparse(&ram, &to, false).await;
+                copied
+                    .and_then(|()| ramfile::allocated(&to))
+                    .map_err(|e| BackendError::Io {
+                        context: "copy the template's guest RAM".into(),
+                        source: e,
+                    })?
+            }
+            false => 0,
+        };
         Ok(SaveStats {
             bytes,
+            ram_bytes,
             took: started.elapsed(),
         })
     }
@@ -384,9 +408,17 @@ async fn wait_created(
     }
 }
 
-/// QEMU reports a migration's progress as events only when asked to.
-async fn enable_migration_events(qmp: &mut Qmp) -> Result<(), BackendError> {
-    let caps = json!({"capabilities": [{"capability": "events", "state": true}]});
+/// QEMU reports a migration's progress as events only when asked to; with
+/// `ignore_shared` the RAM (a shared file both ends map) is left out of
+/// the stream.
+async fn set_migration_capabilities(
+    qmp: &mut Qmp,
+    ignore_shared: bool,
+) -> Result<(), BackendError> {
+    let caps = json!({"capabilities": [
+        {"capability": "events", "state": true},
+        {"capability": "x-ignore-shared", "state": ignore_shared},
+    ]});
     qmp.execute("migrate-set-capabilities", caps, QMP_TIMEOUT)
         .await?;
     Ok(())
@@ -408,6 +440,12 @@ fn shell_quote(p: &Path) -> String {
 
 /// Machines whose vsock device sits on its own PCIe root port, so it can
 /// be unplugged before a save and plugged into a restored copy.
+/// Browser VMs on a machine that can snapshot them keep their RAM in a
+/// file ([`ramfile`]).
+fn file_backed_ram(q: &QemuConfig, spec: &LaunchSpec) -> bool {
+    spec.kind == VmKind::Browser && hotplug_vsock(q)
+}
+
 fn hotplug_vsock(q: &QemuConfig) -> bool {
     q.machine
         .split(',')
@@ -518,11 +556,16 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
     };
     push(&["-accel", &accel_arg, "-cpu", &q.cpu]);
     push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
-    // vhost-user devices need guest memory the backend process can map.
-    push(&[
-        "-object",
-        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-    ]);
+    // vhost-user devices need guest memory the backend process can map;
+    // a browser VM that may be snapshotted gets it as a file (`ramfile`).
+    let backend = match file_backed_ram(q, spec) {
+        true => format!(
+            "memory-backend-file,id=mem,size={mem}M,share=on,mem-path={}",
+            ramfile::path_for(&spec.vm_id).display()
+        ),
+        false => format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+    };
+    push(&["-object", &backend]);
     push(&[
         "-nodefaults",
         "-no-user-config",

@@ -301,6 +301,7 @@ async fn make(vms: &VmManager, store: &Store, inputs: &Inputs) -> Result<Snapsho
     let manifest = Manifest {
         inputs: inputs.clone(),
         state_bytes: stats.bytes,
+        ram_bytes: stats.ram_bytes,
         boot_ms: snapshot::ms(boot),
         save_ms: snapshot::ms(stats.took),
         created_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bumped when the way snapshots are made changes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The saved state's file in a snapshot's directory.
 const STATE_FILE: &str = "state.bin";
 const MANIFEST_FILE: &str = "manifest.json";
@@ -142,6 +142,9 @@ pub struct Manifest {
     pub inputs: Inputs,
     /// Bytes of the saved state.
     pub state_bytes: u64,
+    /// Bytes of guest RAM kept beside it (holes and zeros left out).
+    #[serde(default)]
+    pub ram_bytes: u64,
     /// From the template VM's request to Chromium on its blank page (ms).
     pub boot_ms: u64,
     /// Saving the state (ms).
@@ -218,6 +221,15 @@ impl Store {
                 manifest.state_bytes
             )));
         }
+        let ram = super::ramfile::beside(&dir.join(STATE_FILE));
+        let ram_len = std::fs::metadata(&ram).map(|m| m.len());
+        let guest = u64::from(manifest.inputs.memory_mib) << 20;
+        if ram_len.as_ref().ok() != Some(&guest) {
+            return Err(corrupt(format!(
+                "its guest RAM {} is {ram_len:?} bytes, the VM has {guest}",
+                ram.display()
+            )));
+        }
         Ok(Some(Snapshot { dir, manifest }))
     }
 
@@ -276,7 +288,8 @@ impl Store {
                 .ok()
                 .and_then(|t| serde_json::from_str::<Manifest>(&t).ok())
                 .is_none_or(|m| {
-                    m.inputs.image_sha256 != current.image_sha256
+                    m.inputs.format != current.format
+                        || m.inputs.image_sha256 != current.image_sha256
                         || m.inputs.agent_build_id != current.agent_build_id
                 });
             if staging || stale {
@@ -348,6 +361,7 @@ mod tests {
         Manifest {
             inputs,
             state_bytes,
+            ram_bytes: 0,
             boot_ms: 1,
             save_ms: 1,
             created_at: "now".into(),
@@ -361,6 +375,7 @@ mod tests {
         assert!(store.load(&inputs()).unwrap().is_none());
         let staging = store.staging(&inputs()).unwrap();
         std::fs::write(Store::staged_state(&staging), b"state").unwrap();
+        sparse_ram(&staging, 1536);
         let snap = store.install(&staging, manifest(inputs(), 5)).unwrap();
         assert_eq!(snap.key(), inputs().key());
         assert!(store.load(&inputs()).unwrap().is_some());
@@ -373,6 +388,27 @@ mod tests {
         std::fs::write(snap.dir.join(MANIFEST_FILE), text).unwrap();
         let err = store.load(&inputs()).unwrap_err().to_string();
         assert!(err.contains("agent build \"4567\""), "{err}");
+    }
+
+    /// A guest RAM file of `mib` MiB, all hole.
+    fn sparse_ram(staging: &Path, mib: u64) {
+        let ram = crate::vm::ramfile::beside(&Store::staged_state(staging));
+        std::fs::File::create(ram)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_ram_file_of_another_size_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path().to_path_buf());
+        let staging = store.staging(&inputs()).unwrap();
+        std::fs::write(Store::staged_state(&staging), b"state").unwrap();
+        sparse_ram(&staging, 1024);
+        store.install(&staging, manifest(inputs(), 5)).unwrap();
+        let err = store.load(&inputs()).unwrap_err().to_string();
+        assert!(err.contains("guest RAM"), "{err}");
     }
 
     #[test]
