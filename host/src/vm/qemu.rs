@@ -438,14 +438,14 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
-/// Machines whose vsock device sits on its own PCIe root port, so it can
-/// be unplugged before a save and plugged into a restored copy.
 /// Browser VMs on a machine that can snapshot them keep their RAM in a
 /// file ([`ramfile`]).
 fn file_backed_ram(q: &QemuConfig, spec: &LaunchSpec) -> bool {
     spec.kind == VmKind::Browser && hotplug_vsock(q)
 }
 
+/// Machines whose vsock device sits on its own PCIe root port, so it can
+/// be unplugged before a save and plugged into a restored copy.
 fn hotplug_vsock(q: &QemuConfig) -> bool {
     q.machine
         .split(',')
