@@ -88,6 +88,15 @@ fn files() -> SnapshotFiles {
 }
 
 #[test]
+fn firecracker_contract_kept_in_the_repository_is_the_reference_copy() {
+    assert_ne!(
+        super::swagger::kept_copy_differs(),
+        Some(true),
+        "host/src/vm/firecracker/contract/ differs from ../shared/reference/firecracker/"
+    );
+}
+
+#[test]
 fn firecracker_contract_is_v1_15_1_and_names_the_pre_boot_only_requests() {
     let spec = Spec::load();
     assert_eq!(spec.version(), "1.15.1");

@@ -11,18 +11,34 @@ use std::path::PathBuf;
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
+/// The workplace's reference copy, beside the checkout.
+fn reference() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/firecracker/firecracker-v1.15.1.yaml")
+}
+
+/// The copy kept in the repository (`contract/README.md`).
+fn kept() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/vm/firecracker/contract/firecracker-v1.15.1.yaml")
+}
+
 /// Where the contract is looked for: `$AIRLOCK_FIRECRACKER_SPEC`, then the
-/// `shared/` directory beside the checkout.
+/// reference copy beside the checkout, then the repository's copy.
 fn candidates() -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::env::var_os("AIRLOCK_FIRECRACKER_SPEC")
         .map(PathBuf::from)
         .into_iter()
         .collect();
-    out.push(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/reference/firecracker/firecracker-v1.15.1.yaml"),
-    );
+    out.extend([reference(), kept()]);
     out
+}
+
+/// Whether the repository's copy differs from the reference beside the
+/// checkout (`None` without the reference).
+pub fn kept_copy_differs() -> Option<bool> {
+    let reference = std::fs::read(reference()).ok()?;
+    Some(std::fs::read(kept()).ok().as_deref() != Some(&reference[..]))
 }
 
 /// The loaded contract.
