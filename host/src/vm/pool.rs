@@ -67,20 +67,16 @@ impl Pool {
     }
 
     /// Takes a ready VM restored from snapshot `key`. Members of another
-    /// snapshot are forgotten and returned for the caller to delete.
-    fn take(&self, key: &str) -> (Option<String>, Vec<String>) {
+    /// snapshot stay for the refill, which [`Pool::prune`]s them.
+    fn take(&self, key: &str) -> Option<String> {
         let mut members = self.lock();
-        let (keep, stale): (Vec<Member>, Vec<Member>) = std::mem::take(&mut *members)
-            .into_iter()
-            .partition(|m| m.key == key);
-        *members = keep;
         let taken = members
             .iter()
-            .position(|m| m.ready)
+            .position(|m| m.ready && m.key == key)
             .map(|i| members.remove(i).id);
         drop(members);
         self.wake();
-        (taken, stale.into_iter().map(|m| m.id).collect())
+        taken
     }
 
     /// Forgets members whose VM is gone or not running, and those of a
@@ -228,14 +224,7 @@ impl VmManager {
     ) -> Option<VmView> {
         let pool = &self.inner.restorer.get()?.pool;
         loop {
-            let (taken, stale) = pool.take(&snap.key());
-            for id in stale {
-                let vms = self.clone();
-                self.inner.tracker.spawn(async move {
-                    let _ = vms.delete(&id).await;
-                });
-            }
-            let id = taken?;
+            let id = pool.take(&snap.key())?;
             let handle = self.handle(&id).ok()?;
             if handle.view.borrow().state != VmState::Ready {
                 // Failed since it was ready.

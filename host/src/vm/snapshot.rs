@@ -399,25 +399,28 @@ mod tests {
             .unwrap();
     }
 
-    #[test]
-    fn a_ram_file_of_another_size_is_refused() {
+    /// A store with one snapshot of `inputs()` whose manifest says 5 bytes
+    /// of state: `state` as its state, `ram_mib` of (sparse) guest RAM.
+    fn installed(state: &[u8], ram_mib: u64) -> (tempfile::TempDir, Store) {
         let root = tempfile::tempdir().unwrap();
         let store = Store::new(root.path().to_path_buf());
         let staging = store.staging(&inputs()).unwrap();
-        std::fs::write(Store::staged_state(&staging), b"state").unwrap();
-        sparse_ram(&staging, 1024);
+        std::fs::write(Store::staged_state(&staging), state).unwrap();
+        sparse_ram(&staging, ram_mib);
         store.install(&staging, manifest(inputs(), 5)).unwrap();
+        (root, store)
+    }
+
+    #[test]
+    fn a_ram_file_of_another_size_is_refused() {
+        let (_root, store) = installed(b"state", 1024);
         let err = store.load(&inputs()).unwrap_err().to_string();
         assert!(err.contains("guest RAM"), "{err}");
     }
 
     #[test]
     fn a_truncated_state_is_refused() {
-        let root = tempfile::tempdir().unwrap();
-        let store = Store::new(root.path().to_path_buf());
-        let staging = store.staging(&inputs()).unwrap();
-        std::fs::write(Store::staged_state(&staging), b"sta").unwrap();
-        store.install(&staging, manifest(inputs(), 5)).unwrap();
+        let (_root, store) = installed(b"sta", 1536);
         let err = store.load(&inputs()).unwrap_err().to_string();
         assert!(err.contains("state.bin is Ok(3) bytes"), "{err}");
     }
