@@ -20,8 +20,11 @@ use nix::unistd::Pid;
 
 /// What identifies Chromium's network service among its processes.
 const NETWORK_SERVICE: &str = "--utility-sub-type=network.mojom.NetworkService";
-/// How long the browser gets to bring its network service back.
-const RESTART_WAIT: Duration = Duration::from_secs(5);
+/// How long the browser gets to bring its network service back. Generous:
+/// a pool VM refreshes at the lowest CPU priority, where the relaunch can
+/// take several seconds under TCG, and a VM handed out before its network
+/// service is back only moves that wait into the session's first page.
+const RESTART_WAIT: Duration = Duration::from_secs(30);
 
 /// A refresh step failed.
 #[derive(Debug, thiserror::Error)]

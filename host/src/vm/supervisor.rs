@@ -40,8 +40,8 @@ enum Outcome {
 /// Grace for helper processes (vhost-device-vsock) after SIGTERM.
 const HELPER_GRACE: Duration = Duration::from_millis(500);
 /// How long a restored VM's refresh may take (the network service's
-/// restart is most of it).
-const REFRESH_TIMEOUT: Duration = Duration::from_secs(15);
+/// restart is most of it; the guest waits up to 30 s for that).
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// Runs one VM from launch to teardown.
 pub(super) struct Supervisor {
