@@ -200,7 +200,8 @@ pub enum InputEvent {
         /// The keysym.
         keysym: u32,
     },
-    /// Type text (each character pressed and released).
+    /// Insert text into the focused element of the page, as an input
+    /// method commits it (layout-independent; Enter and Tab are keys).
     Text {
         /// The text (redacted in `Debug`: it may be a password).
         text: SecretText,

@@ -123,6 +123,77 @@ pub async fn type_keys(viewer: &Tab, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Composes `text` in the viewer page the way an input method or a dead
+/// key does: `preview` shown while composing (no key makes text meanwhile),
+/// then `text` committed, which ends the composition.
+pub async fn compose(viewer: &Tab, preview: &str, text: &str) -> Result<()> {
+    let n = preview.encode_utf16().count();
+    let params = json!({ "text": preview, "selectionStart": n, "selectionEnd": n });
+    viewer.call("Input.imeSetComposition", params).await?;
+    viewer
+        .call("Input.insertText", json!({ "text": text }))
+        .await?;
+    Ok(())
+}
+
+/// A dead key (`´` on a US-international layout) and then `e`: the key
+/// events a browser reports for it, with the composition they start.
+pub async fn dead_key_e(viewer: &Tab) -> Result<()> {
+    let dead = json!({ "key": "Dead", "code": "Quote", "windowsVirtualKeyCode": 222 });
+    key_event(viewer, "rawKeyDown", &dead).await?;
+    viewer
+        .call(
+            "Input.imeSetComposition",
+            json!({ "text": "\u{b4}", "selectionStart": 1, "selectionEnd": 1 }),
+        )
+        .await?;
+    key_event(viewer, "keyUp", &dead).await?;
+    let e = json!({ "key": "e", "code": "KeyE", "windowsVirtualKeyCode": 69 });
+    key_event(viewer, "rawKeyDown", &e).await?;
+    viewer
+        .call("Input.insertText", json!({ "text": "\u{e9}" }))
+        .await?;
+    key_event(viewer, "keyUp", &e).await
+}
+
+async fn key_event(viewer: &Tab, kind: &str, key: &Value) -> Result<()> {
+    let mut params = key.clone();
+    params["type"] = json!(kind);
+    viewer.call("Input.dispatchKeyEvent", params).await?;
+    Ok(())
+}
+
+/// Pastes `text` into the viewer page as a person does: the text on the
+/// viewer browser's own clipboard, then Ctrl+V.
+pub async fn paste(viewer: &Tab, text: &str) -> Result<()> {
+    let origin = viewer.eval("location.origin").await?;
+    viewer
+        .call(
+            "Browser.grantPermissions",
+            json!({ "origin": origin, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"] }),
+        )
+        .await?;
+    let write = format!(
+        "navigator.clipboard.writeText({}).then(() => true)",
+        serde_json::to_string(text)?
+    );
+    viewer
+        .eval(&write)
+        .await
+        .context("writing the viewer's clipboard")?;
+    let ctrl = json!({ "key": "Control", "code": "ControlLeft", "windowsVirtualKeyCode": 17, "modifiers": 2 });
+    let v = json!({ "key": "v", "code": "KeyV", "windowsVirtualKeyCode": 86, "modifiers": 2, "commands": ["paste"] });
+    key_event(viewer, "rawKeyDown", &ctrl).await?;
+    key_event(viewer, "rawKeyDown", &v).await?;
+    key_event(viewer, "keyUp", &v).await?;
+    key_event(
+        viewer,
+        "keyUp",
+        &json!({ "key": "Control", "code": "ControlLeft", "windowsVirtualKeyCode": 17 }),
+    )
+    .await
+}
+
 /// Presses a named key (`Enter`, `Tab`) with its Windows key code in the
 /// viewer page.
 pub async fn press_key(viewer: &Tab, key: &str, code: i64) -> Result<()> {
@@ -169,12 +240,33 @@ pub async fn demo_login_through_viewer(
     Ok((done, viewer))
 }
 
+/// Gives the viewer's screen the keyboard as a keyboard user does, with
+/// Tab (the screen is the page's first stop), touching nothing in the
+/// remote page: what has the focus there keeps it.
+pub async fn focus_screen(viewer: &Tab) -> Result<()> {
+    press_key(viewer, "Tab", 9).await?;
+    viewer
+        .wait_for(
+            "document.activeElement && document.activeElement.id === 'keys'",
+            Duration::from_secs(5),
+        )
+        .await
+        .context("Tab did not give the viewer's screen the keyboard")?;
+    Ok(())
+}
+
 /// Through the viewer: types alice's name and password into the sign-in
-/// form on screen (its first field after a click above the form), then
-/// allows on the consent page (Allow has the focus there).
+/// form on screen (its username field has the focus), then allows on the
+/// consent page (Allow has the focus there).
 pub async fn sign_in_and_allow(d: &Daemon, id: &str, viewer: &crate::cdp::Viewer) -> Result<()> {
-    click_screen(&viewer.tab, 20.0, 140.0).await?;
-    press_key(&viewer.tab, "Tab", 9).await?;
+    if viewer
+        .tab
+        .eval("document.activeElement && document.activeElement.id")
+        .await?
+        != "keys"
+    {
+        focus_screen(&viewer.tab).await?;
+    }
     type_keys(&viewer.tab, "alice").await?;
     press_key(&viewer.tab, "Tab", 9).await?;
     type_keys(&viewer.tab, "correct horse").await?;

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
 use airlock_tests::live::{
-    click_screen, element_center, keep_changing, press_key, type_keys, LiveSession,
+    click_screen, compose, dead_key_e, element_center, keep_changing, paste, press_key, type_keys,
+    LiveSession,
 };
 use airlock_tests::login::{state_is, step_events, with_rig, LoginRig, FAKE, FAKE_CREDENTIAL};
 use airlock_tests::peer::Peer;
@@ -94,6 +95,21 @@ async fn wait_frames(viewer: &Tab, at_least: u64, timeout: Duration) -> Result<(
         .with_context(|| format!("the viewer did not render {at_least} frames"))
 }
 
+/// Clicks the remote page's field `id` through the viewer and waits until
+/// it has the focus (checked over DevTools in the browser role).
+async fn click_field(browser: &Tab, viewer: &Tab, id: &str) -> Result<()> {
+    let (x, y) = element_center(browser, &format!("#{id}")).await?;
+    click_screen(viewer, x, y).await?;
+    browser
+        .wait_for(
+            &format!("document.activeElement && document.activeElement.id === '{id}'"),
+            Duration::from_secs(10),
+        )
+        .await
+        .with_context(|| format!("the click did not reach the {id} field"))?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_viewer_page_shows_the_screen_takes_input_and_outlives_a_streamer_crash() -> Result<()>
 {
@@ -105,15 +121,7 @@ async fn the_viewer_page_shows_the_screen_takes_input_and_outlives_a_streamer_cr
         let viewer = Viewer::open(&live.page_url).await?;
         wait_frames(&viewer.tab, 30, Duration::from_secs(30)).await?;
         // A click on the password field and typing, as a person would.
-        let (x, y) = element_center(&browser, "#password").await?;
-        click_screen(&viewer.tab, x, y).await?;
-        browser
-            .wait_for(
-                "document.activeElement && document.activeElement.id === 'password'",
-                Duration::from_secs(10),
-            )
-            .await
-            .context("the click did not reach the password field")?;
+        click_field(&browser, &viewer.tab, "password").await?;
         type_keys(&viewer.tab, "Typed-via-viewer 1").await?;
         browser
             .wait_for(
@@ -142,6 +150,47 @@ async fn the_viewer_page_shows_the_screen_takes_input_and_outlives_a_streamer_cr
             viewer.tab.eval("window.__sameDocument === true").await? == true,
             "the viewer page was reloaded"
         );
+        Ok(())
+    })
+    .await
+}
+
+/// Text no keyboard layout of the browser VM could type: accents, sharp s,
+/// CJK, an emoji outside the BMP.
+const WORLD: &str = "p\u{e4}ssw\u{f6}rd-\u{df}-\u{65e5}\u{672c}\u{8a9e}-\u{1f600}";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_in_any_language_arrives_exactly_as_typed_composed_and_pasted() -> Result<()> {
+    with_rig(loopback, async |rig| {
+        let d = &rig.daemon;
+        let live = live_session(rig).await?;
+        let browser = browser_role_tab(d.pid()).await?;
+        let viewer = Viewer::open(&live.page_url).await?;
+        wait_frames(&viewer.tab, 5, Duration::from_secs(30)).await?;
+        click_field(&browser, &viewer.tab, "password").await?;
+        // Typed key by key, then a dead key, an input method's
+        // composition, a shortcut-free Backspace, and a paste.
+        type_keys(&viewer.tab, WORLD).await?;
+        dead_key_e(&viewer.tab).await?;
+        compose(&viewer.tab, "\u{306b}\u{307b}\u{3093}", "\u{65e5}\u{672c}").await?;
+        type_keys(&viewer.tab, "x").await?;
+        press_key(&viewer.tab, "Backspace", 8).await?;
+        paste(&viewer.tab, &format!(" {WORLD}")).await?;
+        let want = format!("{WORLD}\u{e9}\u{65e5}\u{672c} {WORLD}");
+        let check = format!(
+            "document.querySelector('#password').value === {}",
+            serde_json::to_string(&want)?
+        );
+        if let Err(e) = browser.wait_for(&check, Duration::from_secs(15)).await {
+            let got = browser
+                .eval("Array.from(document.querySelector('#password').value).map(c => c.codePointAt(0).toString(16)).join(' ')")
+                .await?;
+            let want: Vec<String> = want.chars().map(|c| format!("{:x}", c as u32)).collect();
+            anyhow::bail!("{e:#}: the remote field holds code points {got}, expected {}", want.join(" "));
+        }
+        // The viewer's own textarea keeps nothing of what was typed.
+        let left = viewer.tab.eval("document.querySelector('#keys').value").await?;
+        ensure!(left == "", "the viewer's textarea kept {left}");
         Ok(())
     })
     .await

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use airlock_fakes::oauth::OAuthEvent;
 use airlock_tests::cdp::Viewer;
-use airlock_tests::live::{click_screen, press_key, sign_in_and_allow, type_keys};
+use airlock_tests::live::{focus_screen, press_key, sign_in_and_allow, type_keys};
 use airlock_tests::login::{state_is, step_events};
 use airlock_tests::vendors::{self, BrowserRole, World, BROWSER_UP};
 use airlock_tests::{artifacts, toml_path, Daemon, Settings};
@@ -329,9 +329,9 @@ async fn codex_device_code_login_shows_the_code_in_the_viewer_and_codex_works_in
                 .await
                 .context("the viewer does not show the user code")?;
             ensure!(shown == code.as_str(), "the viewer shows {shown}, the session has {code}");
-            // The person types the code shown into the page's code field.
-            click_screen(&viewer.tab, 20.0, 140.0).await?;
-            press_key(&viewer.tab, "Tab", 9).await?;
+            // The person types the code shown into the page's code field
+            // (it has the focus).
+            focus_screen(&viewer.tab).await?;
             type_keys(&viewer.tab, &code).await?;
             press_key(&viewer.tab, "Enter", 13).await?;
             w.d.wait_page(id, "/airlock/device", 2)

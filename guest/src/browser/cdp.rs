@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use chromiumoxide::cdp::browser_protocol::input::{DispatchKeyEventParams, InsertTextParams};
 use chromiumoxide::cdp::browser_protocol::network::{EventRequestWillBeSent, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
     EventFrameNavigated, EventLoadEventFired, GetNavigationHistoryParams, NavigateParams,
@@ -102,6 +103,28 @@ impl Cdp {
             .map_err(proto)?;
         let _ = self.page.bring_to_front().await;
         Ok(())
+    }
+
+    /// Inserts `text` into the tab's focused element the way an input
+    /// method commits it: no key codes, so no keyboard layout stands
+    /// between what the person typed and what arrives (accents, CJK,
+    /// emoji alike). The error never quotes the text: it may be a password.
+    pub async fn insert_text(&self, text: &str) -> Result<(), CdpError> {
+        self.page
+            .execute(InsertTextParams::new(text))
+            .await
+            .map(|_| ())
+            .map_err(|_| CdpError::Protocol("the tab did not take the typed text".into()))
+    }
+
+    /// Sends a key event to the tab ([`super::keyboard`] makes them). The
+    /// error never quotes the event: a key down carries its text.
+    pub async fn key(&self, event: DispatchKeyEventParams) -> Result<(), CdpError> {
+        self.page
+            .execute(event)
+            .await
+            .map(|_| ())
+            .map_err(|_| CdpError::Protocol("the tab did not take a key".into()))
     }
 
     /// URLs the tab's main frame navigates to, from now on: each document

@@ -5,6 +5,7 @@
 //! logins use its DevTools connection.
 
 pub mod cdp;
+pub mod keyboard;
 pub mod procs;
 pub mod trust;
 pub mod x11;
@@ -14,13 +15,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use airlock_proto::{
-    BrowserEvent, BrowserInfo, BrowserSpec, ErrorCode, ErrorReply, Event, InputBatch, Screenshot,
+    BrowserEvent, BrowserInfo, BrowserSpec, ErrorCode, ErrorReply, Event, InputBatch, InputEvent,
+    Screenshot,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::cdp::Cdp;
+use self::keyboard::Keyboard;
 use self::procs::{first_oom, start_chromium, start_xvfb, Supervised};
 use self::x11::Display;
 use crate::process::Reaper;
@@ -36,6 +39,8 @@ struct Shared {
     display: Mutex<Option<Arc<Mutex<Display>>>>,
     /// Reopened after Chromium restarts, so the user keeps their page.
     last_url: Mutex<Option<String>>,
+    /// The modifiers the person holds, sent with each key.
+    keyboard: Mutex<Keyboard>,
 }
 
 #[derive(Debug)]
@@ -97,6 +102,7 @@ impl BrowserRole {
                 cdp: watch::channel(None).0,
                 display: Mutex::new(None),
                 last_url: Mutex::new(None),
+                keyboard: Mutex::new(Keyboard::default()),
             }),
             running: Mutex::new(None),
             tracker: TaskTracker::new(),
@@ -242,22 +248,70 @@ impl BrowserRole {
             .ok_or_else(|| unavailable("the display is not running (start the browser first)"))
     }
 
-    /// Injects input events into the display.
+    /// Applies input events in order: the pointer through the X display
+    /// (so it reaches Chromium's own UI too, and the streamed screen shows
+    /// it), keys and text through DevTools ([`keyboard`],
+    /// [`Cdp::insert_text`]), one ordered channel for everything typed.
     pub async fn input(&self, batch: InputBatch) -> Result<(), ErrorReply> {
         batch
             .validate()
             .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+        let mut rest: &[InputEvent] = &batch.events;
+        while let Some(first) = rest.first() {
+            let pointer = is_pointer(first);
+            let n = rest
+                .iter()
+                .position(|e| is_pointer(e) != pointer)
+                .unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(n);
+            rest = tail;
+            if pointer {
+                self.point(run.to_vec()).await?;
+            } else {
+                self.type_in(run).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn point(&self, events: Vec<InputEvent>) -> Result<(), ErrorReply> {
         let display = self.display()?;
-        // X round trips block: keep them off the runtime thread.
+        // X round trips block: keep them off the runtime thread. The last
+        // one returns once the server has every event.
         tokio::task::spawn_blocking(move || {
             display
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .apply(&batch.events)
+                .apply(&events)
         })
         .await
         .map_err(|e| unavailable(e.to_string()))?
         .map_err(|e| unavailable(e.to_string()))
+    }
+
+    async fn type_in(&self, events: &[InputEvent]) -> Result<(), ErrorReply> {
+        let cdp = self.cdp(Duration::from_secs(5)).await?;
+        for e in events {
+            let sent = match e {
+                InputEvent::Text { text } => cdp.insert_text(&text.0).await,
+                InputEvent::KeyDown { keysym } | InputEvent::KeyUp { keysym } => {
+                    let down = matches!(e, InputEvent::KeyDown { .. });
+                    let key = self
+                        .shared
+                        .keyboard
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .event(*keysym, down);
+                    match key {
+                        Some(key) => cdp.key(key).await,
+                        None => Ok(()),
+                    }
+                }
+                _ => Ok(()),
+            };
+            sent.map_err(|e| unavailable(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// A PNG of the display.
@@ -470,4 +524,15 @@ impl Supervisor {
             _ = self.cancel.cancelled() => {}
         }
     }
+}
+
+/// True for the events that go to the X display rather than DevTools.
+fn is_pointer(e: &InputEvent) -> bool {
+    matches!(
+        e,
+        InputEvent::MouseMove { .. }
+            | InputEvent::MouseDown { .. }
+            | InputEvent::MouseUp { .. }
+            | InputEvent::Scroll { .. }
+    )
 }

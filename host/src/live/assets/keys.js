@@ -72,10 +72,5 @@
     return (sym >= 0xffe1 && sym <= 0xffee) || sym === 0xfe03;
   }
 
-  // True for the modifiers that choose a character's level (Shift, AltGr).
-  function isLevel(sym) {
-    return sym === 0xffe1 || sym === 0xffe2 || sym === 0xfe03;
-  }
-
-  window.airlockKeys = { keysym, charKeysym, isModifier, isLevel };
+  window.airlockKeys = { keysym, charKeysym, isModifier };
 })();

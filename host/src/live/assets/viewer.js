@@ -20,7 +20,7 @@
   const ui = {
     provider: el('provider'), state: el('state'), steps: el('steps'), banner: el('banner'),
     usercode: el('usercode'), usercodeValue: el('usercode-value'),
-    video: el('screen'), img: el('fallback'), stage: el('stage'),
+    video: el('screen'), img: el('fallback'), stage: el('stage'), keys: el('keys'),
     connection: el('connection'), rtt: el('rtt'), control: el('control'),
   };
 
@@ -510,7 +510,7 @@
     });
     ui.stage.addEventListener('mousedown', (ev) => {
       ev.preventDefault();
-      ui.stage.focus();
+      ui.keys.focus({ preventScroll: true });
       sendInput(moveTo(ev).concat([{ type: 'mouseDown', button: BUTTONS[ev.button] || 1 }]));
     });
     ui.stage.addEventListener('mouseup', (ev) => {
@@ -533,55 +533,69 @@
     }, { passive: false });
   }
 
+  // Text as the person's own keyboard, dead keys and input method made it
+  // (4096 characters at most, the agent's bound), inserted in the remote
+  // page as is.
+  function sendText(text) {
+    const chars = Array.from(text || '').slice(0, 4096);
+    if (chars.length) sendInput([{ type: 'text', text: chars.join('') }]);
+  }
+
   function bindKeys() {
     const keys = window.airlockKeys;
+    const box = ui.keys;
     const held = new Map();
     const isPaste = (ev) => (ev.ctrlKey || ev.metaKey) && !ev.altKey && (ev.key === 'v' || ev.key === 'V');
-    // A character typed without Ctrl, Alt or Meta goes as text: the agent
-    // then presses Shift itself when the browser VM's keymap needs it, so
-    // the character the person's own layout made is the one typed there
-    // (AltGr and Shift included). Shortcuts and other keys go as keysyms.
-    const isCharacter = (ev) => !ev.ctrlKey && !ev.metaKey && !ev.altKey && Array.from(ev.key || '').length === 1;
+    // Option makes characters on a Mac; elsewhere Alt makes shortcuts.
+    const mac = /Mac|iPhone|iPad/.test(navigator.platform || '');
+    const textAlt = (ev) => !ev.altKey || (mac && !ev.ctrlKey && !ev.metaKey);
+    // A key that makes a character (Shift and AltGr included) is left to
+    // the textarea, whose input events bring the text; so are dead keys and
+    // an input method's keys. Keys that make no text (Enter, Tab, arrows,
+    // Backspace) and shortcuts go as keysyms.
+    const makesText = (ev) => !ev.ctrlKey && !ev.metaKey && textAlt(ev) && Array.from(ev.key || '').length === 1;
+    const composing = (ev) => ev.isComposing || ev.key === 'Dead' || ev.key === 'Process' || ev.keyCode === 229;
     // The keysym a key went down with is the one it comes up with, even
     // when Shift changed in between ('A' down, Shift up, 'a' up).
     const keyId = (ev) => ev.code || ev.key;
-    ui.stage.addEventListener('keydown', (ev) => {
-      if (isPaste(ev)) return; // the paste event brings the text
-      if (isCharacter(ev)) {
-        ev.preventDefault();
-        // Level modifiers the person holds are lifted while the text is
-        // typed, or they would change it a second time.
-        const levels = Array.from(held.values()).filter(keys.isLevel);
-        const lift = levels.map((sym) => ({ type: 'keyUp', keysym: sym }));
-        const restore = levels.map((sym) => ({ type: 'keyDown', keysym: sym }));
-        sendInput(lift.concat([{ type: 'text', text: ev.key }], restore));
-        return;
-      }
+    box.addEventListener('keydown', (ev) => {
+      if (isPaste(ev) || composing(ev) || makesText(ev)) return;
       const sym = (ev.repeat && held.get(keyId(ev))) || keys.keysym(ev);
       if (sym == null) return;
-      ev.preventDefault(); // Tab, Backspace and friends stay in the page
+      ev.preventDefault(); // Tab, Enter and friends stay out of the textarea
       held.set(keyId(ev), sym);
       sendInput([{ type: 'keyDown', keysym: sym }]);
     });
-    ui.stage.addEventListener('keyup', (ev) => {
+    box.addEventListener('keyup', (ev) => {
       const sym = held.get(keyId(ev));
-      if (sym == null) return; // typed as text, or pressed elsewhere
+      if (sym == null) return; // made text, or pressed elsewhere
       held.delete(keyId(ev));
       ev.preventDefault();
       sendInput([{ type: 'keyUp', keysym: sym }]);
     });
+    // Typed characters; a composition (dead key, input method) is sent
+    // once, when it ends, whatever the browser's input events during it.
+    box.addEventListener('input', (ev) => {
+      if (ev.isComposing || ev.inputType === 'insertCompositionText') return;
+      if (ev.inputType === 'insertText' || ev.inputType === 'insertReplacementText') sendText(ev.data);
+      box.value = '';
+    });
+    box.addEventListener('compositionend', (ev) => {
+      sendText(ev.data);
+      box.value = '';
+    });
     // Keys still down when the screen loses focus would stick.
-    ui.stage.addEventListener('blur', () => {
+    box.addEventListener('blur', () => {
       const ups = Array.from(held.values()).map((sym) => ({ type: 'keyUp', keysym: sym }));
       held.clear();
       if (ups.length) sendInput(ups);
     });
     document.addEventListener('paste', (ev) => {
-      if (document.activeElement !== ui.stage) return;
+      if (document.activeElement !== box) return;
       ev.preventDefault();
       const text = (ev.clipboardData && ev.clipboardData.getData('text/plain')) || '';
-      // Control (or Command) is still down from Ctrl+V: release it first,
-      // or the text would be typed as shortcuts.
+      // Control (or Command) is still down from Ctrl+V: release it, or
+      // whatever is pressed next would be a shortcut.
       const ups = [];
       for (const [code, sym] of held) {
         if (keys.isModifier(sym)) {
@@ -589,8 +603,8 @@
           held.delete(code);
         }
       }
-      if (text) ups.push({ type: 'text', text: Array.from(text).slice(0, 4096).join('') });
       if (ups.length) sendInput(ups);
+      sendText(text);
     });
   }
 
