@@ -88,13 +88,16 @@ pub async fn element_center(browser: &Tab, selector: &str) -> Result<(f64, f64)>
     Ok((v[0].as_f64().unwrap_or(0.0), v[1].as_f64().unwrap_or(0.0)))
 }
 
-/// Clicks on the viewer's video at screen position (`x`, `y`) of the
-/// streamed display: a real mouse event in the viewer's page.
+/// Clicks on the viewer's video (or its JPEG frames) at screen position
+/// (`x`, `y`) of the streamed display: a real mouse event in the viewer's
+/// page.
 pub async fn click_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
     let expr = format!(
-        r#"(() => {{ const v = document.querySelector('#screen'); const r = v.getBoundingClientRect();
-            const s = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
-            const ox = r.left + (r.width - v.videoWidth * s) / 2, oy = r.top + (r.height - v.videoHeight * s) / 2;
+        r#"(() => {{ const jpeg = window.airlockViewer.fallback;
+            const v = document.querySelector(jpeg ? '#fallback' : '#screen'); const r = v.getBoundingClientRect();
+            const w = jpeg ? v.naturalWidth : v.videoWidth, h = jpeg ? v.naturalHeight : v.videoHeight;
+            const s = Math.min(r.width / w, r.height / h);
+            const ox = r.left + (r.width - w * s) / 2, oy = r.top + (r.height - h * s) / 2;
             return [ox + {x} * s, oy + {y} * s]; }})()"#
     );
     let p = viewer.eval(&expr).await?;

@@ -19,7 +19,7 @@ use airlock_tests::live::{
 use airlock_tests::login::{state_is, step_events, with_rig, LoginRig, FAKE, FAKE_CREDENTIAL};
 use airlock_tests::peer::Peer;
 use airlock_tests::Settings;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 
 const USER: &str = "viewer-user";
@@ -191,6 +191,61 @@ async fn text_in_any_language_arrives_exactly_as_typed_composed_and_pasted() -> 
         // The viewer's own textarea keeps nothing of what was typed.
         let left = viewer.tab.eval("document.querySelector('#keys').value").await?;
         ensure!(left == "", "the viewer's textarea kept {left}");
+        Ok(())
+    })
+    .await
+}
+
+/// A network where no direct path works and the TURN server cannot be
+/// reached: the viewer may only relay (`iceTransportPolicy=relay`), and the
+/// TURN server it is given (UDP and TCP) swallows everything unanswered.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_udp_or_turn_the_viewer_shows_jpeg_frames_and_still_sends_input() -> Result<()> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let udp = std::net::UdpSocket::bind(tcp.local_addr()?)?;
+    let port = udp.local_addr()?.port();
+    // Held until the test ends: bound, never answering.
+    let _blackhole = (tcp, udp);
+    let tune = move |s: Settings| {
+        loopback(s)
+            .set(
+                "live",
+                "turn_urls",
+                &format!("[\"turn:127.0.0.1:{port}?transport=udp\", \"turn:127.0.0.1:{port}?transport=tcp\"]"),
+            )
+            .set("live", "turn_secret", "\"unreachable\"")
+            .set("live", "connect_timeout_ms", "4000")
+    };
+    with_rig(tune, async |rig| {
+        let d = &rig.daemon;
+        let live = live_session(rig).await?;
+        let browser = browser_role_tab(d.pid()).await?;
+        keep_changing(&browser).await?;
+        // No direct path: the page may only relay through TURN.
+        let url = format!("{}&iceTransportPolicy=relay", live.page_url);
+        let viewer = Viewer::open(&url).await?;
+        let fell_back = viewer
+            .tab
+            .wait_for(
+                "window.airlockViewer.fallback && window.airlockViewer.jpegFrames >= 10 && document.querySelector('#fallback').naturalWidth > 0",
+                Duration::from_secs(45),
+            )
+            .await;
+        if let Err(e) = fell_back {
+            let hook = viewer.tab.eval("JSON.stringify(window.airlockViewer)").await?;
+            bail!("the viewer did not fall back to JPEG frames: {e:#}; the viewer: {hook}");
+        }
+        let state = viewer.tab.eval("window.airlockViewer.connection").await?;
+        ensure!(state != "connected", "WebRTC connected after all: {state}");
+        click_field(&browser, &viewer.tab, "password").await?;
+        type_keys(&viewer.tab, "over-jpeg").await?;
+        browser
+            .wait_for(
+                "document.querySelector('#password').value === 'over-jpeg'",
+                Duration::from_secs(10),
+            )
+            .await
+            .context("the typed text did not arrive over the fallback")?;
         Ok(())
     })
     .await

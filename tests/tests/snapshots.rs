@@ -285,8 +285,17 @@ async fn copies_of_one_snapshot_draw_their_own_randomness_and_keep_the_hosts_tim
 }
 
 /// A private copy of the shared snapshot directory (hard links where
-/// possible), so that a test may spoil it.
+/// possible), so that a test may spoil it. Taken under the store's lock,
+/// as airlockd takes it: another test's daemon may be making or pruning.
 fn copy_snapshots(from: &Path, to: &Path) -> Result<()> {
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(from.join(".lock"))?;
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .context("locking the shared snapshot store")?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let name = entry.file_name();
@@ -327,11 +336,16 @@ async fn a_snapshot_of_another_agent_is_refused_and_made_again() -> Result<()> {
         std::fs::write(&manifest, serde_json::to_vec(&m)?)?;
         spoiled += 1;
     }
-    ensure!(
-        spoiled > 0,
-        "no snapshot to spoil in {}",
-        shared_snapshots().display()
-    );
+    if spoiled == 0 {
+        let listing: Vec<String> = std::fs::read_dir(shared_snapshots())?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        bail!(
+            "no snapshot to spoil in {} (it holds {listing:?})",
+            shared_snapshots().display()
+        );
+    }
     with_daemon(settings(&coturn, private.path(), 0)?, async |d| {
         let s = wait_snapshots(d, "a new snapshot", |s| s["state"] == "ready").await?;
         let problems = s["problems"].to_string();
