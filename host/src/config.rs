@@ -79,6 +79,16 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long in-flight requests may finish after SIGTERM (ms).
     pub shutdown_grace_ms: u64,
+    /// Names requests may give as their `Host` besides the bound address
+    /// (and `localhost` when that is loopback): `host` for any port or
+    /// `host:port`. Others are refused (421), and so are WebSocket and
+    /// state-changing requests from another site's page (403).
+    pub allowed_hosts: Vec<String>,
+    /// Connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// A connection that has not sent a request's headers within this is
+    /// closed (ms).
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +99,9 @@ impl Default for ServerConfig {
             tls_key: None,
             max_body_bytes: 4 << 20,
             shutdown_grace_ms: 5000,
+            allowed_hosts: Vec::new(),
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -801,6 +814,21 @@ impl Config {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return bad("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if let Some(e) = self
+            .server
+            .allowed_hosts
+            .iter()
+            .find(|e| !crate::api::hosts::valid_entry(e))
+        {
+            return bad(format!(
+                "server.allowed_hosts: {e:?} is not a host name or host:port (no scheme, no path)"
+            ));
+        }
+        if self.server.max_connections == 0 || self.server.header_read_timeout_ms == 0 {
+            return bad(
+                "server.max_connections and server.header_read_timeout_ms must be above 0".into(),
+            );
         }
         if self.paths.run_dir.as_os_str().len() > MAX_RUN_DIR_BYTES {
             return bad(format!(

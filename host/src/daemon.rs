@@ -155,7 +155,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         live,
         started,
     };
-    let app = router(state, config.server.max_body_bytes);
+    let hosts = crate::api::hosts::AllowedHosts::new(addr, &config.server.allowed_hosts);
+    let app = router(state, config.server.max_body_bytes, hosts);
     watch_signals(&background, shutdown.clone())?;
     if let Some(ca) = &config.auth.extra_ca_file {
         // Whoever holds this CA's key can impersonate any site to logins.

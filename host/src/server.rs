@@ -1,18 +1,21 @@
 //! Serves the API over HTTP, or HTTPS with rustls when the config names a
 //! certificate and key. One accept loop for both, so TLS is not a separate
-//! code path; stops accepting on shutdown and lets in-flight requests
-//! finish within a grace period. Called by the daemon.
+//! code path; at most `max_connections` open at once, and a connection
+//! that sends no complete request headers in time is closed. Stops
+//! accepting on shutdown and lets in-flight requests finish within a grace
+//! period. Called by the daemon.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +43,9 @@ pub struct Server {
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     grace: Duration,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    header_read_timeout: Duration,
 }
 
 impl std::fmt::Debug for Server {
@@ -68,6 +74,8 @@ impl Server {
             listener,
             tls,
             grace: Duration::from_millis(cfg.shutdown_grace_ms),
+            connections: Arc::new(Semaphore::new(cfg.max_connections)),
+            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
         })
     }
 
@@ -88,8 +96,23 @@ impl Server {
     /// Serves `app` until `shutdown`, then drains connections.
     pub async fn run(self, app: Router, shutdown: CancellationToken) {
         let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // A client that opens connections and sends nothing (or headers a
+        // byte at a time) must not hold them.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
         loop {
+            // At the cap, wait for a connection to close before accepting
+            // (the kernel's backlog holds the rest).
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = self.connections.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
@@ -107,6 +130,7 @@ impl Server {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
@@ -117,6 +141,7 @@ impl Server {
                     let builder = builder.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let tls = match tokio::time::timeout(
                             Duration::from_secs(10),
                             acceptor.accept(tcp),

@@ -77,11 +77,20 @@ struct RawSocket {
 
 /// Sends the upgrade request; the socket on `101`, else the refusal.
 async fn upgrade(d: &Daemon, path: &str) -> Result<std::result::Result<RawSocket, Answer>> {
+    upgrade_with(d, path, "").await
+}
+
+/// As [`upgrade`], with `extra` header lines (each ending in CRLF).
+async fn upgrade_with(
+    d: &Daemon,
+    path: &str,
+    extra: &str,
+) -> Result<std::result::Result<RawSocket, Answer>> {
     let host = d.base.strip_prefix("http://").context("plain http")?;
     let mut tcp = TcpStream::connect(host).await?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
     );
     tcp.write_all(request.as_bytes()).await?;
     let mut buf = Vec::new();
@@ -439,6 +448,80 @@ async fn viewer_links_open_their_own_session_and_nothing_else() -> Result<()> {
                 "a viewer token is in airlockd's log"
             );
         }
+        Ok(())
+    })
+    .await
+}
+
+/// DNS rebinding and other sites' pages: a request naming another host is
+/// refused whatever the route; a POST and a WebSocket upgrade from another
+/// site's page are refused even with the right token, and work from the
+/// server's own origin; a connection that never finishes its headers is
+/// closed after `header_read_timeout_ms`.
+#[tokio::test(flavor = "multi_thread")]
+async fn other_hosts_other_sites_and_silent_connections_are_refused() -> Result<()> {
+    let tune = |s: Settings| tune(s).set("server", "header_read_timeout_ms", "1500");
+    with_rig(tune, async |rig| {
+        let d = &rig.daemon;
+        let a = d.start_live(USER, FAKE).await?;
+        let page = format!("/session/{}?token={}", a.id, a.token);
+        for path in ["/health", "/api/vms", page.as_str()] {
+            let r = d
+                .http
+                .get(format!("{}{path}", d.base))
+                .header("host", "rebound.example")
+                .send()
+                .await?;
+            let status = r.status();
+            let body = r.text().await?;
+            ensure!(
+                status == 421 && body.contains("allowed_hosts"),
+                "{path} with a foreign Host: {status} {body}"
+            );
+        }
+        let start = json!({ "userId": USER, "provider": FAKE });
+        let cross = d
+            .http
+            .post(format!("{}/api/auth/start", d.base))
+            .header("origin", "http://evil.example")
+            .json(&start)
+            .send()
+            .await?;
+        ensure!(cross.status() == 403, "cross-site POST: {}", cross.status());
+        let own = d
+            .http
+            .post(format!("{}/api/auth/session/{}/cancel", d.base, a.id))
+            .header("origin", &d.base)
+            .send()
+            .await?;
+        ensure!(own.status() == 200, "same-origin POST: {}", own.status());
+        let b = d.start_live(USER, FAKE).await?;
+        let ws = format!("/api/webrtc/session/{}/ws?token={}", b.id, b.token);
+        match upgrade_with(d, &ws, "Origin: http://evil.example\r\n").await? {
+            Ok(_) => bail!("a cross-site WebSocket was upgraded"),
+            Err(ans) => ensure!(ans.status == 403, "cross-site WebSocket: {ans}"),
+        }
+        if let Err(ans) = upgrade_with(d, &ws, &format!("Origin: {}\r\n", d.base)).await? {
+            bail!("a same-origin WebSocket was refused: {ans}");
+        }
+        // Headers started and never finished.
+        let host = d.base.strip_prefix("http://").context("plain http")?;
+        let mut tcp = TcpStream::connect(host).await?;
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: ").await?;
+        let opened = Instant::now();
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+            .await
+            .context("a connection without complete headers stayed open for 10 s")?;
+        let held = opened.elapsed();
+        ensure!(
+            !matches!(read, Ok(n) if n > 0 && buf[..n].starts_with(b"HTTP/1.1 200")),
+            "the unfinished request was answered"
+        );
+        ensure!(
+            held >= Duration::from_millis(1000),
+            "closed after {held:?}, before the timeout"
+        );
         Ok(())
     })
     .await

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod hosts;
 pub mod pages;
 pub mod vms;
 pub mod webrtc;
@@ -32,8 +33,8 @@ pub struct AppState {
     pub started: Instant,
 }
 
-/// Builds the API's router.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// Builds the API's router; requests must name one of `hosts`.
+pub fn router(state: AppState, max_body_bytes: usize, hosts: hosts::AllowedHosts) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/api/vms", post(vms::create).get(vms::list))
@@ -63,6 +64,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::new(hosts),
+            hosts::check,
+        ))
 }
 
 async fn not_found(uri: axum::http::Uri) -> error::ApiError {
