@@ -88,10 +88,9 @@ pub async fn element_center(browser: &Tab, selector: &str) -> Result<(f64, f64)>
     Ok((v[0].as_f64().unwrap_or(0.0), v[1].as_f64().unwrap_or(0.0)))
 }
 
-/// Clicks on the viewer's video (or its JPEG frames) at screen position
-/// (`x`, `y`) of the streamed display: a real mouse event in the viewer's
-/// page.
-pub async fn click_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
+/// Where screen position (`x`, `y`) of the streamed display is in the
+/// viewer's page: on its video, or its JPEG frames when it fell back.
+async fn viewer_point(viewer: &Tab, x: f64, y: f64) -> Result<(f64, f64)> {
     let expr = format!(
         r#"(() => {{ const jpeg = window.airlockViewer.fallback;
             const v = document.querySelector(jpeg ? '#fallback' : '#screen'); const r = v.getBoundingClientRect();
@@ -101,7 +100,13 @@ pub async fn click_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
             return [ox + {x} * s, oy + {y} * s]; }})()"#
     );
     let p = viewer.eval(&expr).await?;
-    let (x, y) = (p[0].as_f64().unwrap_or(0.0), p[1].as_f64().unwrap_or(0.0));
+    Ok((p[0].as_f64().unwrap_or(0.0), p[1].as_f64().unwrap_or(0.0)))
+}
+
+/// Clicks on the viewer's screen at screen position (`x`, `y`) of the
+/// streamed display: a real mouse event in the viewer's page.
+pub async fn click_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
+    let (x, y) = viewer_point(viewer, x, y).await?;
     for kind in ["mouseMoved", "mousePressed", "mouseReleased"] {
         let mut params = json!({ "type": kind, "x": x, "y": y });
         if kind != "mouseMoved" {
@@ -110,6 +115,34 @@ pub async fn click_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
         }
         viewer.call("Input.dispatchMouseEvent", params).await?;
     }
+    Ok(())
+}
+
+/// Taps the viewer's screen at screen position (`x`, `y`): a real touch
+/// in the viewer's page (touch emulation on).
+pub async fn tap_screen(viewer: &Tab, x: f64, y: f64) -> Result<()> {
+    let (x, y) = viewer_point(viewer, x, y).await?;
+    touch(viewer, "touchStart", json!([{ "x": x, "y": y, "id": 1 }])).await?;
+    touch(viewer, "touchEnd", json!([])).await
+}
+
+/// Swipes one finger on the viewer's screen from screen position
+/// (`x`, `from_y`) to (`x`, `to_y`), in ten moves.
+pub async fn swipe_screen(viewer: &Tab, x: f64, from_y: f64, to_y: f64) -> Result<()> {
+    let (vx, y0) = viewer_point(viewer, x, from_y).await?;
+    let (_, y1) = viewer_point(viewer, x, to_y).await?;
+    let point = |y: f64| json!([{ "x": vx, "y": y, "id": 1 }]);
+    touch(viewer, "touchStart", point(y0)).await?;
+    for i in 1..=10 {
+        let y = y0 + (y1 - y0) * f64::from(i) / 10.0;
+        touch(viewer, "touchMove", point(y)).await?;
+    }
+    touch(viewer, "touchEnd", json!([])).await
+}
+
+async fn touch(viewer: &Tab, kind: &str, points: Value) -> Result<()> {
+    let params = json!({ "type": kind, "touchPoints": points });
+    viewer.call("Input.dispatchTouchEvent", params).await?;
     Ok(())
 }
 

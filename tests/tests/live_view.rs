@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
 use airlock_tests::live::{
-    click_screen, compose, dead_key_e, element_center, keep_changing, paste, press_key, type_keys,
-    LiveSession,
+    click_screen, compose, dead_key_e, element_center, keep_changing, paste, press_key,
+    swipe_screen, tap_screen, type_keys, LiveSession,
 };
 use airlock_tests::login::{state_is, step_events, with_rig, LoginRig, FAKE, FAKE_CREDENTIAL};
 use airlock_tests::peer::Peer;
@@ -191,6 +191,73 @@ async fn text_in_any_language_arrives_exactly_as_typed_composed_and_pasted() -> 
         // The viewer's own textarea keeps nothing of what was typed.
         let left = viewer.tab.eval("document.querySelector('#keys').value").await?;
         ensure!(left == "", "the viewer's textarea kept {left}");
+        Ok(())
+    })
+    .await
+}
+
+/// The viewer on a phone: 390x844 CSS pixels at 3x, touch only. The screen
+/// is shown (it was squeezed to nothing beside the steps), a tap on a field
+/// focuses it and gives the viewer the keyboard, typing reaches the field,
+/// and a swipe up scrolls the remote page.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_phone_the_screen_shows_and_taps_typing_and_swipes_work() -> Result<()> {
+    with_rig(loopback, async |rig| {
+        let d = &rig.daemon;
+        let live = live_session(rig).await?;
+        let browser = browser_role_tab(d.pid()).await?;
+        // Room to scroll in the remote page.
+        browser
+            .eval("document.body.style.minHeight = '4000px'; true")
+            .await?;
+        let viewer = Viewer::open("about:blank").await?;
+        let phone = json!({ "width": 390, "height": 844, "deviceScaleFactor": 3, "mobile": true });
+        viewer
+            .tab
+            .call("Emulation.setDeviceMetricsOverride", phone)
+            .await?;
+        viewer
+            .tab
+            .call(
+                "Emulation.setTouchEmulationEnabled",
+                json!({ "enabled": true, "maxTouchPoints": 5 }),
+            )
+            .await?;
+        viewer
+            .tab
+            .call("Page.navigate", json!({ "url": live.page_url }))
+            .await?;
+        wait_frames(&viewer.tab, 5, Duration::from_secs(30)).await?;
+        let size = viewer
+            .tab
+            .eval("(() => { const r = document.querySelector('#screen').getBoundingClientRect(); return [r.width, r.height]; })()")
+            .await?;
+        let (w, h) = (size[0].as_f64().unwrap_or(0.0), size[1].as_f64().unwrap_or(0.0));
+        ensure!(w >= 350.0 && h >= 190.0, "the screen is {w}x{h} CSS pixels on the phone");
+        let (x, y) = element_center(&browser, "#password").await?;
+        tap_screen(&viewer.tab, x, y).await?;
+        browser
+            .wait_for(
+                "document.activeElement && document.activeElement.id === 'password'",
+                Duration::from_secs(10),
+            )
+            .await
+            .context("the tap did not focus the password field")?;
+        let keys = viewer.tab.eval("document.activeElement && document.activeElement.id").await?;
+        ensure!(keys == "keys", "after the tap the viewer's focus is on {keys}");
+        type_keys(&viewer.tab, "tapped").await?;
+        browser
+            .wait_for(
+                "document.querySelector('#password').value === 'tapped'",
+                Duration::from_secs(10),
+            )
+            .await
+            .context("typing after the tap did not arrive")?;
+        swipe_screen(&viewer.tab, 640.0, 600.0, 100.0).await?;
+        browser
+            .wait_for("window.scrollY > 100", Duration::from_secs(10))
+            .await
+            .context("the swipe did not scroll the remote page")?;
         Ok(())
     })
     .await

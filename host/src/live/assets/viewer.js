@@ -1,9 +1,9 @@
 // airlock viewer (/session/:id?token=...): shows a login session's state
 // and steps (Server-Sent Events), its browser's screen over WebRTC (JPEG
 // frames over the WebSocket when WebRTC cannot connect), and sends the
-// person's mouse, wheel, keys and pastes to that browser. Signalling runs
-// over /api/webrtc/session/:id/ws: this page always offers, the streamer
-// answers; an ICE restart is a new offer. Tests read window.airlockViewer.
+// person's mouse, wheel, touch, keys and pastes to that browser.
+// Signalling runs over /api/webrtc/session/:id/ws: this page always
+// offers, the streamer answers; an ICE restart is a new offer. Tests read window.airlockViewer.
 // Query parameters besides the token: fallbackAfterMs (when to fall back
 // to JPEG frames) and iceTransportPolicy=relay (TURN only).
 'use strict';
@@ -533,6 +533,80 @@
     }, { passive: false });
   }
 
+  // Touch, one finger at a time: a tap is a click, and gives the screen
+  // the keyboard (on a phone that raises the on-screen one); a finger that
+  // moves scrolls the page, as in a phone's own browser; a finger held
+  // still for half a second and then moved drags (selects text, moves a
+  // slider). Handled here, so the browser makes no mouse events of them.
+  function bindTouch() {
+    const SLOP_PX = 10;
+    const HOLD_MS = 500;
+    // Screen pixels Chromium scrolls for one wheel step.
+    const STEP_PX = 53;
+    const clamp = (n) => Math.max(-100, Math.min(100, n));
+    let touch = null;
+    let hold = 0;
+    const mine = (ev) => touch && Array.from(ev.changedTouches).find((t) => t.identifier === touch.id);
+    // Viewer pixels per screen pixel.
+    const scale = () => {
+      const media = hook.fallback ? ui.img : ui.video;
+      const w = hook.fallback ? ui.img.naturalWidth : ui.video.videoWidth;
+      const h = hook.fallback ? ui.img.naturalHeight : ui.video.videoHeight;
+      const r = media.getBoundingClientRect();
+      return w && h ? Math.min(r.width / w, r.height / h) : 1;
+    };
+    ui.stage.addEventListener('touchstart', (ev) => {
+      ev.preventDefault();
+      if (touch) return;
+      const t = ev.changedTouches[0];
+      touch = { id: t.identifier, x: t.clientX, y: t.clientY, last: t, mode: 'tap', acc: { x: 0, y: 0 } };
+      clearTimeout(hold);
+      hold = setTimeout(() => {
+        if (!touch || touch.mode !== 'tap') return;
+        touch.mode = 'drag';
+        sendInput(moveTo(touch.last).concat([{ type: 'mouseDown', button: 1 }]));
+      }, HOLD_MS);
+    }, { passive: false });
+    ui.stage.addEventListener('touchmove', (ev) => {
+      ev.preventDefault();
+      const t = mine(ev);
+      if (!t) return;
+      if (touch.mode === 'tap' && Math.hypot(t.clientX - touch.x, t.clientY - touch.y) > SLOP_PX) {
+        touch.mode = 'scroll';
+        clearTimeout(hold);
+      }
+      if (touch.mode === 'drag') sendInput(moveTo(t));
+      if (touch.mode === 'scroll') {
+        // The page follows the finger: moving it up scrolls down.
+        const unit = 1 / (scale() * STEP_PX);
+        touch.acc.x += (touch.last.clientX - t.clientX) * unit;
+        touch.acc.y += (touch.last.clientY - t.clientY) * unit;
+        const dx = Math.trunc(touch.acc.x);
+        const dy = Math.trunc(touch.acc.y);
+        if (dx || dy) {
+          touch.acc = { x: touch.acc.x - dx, y: touch.acc.y - dy };
+          sendInput(moveTo(t).concat([{ type: 'scroll', dx: clamp(dx), dy: clamp(dy) }]));
+        }
+      }
+      touch.last = t;
+    }, { passive: false });
+    const end = (ev) => {
+      ev.preventDefault();
+      const t = mine(ev);
+      if (!t) return;
+      clearTimeout(hold);
+      if (touch.mode === 'tap' && ev.type === 'touchend') {
+        ui.keys.focus({ preventScroll: true });
+        sendInput(moveTo(t).concat([{ type: 'mouseDown', button: 1 }, { type: 'mouseUp', button: 1 }]));
+      } else if (touch.mode === 'drag') {
+        sendInput(moveTo(t).concat([{ type: 'mouseUp', button: 1 }]));
+      }
+      touch = null;
+    };
+    ui.stage.addEventListener('touchend', end, { passive: false });
+    ui.stage.addEventListener('touchcancel', end, { passive: false });
+  }
+
   // Text as the person's own keyboard, dead keys and input method made it
   // (4096 characters at most, the agent's bound), inserted in the remote
   // page as is.
@@ -614,6 +688,7 @@
     if (!token) return end('This link has no viewer token; open the viewerUrl of the session.', 'refused');
     countFrames();
     bindPointer();
+    bindTouch();
     bindKeys();
     if (!(await checkAccess())) return undefined;
     openEvents();
