@@ -454,8 +454,9 @@ impl Daemon {
         Ok(status)
     }
 
-    /// Prints airlockd's log and the console tail of every VM (running or
-    /// failed), and the browser's program logs, for a failing test.
+    /// Prints airlockd's log and the tails of every VM's logs (running or
+    /// failed: VMM, agent, console, the browser's programs), for a failing
+    /// test.
     pub fn print_diagnostics(&self) {
         eprintln!(
             "==== airlockd log (last 60 lines) ====\n{}",
@@ -467,6 +468,10 @@ impl Daemon {
         ] {
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 for (log, lines) in [
+                    ("error.txt", 5),
+                    ("vmm.log", 10),
+                    ("vhost.log", 5),
+                    ("agent.log", 15),
                     ("console.log", 30),
                     ("xvfb.log", 10),
                     ("chromium.log", 20),

@@ -315,11 +315,15 @@ fn copy_snapshots(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_snapshot_of_another_agent_is_refused_and_made_again() -> Result<()> {
-    let coturn = Coturn::start()?;
-    // The shared snapshot first (made if missing), then a copy to spoil.
-    with_daemon(settings(&coturn, &shared_snapshots(), 0)?, async |d| {
+/// A private copy of the shared snapshot (made first if missing) with
+/// each snapshot directory in it spoiled by `spoil`. A spoiler replaces
+/// files rather than writing into them: they are hard links to the
+/// shared copy, which stays intact.
+async fn spoiled_copy(
+    coturn: &Coturn,
+    spoil: impl Fn(&Path) -> Result<()>,
+) -> Result<tempfile::TempDir> {
+    with_daemon(settings(coturn, &shared_snapshots(), 0)?, async |d| {
         wait_snapshots(d, "a snapshot", |s| s["state"] == "ready").await?;
         Ok(())
     })
@@ -328,12 +332,7 @@ async fn a_snapshot_of_another_agent_is_refused_and_made_again() -> Result<()> {
     copy_snapshots(&shared_snapshots(), private.path())?;
     let mut spoiled = 0;
     for entry in std::fs::read_dir(private.path())? {
-        let manifest = entry?.path().join("manifest.json");
-        // A new file, not the hard-linked one: the shared copy stays intact.
-        let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
-        m["inputs"]["agentBuildId"] = "0000000000000000000000000000000000000000".into();
-        std::fs::remove_file(&manifest)?;
-        std::fs::write(&manifest, serde_json::to_vec(&m)?)?;
+        spoil(&entry?.path())?;
         spoiled += 1;
     }
     if spoiled == 0 {
@@ -346,6 +345,21 @@ async fn a_snapshot_of_another_agent_is_refused_and_made_again() -> Result<()> {
             shared_snapshots().display()
         );
     }
+    Ok(private)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_of_another_agent_is_refused_and_made_again() -> Result<()> {
+    let coturn = Coturn::start()?;
+    let private = spoiled_copy(&coturn, |dir| {
+        let manifest = dir.join("manifest.json");
+        let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest)?)?;
+        m["inputs"]["agentBuildId"] = "0000000000000000000000000000000000000000".into();
+        std::fs::remove_file(&manifest)?;
+        std::fs::write(&manifest, serde_json::to_vec(&m)?)?;
+        Ok(())
+    })
+    .await?;
     with_daemon(settings(&coturn, private.path(), 0)?, async |d| {
         let s = wait_snapshots(d, "a new snapshot", |s| s["state"] == "ready").await?;
         let problems = s["problems"].to_string();
@@ -356,6 +370,54 @@ async fn a_snapshot_of_another_agent_is_refused_and_made_again() -> Result<()> {
             "the spoiled snapshot was not refused by name: {s}"
         );
         ensure!(s["made"] == 1, "no new snapshot was made: {s}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_that_does_not_restore_gives_way_to_a_cold_boot_and_is_made_again() -> Result<()>
+{
+    let coturn = Coturn::start()?;
+    // Zeros of the saved state's size: the manifest still matches, QEMU
+    // refuses to load it.
+    let private = spoiled_copy(&coturn, |dir| {
+        let state = dir.join("state.bin");
+        let len = std::fs::metadata(&state)?.len();
+        std::fs::remove_file(&state)?;
+        std::fs::write(&state, vec![0u8; len as usize])?;
+        Ok(())
+    })
+    .await?;
+    // With a pool, whose refills fail too: three failures in a row and the
+    // snapshot is made again.
+    with_daemon(settings(&coturn, private.path(), 1)?, async |d| {
+        wait_snapshots(d, "the spoiled snapshot", |s| s["state"] == "ready").await?;
+        let v = d
+            .start_until_page("cold-carol", "demo", "/authorize", Duration::from_secs(400))
+            .await?;
+        let notes: Vec<&str> = v["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["event"] == "browserVm")
+            .filter_map(|s| s["detail"].as_str())
+            .collect();
+        ensure!(notes.len() == 2, "{notes:?}");
+        ensure!(
+            notes[0].contains("restored from a snapshot")
+                && notes[0].contains("booting one from the image instead"),
+            "{notes:?}"
+        );
+        ensure!(notes[1].starts_with("booted from its image"), "{notes:?}");
+        let s = wait_snapshots(d, "a new snapshot and a warm VM from it", |s| {
+            s["made"] == 1 && s["poolReady"] == 1
+        })
+        .await?;
+        ensure!(
+            s["problems"].to_string().contains("failed in a row"),
+            "the snapshot was not given up by name: {s}"
+        );
         Ok(())
     })
     .await

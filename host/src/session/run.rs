@@ -22,7 +22,8 @@ use crate::agent::AgentError;
 use crate::egress::policy::EgressPolicy;
 use crate::providers::Provider;
 use crate::store::{CredentialBundle, CredentialFile};
-use crate::vm::{CreateVm, VmError, VmKind, VmManager, VmState};
+use crate::vm::restore::Origin;
+use crate::vm::{CreateVm, VmError, VmKind, VmManager, VmState, VmView};
 
 /// How a session's login part ended.
 enum End {
@@ -191,9 +192,10 @@ async fn start_browser(
         memory_mib: None,
         vcpus: None,
     };
+    let policy = egress_policy(ctx, h, provider);
     let vm = ctx
         .vms
-        .create_browser(req, Some(tx), egress_policy(ctx, h, provider))
+        .create_browser(req.clone(), Some(tx.clone()), policy.clone())
         .map_err(|e| End::Failed(format!("cannot create the browser VM: {e}")))?;
     h.view
         .send_modify(|v| v.browser_vm_id = Some(vm.id.clone()));
@@ -206,22 +208,27 @@ async fn start_browser(
             tracing::warn!(session_id = %view.session_id, error = %e, "cannot start the user's CLI VM ahead of delivery");
         }
     }
-    let left = deadline.saturating_duration_since(Instant::now());
-    let settled = ctx
-        .vms
-        .wait_for(
-            &vm.id,
-            &[VmState::Ready, VmState::Failed, VmState::Stopped],
-            left,
-        )
-        .await
-        .map_err(|e| End::Failed(e.to_string()))?;
+    let mut settled = settle(ctx, &vm.id, deadline).await?;
+    if settled.state != VmState::Ready && settled.origin != Origin::Boot {
+        // A snapshot's VM that cannot start says nothing about the image:
+        // the login goes on in one booted from it.
+        ctx.record(h, None, "browserVm", Some(restore_failed(&settled)));
+        release_failed(ctx, h, &vm.id).await;
+        let vm = ctx
+            .vms
+            .create_with(req, Some(tx), policy)
+            .map_err(|e| End::Failed(format!("cannot create the browser VM: {e}")))?;
+        h.view
+            .send_modify(|v| v.browser_vm_id = Some(vm.id.clone()));
+        settled = settle(ctx, &vm.id, deadline).await?;
+    }
     if settled.state != VmState::Ready {
         let why = settled
             .error
             .unwrap_or_else(|| format!("it is still {:?}", settled.state));
         return Err(End::Failed(format!("the browser VM did not start: {why}")));
     }
+    let vm = settled.clone();
     ctx.record(h, None, "browserVm", Some(vm_started(&settled)));
     let spec = browser_spec(&ctx.cfg).map_err(End::Failed)?;
     let left = deadline.saturating_duration_since(Instant::now());
@@ -250,6 +257,45 @@ async fn start_browser(
         ))),
         Err(e) => Err(End::Failed(format!("Chromium did not start: {e}"))),
     }
+}
+
+/// Waits until the VM is ready or has ended, at most until `deadline`.
+async fn settle(ctx: &Inner, vm: &str, deadline: Instant) -> Result<VmView, End> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    ctx.vms
+        .wait_for(
+            vm,
+            &[VmState::Ready, VmState::Failed, VmState::Stopped],
+            left,
+        )
+        .await
+        .map_err(|e| End::Failed(e.to_string()))
+}
+
+/// The history's note on a restored VM that did not start.
+fn restore_failed(v: &VmView) -> String {
+    let why = v.error.as_deref().unwrap_or("it stopped");
+    // The first line: the console's tail stays in the VM's kept logs.
+    let why = why.lines().next().unwrap_or_default();
+    format!(
+        "the VM {} ({}) did not start: {why}; booting one from the image instead",
+        v.id,
+        v.origin.describe()
+    )
+}
+
+/// Forgets a browser VM that failed before the login used it; its logs
+/// are kept (a failed VM's always are) and the history says where.
+async fn release_failed(ctx: &Inner, h: &SessionHandle, vm: &str) {
+    match ctx.vms.delete(vm).await {
+        Ok(view) => {
+            if let Some(dir) = view.logs_dir {
+                ctx.record(h, None, "logsKept", Some(dir));
+            }
+        }
+        Err(e) => tracing::warn!(vm_id = %vm, error = %e, "cannot delete a failed browser VM"),
+    }
+    h.view.send_modify(|v| v.browser_vm_id = None);
 }
 
 /// What Chromium in a session's browser VM starts with (also what the

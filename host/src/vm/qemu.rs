@@ -27,7 +27,7 @@ use super::backend::{
 };
 use super::console::Console;
 use super::layout::VmDir;
-use super::qmp::Qmp;
+use super::qmp::{Qmp, QmpError};
 use super::{ramfile, VmKind};
 use crate::config::{QemuConfig, VmConfig};
 
@@ -203,15 +203,7 @@ impl QemuBackend {
         let Some(qemu) = vm.processes.first_mut() else {
             return Err(BackendError::Unsupported("qemu (no process)"));
         };
-        wait_created(
-            &spec.dir,
-            &qmp_socket,
-            &mut qemu.child,
-            &program,
-            QMP_READY_TIMEOUT,
-        )
-        .await?;
-        let mut qmp = Qmp::connect(&qmp_socket, QMP_TIMEOUT).await?;
+        let mut qmp = connect_qmp(&spec.dir, &qmp_socket, &mut qemu.child, &program).await?;
         // The RAM is the copied file: the state carries none.
         set_migration_capabilities(&mut qmp, true).await?;
         let uri = format!("exec:cat {}", shell_quote(state));
@@ -361,6 +353,40 @@ impl QemuBackend {
 
 /// Waits until `path` exists in `dir` (inotify), failing if `child`
 /// exits first or `timeout` passes.
+/// Connects to a QEMU that was just started, once its QMP socket listens.
+/// QEMU binds the socket before it listens on it: a connection in between
+/// is refused, and a busy host can hold QEMU between the two.
+async fn connect_qmp(
+    dir: &VmDir,
+    path: &Path,
+    child: &mut tokio::process::Child,
+    program: &str,
+) -> Result<Qmp, BackendError> {
+    let deadline = Instant::now() + QMP_READY_TIMEOUT;
+    wait_created(dir, path, child, program, QMP_READY_TIMEOUT).await?;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match Qmp::connect(path, QMP_TIMEOUT).await {
+            Err(QmpError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(BackendError::EarlyExit {
+                        program: program.to_string(),
+                        status: super::backend::describe_status(status),
+                        log_tail: file_tail(&dir.file("vmm.log"), 5),
+                    });
+                }
+                // No event says "now listening": poll, briefly.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => return r.map_err(BackendError::from),
+        }
+    }
+}
+
 async fn wait_created(
     dir: &VmDir,
     path: &Path,

@@ -5,7 +5,8 @@
 //! cold while no snapshot is ready. Owned by [`super::VmManager`] once the
 //! daemon enables it; its task runs on the manager's tracker.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,12 @@ pub struct SnapshotStatus {
 
 /// Most problems `/health` lists.
 const MAX_PROBLEMS: usize = 8;
+/// Pauses before making a snapshot again after a failed attempt: the
+/// first, doubled each time up to the last.
+const FIRST_RETRY: Duration = Duration::from_secs(30);
+/// Failed restores in a row after which a snapshot is made again.
+const MAX_FAILED_RESTORES: u32 = 3;
+const LAST_RETRY: Duration = Duration::from_secs(600);
 
 /// Snapshots and the pool of one airlockd.
 #[derive(Debug)]
@@ -77,6 +84,11 @@ pub struct Restorer {
     status: Mutex<SnapshotStatus>,
     /// Woken when the snapshot in use turns out stale.
     remake: Notify,
+    /// Restores of the current snapshot that failed in a row.
+    failed_restores: AtomicU32,
+    /// A snapshot that restored badly too often: removed (under the
+    /// store's lock) before the next one is looked for.
+    discard: Mutex<Option<PathBuf>>,
     pub(super) pool: Pool,
 }
 
@@ -106,6 +118,8 @@ impl Restorer {
                 ..Default::default()
             }),
             remake: Notify::new(),
+            failed_restores: AtomicU32::new(0),
+            discard: Mutex::new(None),
             pool: Pool::new(target),
         }
     }
@@ -154,6 +168,34 @@ impl Restorer {
         Some(snap)
     }
 
+    /// Told how a VM restored from `state` started. A failed restore
+    /// costs its session only time (it boots cold instead), but a
+    /// snapshot that fails [`MAX_FAILED_RESTORES`] times in a row is
+    /// thrown away and made again.
+    pub fn restore_ended(&self, state: &Path, result: Result<(), &str>) {
+        let Some(snap) = self.current().filter(|s| s.state() == state) else {
+            return;
+        };
+        let Err(why) = result else {
+            self.failed_restores.store(0, Ordering::Relaxed);
+            return;
+        };
+        let failed = self.failed_restores.fetch_add(1, Ordering::Relaxed) + 1;
+        if failed < MAX_FAILED_RESTORES {
+            return;
+        }
+        self.failed_restores.store(0, Ordering::Relaxed);
+        let why = why.lines().next().unwrap_or_default();
+        self.problem(format!(
+            "{failed} restores of snapshot {} failed in a row (the last: {why}): making a new one",
+            snap.key()
+        ));
+        *self.discard.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(self.store.dir_for(&snap.manifest.inputs));
+        self.set_current(None);
+        self.remake.notify_one();
+    }
+
     fn set_current(&self, snap: Option<Arc<Snapshot>>) {
         {
             let mut s = self.lock_status();
@@ -173,14 +215,31 @@ impl Restorer {
             let (me, vms) = (self.clone(), vms.clone());
             async move { me.pool.run(&me, &vms).await }
         });
+        let mut retry = FIRST_RETRY;
         loop {
             tokio::select! {
                 _ = self.ensure(&vms) => {}
                 _ = shutdown.cancelled() => break,
             }
+            // A failed attempt (a template VM too slow on a loaded host, a
+            // full disk) is tried again, less often each time.
+            let failed = self.lock_status().state == "failed";
+            let again = async {
+                match failed {
+                    true => tokio::time::sleep(retry).await,
+                    false => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.remake.notified() => {}
+                _ = again => {
+                    tracing::info!(after = ?retry, "trying to make the browser VM snapshot again");
+                    retry = (retry * 2).min(LAST_RETRY);
+                }
                 _ = shutdown.cancelled() => break,
+            }
+            if !failed {
+                retry = FIRST_RETRY;
             }
         }
         // The pool's VMs are the manager's: its shutdown stops them.
@@ -205,6 +264,14 @@ impl Restorer {
                 return self.problem(e.to_string());
             }
         };
+        let discard = self
+            .discard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(dir) = discard {
+            self.store.remove(&dir);
+        }
         // Loaded (or refused, saying why) before the others are pruned.
         let found = self.store.load(&inputs);
         if let Err(e) = &found {

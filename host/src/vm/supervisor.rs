@@ -185,7 +185,11 @@ impl Supervisor {
         let mut vm = tokio::select! {
             r = self.start(&spec) => match r {
                 Ok(vm) => vm,
-                Err(e) => return (Outcome::Failed(format!("cannot start the VM: {e}")), None),
+                Err(e) => {
+                    let why = format!("cannot start the VM: {e}");
+                    self.restore_ended(Err(&why));
+                    return (Outcome::Failed(why), None);
+                }
             },
             _ = self.handle.stop.cancelled() => return (Outcome::Stopped, None),
         };
@@ -196,10 +200,27 @@ impl Supervisor {
             v.timings.request_to_vmm_ms = Some(ms(vmm_started - self.requested));
         });
         let outcome = match self.boot(&mut vm, &mut events, vmm_started).await {
-            Ok(()) => self.serve(&mut vm, &mut events, &log).await,
-            Err(outcome) => outcome,
+            Ok(()) => {
+                self.restore_ended(Ok(()));
+                self.serve(&mut vm, &mut events, &log).await
+            }
+            Err(outcome) => {
+                if let Outcome::Failed(why) = &outcome {
+                    self.restore_ended(Err(why));
+                }
+                outcome
+            }
         };
         (outcome, Some(vm))
+    }
+
+    /// Tells the snapshots' keeper how a VM restored from one started.
+    fn restore_ended(&self, result: Result<(), &str>) {
+        if let (Boot::Restore { state, .. }, Some(restorer)) =
+            (&self.boot, self.inner.restorer.get())
+        {
+            restorer.restore_ended(state, result);
+        }
     }
 
     /// Boots the VM, or restores it from its snapshot and lets it run.
