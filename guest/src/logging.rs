@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use airlock_proto::limits::MAX_LOG_MESSAGE_BYTES;
+use airlock_proto::limits::{cut, MAX_LOG_MESSAGE_BYTES};
 use airlock_proto::{LogLevel, LogLine};
 use tokio::sync::mpsc;
 use tracing::field::{Field, Visit};
@@ -111,7 +111,7 @@ impl<S: Subscriber> Layer<S> for ForwardLayer {
             level: to_proto_level(meta.level()),
             uptime_ms: crate::sysinfo::uptime_ms(),
             target: meta.target().to_string(),
-            message: truncate(visitor.text, MAX_LOG_MESSAGE_BYTES),
+            message: cut(visitor.text, MAX_LOG_MESSAGE_BYTES),
         };
         if self.tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -143,27 +143,9 @@ impl Visit for MessageVisitor {
     }
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary.
-pub fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn truncates_on_char_boundary() {
-        let s = truncate("aé".repeat(10), 4);
-        assert!(s.len() <= 4 && s.starts_with("aé"));
-    }
 
     #[test]
     fn level_names() {

@@ -11,10 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use airlock_proto::limits::MAX_FRAME_BYTES;
+use airlock_proto::limits::{cut, MAX_FRAME_BYTES};
 use airlock_proto::stream::{
     check_viewer_id, StreamEvent, StreamSpec, StreamerCommand, StreamerReport, StreamerState,
-    ViewerSignal,
+    ViewerSignal, MAX_SIGNAL_MESSAGE_BYTES,
 };
 use airlock_proto::{frame, ErrorCode, ErrorReply, Event, FrameDecoder, InputBatch};
 use tokio::net::unix::pipe;
@@ -269,6 +269,8 @@ struct Supervisor {
 
 impl Supervisor {
     async fn state(&self, state: StreamerState, restarts: u32, detail: Option<String>) {
+        // What GStreamer or a crash said, cut to what the host accepts.
+        let detail = detail.map(|d| cut(d, MAX_SIGNAL_MESSAGE_BYTES));
         let e = StreamEvent::State {
             state,
             restarts,

@@ -206,8 +206,11 @@ pub struct VmConfig {
     pub max_memory_mib: u32,
     /// Most vCPUs a request may ask for.
     pub max_vcpus: u32,
-    /// Most VMs at once (including booting and failed ones not deleted).
+    /// Most VMs booting or running at once (failed ones do not count).
     pub max_vms: usize,
+    /// How long a failed VM stays listed with its error before airlockd
+    /// forgets it (ms); its logs stay under `failed-vms/`.
+    pub failed_vm_keep_ms: u64,
     /// From VMM start to the agent's ready event (ms).
     pub boot_timeout_ms: u64,
     /// From a guest connection to its hello (ms).
@@ -268,6 +271,7 @@ impl Default for VmConfig {
             max_memory_mib: 8192,
             max_vcpus: 8,
             max_vms: 16,
+            failed_vm_keep_ms: 600_000,
             boot_timeout_ms: 30_000,
             hello_timeout_ms: 5_000,
             ready_timeout_ms: 5_000,
@@ -452,7 +456,8 @@ pub struct AuthConfig {
     /// test stand-ins of the vendors (the vendor sandbox); unset in
     /// production.
     pub extra_ca_file: Option<PathBuf>,
-    /// Sessions running at once.
+    /// Logins running at once (a session whose credential waits for its
+    /// delivery does not count).
     pub max_sessions: usize,
     /// Ended sessions remembered for `GET /api/auth/session/:id`.
     pub ended_sessions_keep: usize,

@@ -41,3 +41,37 @@ pub const MAX_SHORT_STRING: usize = 128;
 
 /// Most capabilities an agent may announce.
 pub const MAX_CAPABILITIES: usize = 64;
+
+/// Longest description of a vendor's OAuth error, in bytes.
+pub const MAX_DENIAL_DESCRIPTION: usize = 1024;
+
+/// Longest tail of a login CLI's output, in bytes.
+pub const MAX_CLI_OUTPUT_TAIL: usize = 8192;
+
+/// Longest reason a login failed, in bytes.
+pub const MAX_FAILURE_REASON: usize = 4096;
+
+/// `s` cut to at most `max` bytes on a character boundary: how a sender
+/// keeps text within these limits (which count bytes, not characters).
+pub fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_keeps_whole_characters() {
+        let s = cut("aé".repeat(10), 4);
+        assert_eq!(s, "aéa");
+        assert_eq!(cut("short".into(), 10), "short");
+    }
+}

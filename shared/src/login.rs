@@ -6,7 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{MAX_PATH_BYTES, MAX_SHORT_STRING};
+use crate::limits::{
+    cut, MAX_CLI_OUTPUT_TAIL, MAX_DENIAL_DESCRIPTION, MAX_FAILURE_REASON, MAX_PATH_BYTES,
+    MAX_SHORT_STRING,
+};
 use crate::message::{check_len, InvalidMessage};
 use crate::SecretBytes;
 
@@ -399,6 +402,40 @@ impl InputBatch {
     }
 }
 
+/// A credential file that lacks the shape its profile requires.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// It is not a JSON document (serde's syntax error, which quotes no
+    /// input).
+    #[error("not valid JSON ({0})")]
+    NotJson(String),
+    /// A required field is absent, null or empty.
+    #[error("{0} is missing or empty")]
+    Missing(String),
+}
+
+/// Checks that `bytes` is a JSON document in which every pointer of
+/// `required` (RFC 6901) holds a non-empty value: what the agent waits
+/// for before it captures a file, and what the host checks again (the
+/// guest is not trusted to have done it).
+pub fn check_shape(bytes: &[u8], required: &[String]) -> Result<(), ShapeError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ShapeError::NotJson(e.to_string()))?;
+    for pointer in required {
+        let empty = match value.pointer(pointer) {
+            None | Some(serde_json::Value::Null) => true,
+            Some(serde_json::Value::String(s)) => s.is_empty(),
+            Some(serde_json::Value::Array(a)) => a.is_empty(),
+            Some(serde_json::Value::Object(o)) => o.is_empty(),
+            Some(_) => false,
+        };
+        if empty {
+            return Err(ShapeError::Missing(pointer.clone()));
+        }
+    }
+    Ok(())
+}
+
 impl CapturedCredential {
     /// Checks what a guest sends as a credential (the host's side).
     pub fn validate(&self, expected_files: usize) -> Result<(), InvalidMessage> {
@@ -412,12 +449,15 @@ impl CapturedCredential {
                 self.files.len()
             )));
         }
-        for f in &self.files {
+        for (i, f) in self.files.iter().enumerate() {
             if f.index as usize >= expected_files
                 || f.contents.len() > MAX_CREDENTIAL_BYTES
                 || f.mode > 0o7777
             {
                 return Err(bad("index, size or mode out of bounds".into()));
+            }
+            if self.files[..i].iter().any(|g| g.index == f.index) {
+                return Err(bad(format!("file {} sent twice", f.index)));
             }
         }
         Ok(())
@@ -444,6 +484,41 @@ pub fn is_user_code(s: &str) -> bool {
         && s.bytes().any(|b| b.is_ascii_uppercase())
 }
 
+impl LoginStep {
+    /// The step with each text cut, on a character boundary, to what
+    /// [`LoginEvent::validate`] accepts: the agent reports what a page or
+    /// a CLI gave it (a URL's path, a vendor's error text, output), and an
+    /// event past the bounds would be refused with its connection.
+    pub fn bounded(self) -> Self {
+        match self {
+            Self::UrlOpened { location, via } => Self::UrlOpened {
+                location: cut(location, MAX_PATH_BYTES),
+                via: cut(via, MAX_SHORT_STRING),
+            },
+            Self::PageLoaded { location } => Self::PageLoaded {
+                location: cut(location, MAX_PATH_BYTES),
+            },
+            Self::Denied { error, description } => Self::Denied {
+                error: cut(error, MAX_SHORT_STRING),
+                description: description.map(|d| cut(d, MAX_DENIAL_DESCRIPTION)),
+            },
+            Self::CliExited {
+                exit_code,
+                signal,
+                output_tail,
+            } => Self::CliExited {
+                exit_code,
+                signal,
+                output_tail: cut(output_tail, MAX_CLI_OUTPUT_TAIL),
+            },
+            Self::Failed { reason } => Self::Failed {
+                reason: cut(reason, MAX_FAILURE_REASON),
+            },
+            other => other,
+        }
+    }
+}
+
 impl LoginEvent {
     /// Checks the bounds of a login event from a guest.
     pub fn validate(&self) -> Result<(), InvalidMessage> {
@@ -466,10 +541,13 @@ impl LoginEvent {
             }
             LoginStep::Denied { error, description } => {
                 long("error", error, MAX_SHORT_STRING)?;
-                long("description", description.as_deref().unwrap_or(""), 1024)
+                let description = description.as_deref().unwrap_or("");
+                long("description", description, MAX_DENIAL_DESCRIPTION)
             }
-            LoginStep::CliExited { output_tail, .. } => long("outputTail", output_tail, 8192),
-            LoginStep::Failed { reason } => long("reason", reason, 4096),
+            LoginStep::CliExited { output_tail, .. } => {
+                long("outputTail", output_tail, MAX_CLI_OUTPUT_TAIL)
+            }
+            LoginStep::Failed { reason } => long("reason", reason, MAX_FAILURE_REASON),
             LoginStep::UserCode { code } if !is_user_code(code) => Err(InvalidMessage {
                 field: "code",
                 problem: "not a user code (capital letters and digits in dash-separated groups)"
@@ -530,6 +608,90 @@ impl LoginSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(index: u32, contents: &str) -> CapturedFile {
+        CapturedFile {
+            index,
+            mode: 0o600,
+            contents: SecretBytes::new(contents.as_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn bounded_steps_pass_validation_whatever_the_characters() {
+        // 512 characters of 4 bytes: within a character count, past the
+        // byte limit (the agent once cut by characters).
+        let wide = "😀".repeat(2000);
+        for step in [
+            LoginStep::Denied {
+                error: wide.clone(),
+                description: Some(wide.clone()),
+            },
+            LoginStep::PageLoaded {
+                location: format!("https://a/{wide}"),
+            },
+            LoginStep::UrlOpened {
+                location: wide.clone(),
+                via: wide.clone(),
+            },
+            LoginStep::CliExited {
+                exit_code: Some(1),
+                signal: None,
+                output_tail: wide.repeat(3),
+            },
+            LoginStep::Failed {
+                reason: wide.clone(),
+            },
+        ] {
+            let event = LoginEvent {
+                session_id: "s".into(),
+                step: step.clone(),
+            };
+            assert!(event.validate().is_err(), "{step:?} is past the bounds");
+            let bounded = LoginEvent {
+                session_id: "s".into(),
+                step: step.bounded(),
+            };
+            assert_eq!(bounded.validate(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_credential_file_sent_twice_is_refused() {
+        let twice = CapturedCredential {
+            session_id: "s".into(),
+            files: vec![file(0, "{}"), file(0, "{}")],
+        };
+        let e = twice.validate(2).unwrap_err();
+        assert!(e.problem.contains("sent twice"), "{e}");
+        let once = CapturedCredential {
+            session_id: "s".into(),
+            files: vec![file(0, "{}"), file(1, "{}")],
+        };
+        assert_eq!(once.validate(2), Ok(()));
+    }
+
+    #[test]
+    fn shape_needs_json_with_every_required_field_non_empty() {
+        let required = ["/tokens/access_token".to_string()];
+        assert_eq!(
+            check_shape(br#"{"tokens":{"access_token":"x"}}"#, &required),
+            Ok(())
+        );
+        for (bytes, want) in [
+            (
+                &br#"{"tokens":{"access_token":""}}"#[..],
+                "missing or empty",
+            ),
+            (br#"{"tokens":{}}"#, "missing or empty"),
+            (br#"{"tokens":{"access_token":null}}"#, "missing or empty"),
+            (b"secret-token-not-json", "not valid JSON"),
+        ] {
+            let e = check_shape(bytes, &required).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("secret"), "the reason quotes no contents: {e}");
+        }
+    }
 
     #[test]
     fn user_codes_are_told_from_words() {

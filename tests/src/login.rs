@@ -411,17 +411,22 @@ impl Daemon {
     }
 }
 
-/// Locations of the session's `pageLoaded` steps, in order.
-pub fn loaded(v: &Value) -> Vec<String> {
+/// The view's steps, each as often as it happened (a step repeated at
+/// once is listed once with a count).
+fn each_step(v: &Value) -> impl Iterator<Item = &Value> {
     v["steps"]
         .as_array()
-        .map(|s| {
-            s.iter()
-                .filter(|s| s["event"] == "pageLoaded")
-                .filter_map(|s| s["detail"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| std::iter::repeat_n(s, 1 + s["repeated"].as_u64().unwrap_or(0) as usize))
+}
+
+/// Locations of the session's `pageLoaded` steps, in order.
+pub fn loaded(v: &Value) -> Vec<String> {
+    each_step(v)
+        .filter(|s| s["event"] == "pageLoaded")
+        .filter_map(|s| s["detail"].as_str().map(String::from))
+        .collect()
 }
 
 /// A `text` input event.
@@ -441,12 +446,7 @@ pub fn state_is(v: &Value, state: &str) -> bool {
 
 /// The events of a view's steps, in order.
 pub fn step_events(v: &Value) -> Vec<String> {
-    v["steps"]
-        .as_array()
-        .map(|s| {
-            s.iter()
-                .filter_map(|s| s["event"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+    each_step(v)
+        .filter_map(|s| s["event"].as_str().map(String::from))
+        .collect()
 }

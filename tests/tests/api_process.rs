@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use airlock_tests::{with_daemon, Daemon, Settings};
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -237,6 +237,55 @@ async fn a_dead_agent_process_fails_the_vm_with_its_output() -> Result<()> {
             )
             .await?;
         assert_eq!(status, 409, "a failed VM takes no requests");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_vm_frees_its_slot_at_once_and_is_forgotten_later() -> Result<()> {
+    let settings = process()
+        .set("vm", "max_vms", "1")
+        .set("vm", "failed_vm_keep_ms", "1500");
+    with_daemon(settings, async |d| {
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let id = str_of(&vm, "id").to_string();
+        let pid = nix::unistd::Pid::from_raw(vm["vmmPid"].as_i64().context("pid")? as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+        let failed = d.wait_state(&id, "failed", Duration::from_secs(10)).await?;
+        assert_eq!(failed["state"], "failed", "{failed}");
+        // Listed with its error, yet not holding the only slot.
+        let next = d.ready_vm(json!({"kind": "cli"})).await?;
+        let (status, listed) = d
+            .request(Method::GET, &format!("/api/vms/{id}"), None)
+            .await?;
+        assert_eq!(status, 200, "{listed}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (status, v) = d
+                .request(Method::GET, &format!("/api/vms/{id}"), None)
+                .await?;
+            if status == 404 {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the failed VM is still listed after 15 s: {v}"
+            );
+            // Nothing announces the forgetting: look again shortly.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, all) = d.request(Method::GET, "/api/vms", None).await?;
+        let ids: Vec<&str> = all["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["id"].as_str())
+            .collect();
+        assert_eq!(ids, [str_of(&next, "id")], "{all}");
+        // Its logs outlive it.
+        let logs = std::path::Path::new(str_of(&failed, "logsDir"));
+        assert!(logs.join("error.txt").is_file(), "{}", logs.display());
         Ok(())
     })
     .await

@@ -196,13 +196,43 @@ async fn a_login_end_to_end_leaves_its_token_only_in_the_cli_vm_and_the_store() 
 async fn a_login_is_delivered_once_the_cli_vm_is_up() -> Result<()> {
     // Delivery gives up waiting at once: the CLI VM is still booting, so
     // the credential stays stored and goes in when the VM is ready.
+    // Meanwhile it holds no login slot: with room for one login, another
+    // starts.
     with_rig(
         |s| {
             s.set("auth", "delivery_timeout_ms", "200")
                 .set("auth", "prestart_cli_vm", "false")
+                .set("auth", "max_sessions", "1")
         },
         async |rig| {
-            let done = complete(rig, FAKE_CREDENTIAL).await?;
+            let d = &rig.daemon;
+            let another_while_pending = tokio::time::timeout(COMPLETE, async {
+                // The first login's id, once `complete` has started it.
+                let first = loop {
+                    let started = d.sessions.lock().ok().and_then(|s| s.first().cloned());
+                    if let Some(id) = started {
+                        break id;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                let pending = d
+                    .wait_session(&first, COMPLETE, |v| {
+                        step_events(v).contains(&"deliveryPending".to_string())
+                    })
+                    .await?;
+                ensure!(state_is(&pending, "stored"), "{pending}");
+                let other = d.start_session("user-43", FAKE).await?;
+                d.cancel_session(&other).await?;
+                // Its browser is gone once it is cancelled.
+                d.wait_session(&other, COMPLETE, |v| state_is(v, "cancelled"))
+                    .await?;
+                anyhow::Ok(())
+            });
+            let (done, other) = tokio::join!(complete(rig, FAKE_CREDENTIAL), another_while_pending);
+            let done = done?;
+            other
+                .context("the first login never waited for its delivery")?
+                .context("a login while a credential waits for delivery")?;
             let events = step_events(&done);
             assert!(
                 events.contains(&"deliveryPending".to_string()),

@@ -500,7 +500,8 @@ impl Supervisor {
                 line = oom, if !oom_reported => {
                     oom_reported = true;
                     tracing::warn!(line = %line, "Chromium ran out of memory");
-                    self.report(BrowserEvent::OutOfMemory { detail: line }).await;
+                    let detail = airlock_proto::limits::cut(line, airlock_proto::MAX_BROWSER_EVENT_TEXT);
+                    self.report(BrowserEvent::OutOfMemory { detail }).await;
                 }
             }
         }
@@ -513,7 +514,7 @@ impl Supervisor {
         tracing::warn!(process, status = %status, restarts = *restarts, "browser process died; restarting");
         self.report(BrowserEvent::Crashed {
             process: process.into(),
-            status: crate::logging::truncate(status, airlock_proto::MAX_BROWSER_EVENT_TEXT),
+            status: airlock_proto::limits::cut(status, airlock_proto::MAX_BROWSER_EVENT_TEXT),
             restarts: *restarts,
         })
         .await;

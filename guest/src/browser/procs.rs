@@ -218,7 +218,7 @@ async fn keep_tail(
             let line = line.trim_end();
             forward_output(name, line);
             if oom.borrow().is_none() && says_out_of_memory(line) {
-                let first = crate::logging::truncate(line.to_string(), 512);
+                let first = airlock_proto::limits::cut(line.to_string(), 512);
                 oom.send_replace(Some(first));
             }
         }

@@ -141,7 +141,7 @@ impl Login {
     async fn report(&self, step: LoginStep) {
         let event = LoginEvent {
             session_id: self.spec.session_id.clone(),
-            step,
+            step: step.bounded(),
         };
         let _ = self.ctx.events.send(Event::Login(event)).await;
     }

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use airlock_proto::{CapturedFile, SecretBytes, MAX_CREDENTIAL_BYTES};
+use airlock_proto::{CapturedFile, SecretBytes, ShapeError, MAX_CREDENTIAL_BYTES};
 use futures_util::StreamExt;
 use inotify::{EventStream, Inotify, WatchMask};
 use sha2::{Digest, Sha256};
@@ -126,23 +126,10 @@ fn read_new(w: &Watched) -> Result<(Vec<u8>, u32), NotReady> {
 
 /// Parses `bytes` as JSON and checks every pointer holds a non-empty value.
 pub fn check_json(bytes: &[u8], required: &[String]) -> Result<(), NotReady> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| NotReady::Incomplete(format!("not valid JSON yet ({e})")))?;
-    for pointer in required {
-        let empty = match value.pointer(pointer) {
-            None | Some(serde_json::Value::Null) => true,
-            Some(serde_json::Value::String(s)) => s.is_empty(),
-            Some(serde_json::Value::Array(a)) => a.is_empty(),
-            Some(serde_json::Value::Object(o)) => o.is_empty(),
-            Some(_) => false,
-        };
-        if empty {
-            return Err(NotReady::Incomplete(format!(
-                "{pointer} is missing or empty"
-            )));
-        }
-    }
-    Ok(())
+    airlock_proto::check_shape(bytes, required).map_err(|e| match e {
+        ShapeError::NotJson(why) => NotReady::Incomplete(format!("not valid JSON yet ({why})")),
+        missing => NotReady::Incomplete(missing.to_string()),
+    })
 }
 
 #[cfg(test)]

@@ -246,18 +246,25 @@ async fn read(
 pub(super) async fn watch_cli_vms(ctx: std::sync::Arc<Inner>) {
     let mut states = ctx.vms.subscribe_states();
     loop {
-        let view = tokio::select! {
+        let changed = tokio::select! {
             r = states.recv() => match r {
-                Ok(v) => v,
-                Err(RecvError::Lagged(_)) => continue,
+                Ok(v) => vec![v],
+                // Changes were missed (a burst of VMs): every VM as it is
+                // now, so that no CLI VM's readiness goes unnoticed.
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "VM changes missed; looking at every VM");
+                    ctx.vms.list()
+                }
                 Err(RecvError::Closed) => return,
             },
             _ = ctx.shutdown.cancelled() => return,
         };
-        if let (VmKind::Cli, VmState::Ready, Some(user)) =
-            (view.kind, view.state, view.owner.as_deref())
-        {
-            deliver_pending(&ctx, user, &view.id).await;
+        for view in changed {
+            if let (VmKind::Cli, VmState::Ready, Some(user)) =
+                (view.kind, view.state, view.owner.as_deref())
+            {
+                deliver_pending(&ctx, user, &view.id).await;
+            }
         }
     }
 }

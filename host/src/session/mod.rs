@@ -7,9 +7,11 @@
 //! `/api/auth` handlers.
 
 mod delivery;
+mod history;
 mod merge;
 mod run;
 
+pub use history::Step;
 pub use run::browser_spec;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -58,6 +60,20 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    /// True while the session's login runs (it has, or is about to have,
+    /// a browser VM): what counts against `auth.max_sessions`. A stored
+    /// credential waiting for its delivery holds no browser VM.
+    pub fn is_login(self) -> bool {
+        matches!(
+            self,
+            Self::Created
+                | Self::Booting
+                | Self::BrowserReady
+                | Self::AwaitingUser
+                | Self::Captured
+        )
+    }
+
     /// True once the session can change no more.
     pub fn is_final(self) -> bool {
         matches!(
@@ -65,21 +81,6 @@ impl SessionState {
             Self::Completed | Self::Failed | Self::Cancelled | Self::Expired
         )
     }
-}
-
-/// One entry of a session's history.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Step {
-    /// When (RFC 3339).
-    pub at: String,
-    /// The state after it.
-    pub state: SessionState,
-    /// What happened (`state`, `urlOpened`, `codeEntered`, `browserCrashed`, ...).
-    pub event: String,
-    /// Details for people.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
 }
 
 /// A provider as `GET /api/auth/providers` lists it.
@@ -128,8 +129,16 @@ pub struct SessionView {
     /// vendor's page (the viewer shows it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_code: Option<String>,
-    /// Everything that happened, in order.
+    /// What happened, in order: the first steps and the latest, at most
+    /// 128, a step repeated at once counted in its `repeated`.
     pub steps: Vec<Step>,
+    /// Steps dropped from between the first and the latest.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub steps_omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A session operation failed.
@@ -150,7 +159,7 @@ pub enum SessionError {
     #[error("{0}")]
     Invalid(String),
     /// Too many sessions run.
-    #[error("at most {0} login sessions may run at once; try again shortly")]
+    #[error("at most {0} logins may run at once; try again shortly")]
     Capacity(usize),
     /// The session's browser is not (or no longer) there.
     #[error("session {id} is {state:?}: its browser is not running")]
@@ -325,13 +334,15 @@ impl Sessions {
                 state: SessionState::Created,
                 event: "state".into(),
                 detail: None,
+                repeated: 0,
             }],
+            steps_omitted: 0,
         };
         let handle = {
             let mut sessions = self.sessions();
             let active = sessions
                 .values()
-                .filter(|h| !h.view.borrow().state.is_final())
+                .filter(|h| h.view.borrow().state.is_login())
                 .count();
             if active >= self.inner.cfg.max_sessions {
                 return Err(SessionError::Capacity(self.inner.cfg.max_sessions));
@@ -440,12 +451,14 @@ impl Inner {
                 v.state = s;
             }
             v.updated_at = now();
-            v.steps.push(Step {
+            let step = Step {
                 at: now(),
                 state: v.state,
                 event: event.into(),
                 detail,
-            });
+                repeated: 0,
+            };
+            history::push(&mut v.steps, &mut v.steps_omitted, step);
         });
     }
 

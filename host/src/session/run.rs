@@ -543,7 +543,7 @@ fn on_login_step(
 
 /// Encrypts and stores the credential.
 async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedCredential) -> End {
-    if let Err(e) = c.validate(provider.credentials.len()) {
+    if let Err(e) = check_captured(provider, &c) {
         return End::Failed(format!("the browser VM sent an invalid credential: {e}"));
     }
     ctx.record(
@@ -575,6 +575,20 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
         }
         Err(e) => End::Failed(format!("cannot store the credential: {e}")),
     }
+}
+
+/// What a guest sent as a credential, checked as if the guest had checked
+/// nothing: its bounds, and each file's shape against the profile. The
+/// reason names files and fields, never contents.
+fn check_captured(provider: &Provider, c: &CapturedCredential) -> Result<(), String> {
+    c.validate(provider.credentials.len())
+        .map_err(|e| e.to_string())?;
+    for f in &c.files {
+        let spec = &provider.credentials[f.index as usize];
+        airlock_proto::check_shape(f.contents.expose(), &spec.required)
+            .map_err(|e| format!("{}: {e}", spec.path))?;
+    }
+    Ok(())
 }
 
 /// The files to store for a captured credential: each where the CLI VM

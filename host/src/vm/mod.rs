@@ -166,7 +166,7 @@ pub enum VmError {
     #[error("{0}")]
     Invalid(String),
     /// Too many VMs exist.
-    #[error("at most {0} VMs may exist at once; delete one first")]
+    #[error("at most {0} VMs may boot or run at once; delete one first")]
     Capacity(usize),
     /// The VM cannot take requests in its state.
     #[error("VM {id} is {state:?}, not ready")]
@@ -286,6 +286,12 @@ impl VmHandle {
 
     fn set_agent(&self, client: Option<AgentClient>) {
         self.agent.send_replace(client);
+    }
+
+    /// Booting or running: it holds processes and memory (a failed or
+    /// stopped VM's are gone).
+    fn is_live(&self) -> bool {
+        !self.finished.is_cancelled()
     }
 }
 
@@ -548,7 +554,8 @@ impl VmManager {
         });
         {
             let mut vms = self.vms();
-            if vms.len() >= cfg.max_vms {
+            let live = vms.values().filter(|h| h.is_live()).count();
+            if live >= cfg.max_vms {
                 return Err(VmError::Capacity(cfg.max_vms));
             }
             vms.insert(id.clone(), handle.clone());

@@ -100,6 +100,33 @@ impl Supervisor {
         let (outcome, vm) = self.boot_and_serve(&dir).await;
         self.teardown(outcome, vm, &dir).await;
         self.handle.finished.cancel();
+        self.forget_if_failed().await;
+    }
+
+    /// A failed VM stays listed with its error for a while (whoever
+    /// started it may still ask why), then is forgotten unless someone
+    /// deleted it first; its logs stay under `failed-vms/`.
+    async fn forget_if_failed(&self) {
+        if self.handle.view.borrow().state != VmState::Failed {
+            return;
+        }
+        let keep = Duration::from_millis(self.inner.config.vm.failed_vm_keep_ms);
+        tokio::select! {
+            _ = tokio::time::sleep(keep) => {}
+            _ = self.inner.shutdown.cancelled() => return,
+        }
+        let mut vms = self
+            .inner
+            .vms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if vms
+            .get(&self.id)
+            .is_some_and(|h| Arc::ptr_eq(h, &self.handle))
+        {
+            vms.remove(&self.id);
+            tracing::info!(vm_id = %self.id, "failed VM forgotten");
+        }
     }
 
     fn handshake_config(&self) -> HandshakeConfig {

@@ -91,7 +91,15 @@
     hook.session = v;
     ui.provider.textContent = v.provider;
     ui.state.textContent = v.state.replace(/_/g, ' ');
-    ui.steps.replaceChildren(...v.steps.map(stepItem));
+    const items = v.steps.map(stepItem);
+    if (v.stepsOmitted) {
+      // The history keeps its first steps and its latest.
+      const gap = document.createElement('li');
+      gap.className = 'detail';
+      gap.textContent = '… ' + v.stepsOmitted + ' more steps …';
+      items.splice(Math.min(16, items.length), 0, gap);
+    }
+    ui.steps.replaceChildren(...items);
     // A device-code login: the vendor's page asks for the code the CLI printed.
     ui.usercodeValue.textContent = v.userCode || '';
     ui.usercode.hidden = !v.userCode || FINAL.includes(v.state);
@@ -104,7 +112,8 @@
   function stepItem(s) {
     const li = document.createElement('li');
     const time = new Date(s.at).toLocaleTimeString();
-    li.textContent = time + ' ' + s.event + (s.event === 'state' ? ': ' + s.state.replace(/_/g, ' ') : '');
+    li.textContent = time + ' ' + s.event + (s.event === 'state' ? ': ' + s.state.replace(/_/g, ' ') : '')
+      + (s.repeated ? ' (' + (s.repeated + 1) + ' times)' : '');
     if (s.detail) {
       const d = document.createElement('div');
       d.className = 'detail';
