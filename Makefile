@@ -36,9 +36,11 @@ build-vm: setup
 	@rm -f $(BUILD)/fakes/codex $(BUILD)/fakes/claude $(BUILD)/fakes/gemini
 	@ln -sfn ../bin/fake-cli $(BUILD)/fakes/airlock-demo-cli
 
-# Everything, with airlockd as a static release binary (make run, bench).
+# Everything, with airlockd as a static release binary (make run, bench),
+# with the demo OAuth server (a production build leaves `--features demo`
+# out: cargo build --release --target $(MUSL) -p airlock-host).
 build: build-vm
-	cargo build --release --locked --target $(MUSL) -p airlock-host --bins
+	cargo build --release --locked --target $(MUSL) -p airlock-host --bins --features demo
 	install -m 0755 $(CARGO_TARGET_DIR)/$(MUSL)/release/airlockd $(BUILD)/bin/airlockd
 
 # The test initramfs (build/image), and the golden images (build/images/
@@ -59,9 +61,12 @@ image: build-vm
 run: build image
 	scripts/run-dev.sh
 
+# The workspace builds airlockd with the demo (the tests turn it on); the
+# second clippy checks the production build without it.
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo clippy -p airlock-host --bins --locked -- -D warnings
 
 # The tests run the debug airlockd, which shares its compiled dependencies
 # with the test build (a release build of it would compile them again).

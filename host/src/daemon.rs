@@ -25,7 +25,6 @@ use crate::vm::layout::reconcile;
 use crate::vm::process::{HostBrowserIsolation, HostBrowserUser, ProcessBackend};
 use crate::vm::qemu::QemuBackend;
 use crate::vm::VmManager;
-use airlock_fakes::oauth::{FakeOAuth, FakeOAuthConfig};
 
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +78,7 @@ fn make_dir(path: &std::path::Path) -> Result<(), DaemonError> {
 /// Runs until SIGTERM or SIGINT; returns after every session and VM is
 /// torn down.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    check_demo(config.auth.demo, cfg!(feature = "demo"))?;
     let started = Instant::now();
     let config = Arc::new(config);
     let failed_dir = config.paths.state_dir.join("failed-vms");
@@ -183,14 +183,44 @@ pub const DEMO_PATH: &str = "/demo/oauth";
 /// route: it runs on this host's loopback, which they may not reach).
 pub const DEMO_HOST: &str = "demo-oauth.airlock.internal";
 
+/// Why `auth.demo` cannot be on in this build.
+pub const DEMO_NOT_BUILT: &str = "auth.demo is on, but this airlockd was built without the demo \
+    OAuth server (cargo feature `demo`, which `make run` and `make test` turn on); \
+    turn auth.demo off in production";
+
+/// A demo OAuth server and the app it serves.
+type DemoServer = Option<(Server, axum::Router)>;
+
+/// Refuses `auth.demo` in a build without the demo OAuth server, before
+/// anything is set up.
+fn check_demo(demo: bool, built: bool) -> Result<(), DaemonError> {
+    match demo && !built {
+        true => Err(DaemonError::Demo(DEMO_NOT_BUILT.into())),
+        false => Ok(()),
+    }
+}
+
+/// A production build: no demo OAuth server ([`check_demo`] refused
+/// `auth.demo` at start).
+#[cfg(not(feature = "demo"))]
+async fn demo_oauth(
+    _config: &Config,
+    _auth: &mut crate::config::AuthConfig,
+    egress: Egress,
+) -> Result<(DemoServer, Egress), DaemonError> {
+    Ok((None, egress))
+}
+
 /// The demo OAuth server, when `auth.demo` is on: on a listener of its own
 /// (`auth.demo_listen`), never on the API's, so that browser VMs can be
 /// allowed to reach it and nothing else here. Points the demo CLI at it.
+#[cfg(feature = "demo")]
 async fn demo_oauth(
     config: &Config,
     auth: &mut crate::config::AuthConfig,
     egress: Egress,
-) -> Result<(Option<(Server, axum::Router)>, Egress), DaemonError> {
+) -> Result<(DemoServer, Egress), DaemonError> {
+    use airlock_fakes::oauth::{FakeOAuth, FakeOAuthConfig};
     if !auth.demo {
         return Ok((None, egress));
     }
@@ -317,4 +347,18 @@ fn watch_signals(tracker: &TaskTracker, shutdown: CancellationToken) -> Result<(
         shutdown.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_without_the_demo_refuses_auth_demo_saying_what_to_do() {
+        let e = check_demo(true, false).unwrap_err().to_string();
+        assert!(e.contains("cargo feature `demo`"), "{e}");
+        assert!(e.contains("turn auth.demo off"), "{e}");
+        assert!(check_demo(false, false).is_ok());
+        assert!(check_demo(true, true).is_ok());
+    }
 }

@@ -1,6 +1,7 @@
 //! Checks of what the build produces: static binaries, the agent's size,
-//! the image script's reproducibility and manifest, the systemd units, and
-//! airlockd's config handling.
+//! the image script's reproducibility and manifest, the systemd units,
+//! airlockd's config handling, and that a production airlockd carries no
+//! demo OAuth server.
 
 use std::process::Command;
 
@@ -14,6 +15,32 @@ fn output(cmd: &mut Command) -> Result<(bool, String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// The normal dependencies of airlockd's crate, one per line.
+fn host_dependencies(features: &[&str]) -> Result<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let (ok, out, err) = output(
+        Command::new(cargo)
+            .current_dir(&artifacts()?.repo)
+            .args(["tree", "--locked", "--offline", "-p", "airlock-host"])
+            .args(["-e", "normal", "--prefix", "none"])
+            .args(features.iter().flat_map(|f| ["--features", f])),
+    )?;
+    anyhow::ensure!(ok, "cargo tree failed: {err}");
+    Ok(out)
+}
+
+#[test]
+fn a_production_build_has_no_demo_oauth_server() -> Result<()> {
+    let production = host_dependencies(&[])?;
+    assert!(
+        !production.contains("airlock-fakes"),
+        "airlockd without features links the fakes:\n{production}"
+    );
+    let demo = host_dependencies(&["demo"])?;
+    assert!(demo.contains("airlock-fakes"), "{demo}");
+    Ok(())
 }
 
 #[test]
