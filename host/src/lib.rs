@@ -10,11 +10,13 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod egress;
 pub mod image;
 pub mod live;
+pub mod metrics;
 pub mod providers;
 pub mod server;
 pub mod session;

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::Layer;
 
 use crate::config::ServerConfig;
 
@@ -124,7 +126,9 @@ impl Server {
                     }
                 },
             };
-            let service = TowerToHyperService::new(app.clone());
+            // The peer, for audit lines (axum's ConnectInfo, by hand).
+            let app = axum::Extension(ConnectInfo(peer)).layer(app.clone());
+            let service = TowerToHyperService::new(app);
             match &self.tls {
                 None => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);

@@ -243,6 +243,91 @@ async fn a_dead_agent_process_fails_the_vm_with_its_output() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn operator_actions_leave_audit_lines_without_contents() -> Result<()> {
+    with_daemon(process().set("log", "format", "\"json\""), async |d| {
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let id = str_of(&vm, "id").to_string();
+        d.exec(&id, &["sh", "-c", "echo argument-secret-1 >/dev/null"])
+            .await?;
+        let file = d.dir.path().join("audited");
+        let url = format!("{}/api/vms/{id}/files?path={}", d.base, file.display());
+        let put = d
+            .http
+            .put(format!("{url}&mode=600"))
+            .body("file-secret-2")
+            .send()
+            .await?;
+        ensure!(put.status() == 200, "{}", put.text().await?);
+        let back = d.http.get(&url).send().await?.text().await?;
+        assert_eq!(back, "file-secret-2");
+        d.delete_vm(&id).await?;
+        let log = d.log_tail(usize::MAX);
+        for secret in ["argument-secret-1", "file-secret-2"] {
+            assert!(!log.contains(secret), "{secret} is in airlockd's log");
+        }
+        let audit: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["target"] == "audit")
+            .collect();
+        let actions: Vec<&str> = audit
+            .iter()
+            .filter(|l| l["fields"]["vm_id"] == id.as_str())
+            .filter_map(|l| l["fields"]["action"].as_str())
+            .collect();
+        assert_eq!(
+            actions,
+            ["create", "exec", "writeFile", "readFile", "delete"],
+            "{audit:?}"
+        );
+        for line in &audit {
+            let peer = line["fields"]["peer"].as_str().unwrap_or_default();
+            assert!(peer.starts_with("127.0.0.1:"), "who asked: {line}");
+        }
+        let exec = &audit[1]["fields"]["what"];
+        assert_eq!(exec, "sh with 2 argument(s), exit code 0", "{exec}");
+        let write = audit[2]["fields"]["what"].as_str().unwrap_or_default();
+        assert!(write.contains("(13 bytes, mode 600, sha256 "), "{write}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_vms_by_state_and_time_their_boots() -> Result<()> {
+    with_daemon(process(), async |d| {
+        let vm = d.ready_vm(json!({"kind": "cli"})).await?;
+        let response = d.http.get(format!("{}/metrics", d.base)).send().await?;
+        let kind = response.headers()["content-type"].to_str()?.to_string();
+        assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+        let text = response.text().await?;
+        for line in [
+            "airlock_vms{kind=\"cli\",state=\"ready\"} 1",
+            "airlock_vm_ready_seconds_count{origin=\"boot\"} 1",
+            "airlock_vm_ready_seconds_bucket{origin=\"boot\",le=\"+Inf\"} 1",
+            "airlock_egress_streams_total{outcome=\"refused\"} 0",
+            "airlock_viewers 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing in:\n{text}"
+            );
+        }
+        d.delete_vm(str_of(&vm, "id")).await?;
+        let text = d
+            .http
+            .get(format!("{}/metrics", d.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        assert!(!text.contains("airlock_vms{kind=\"cli\""), "{text}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_vm_frees_its_slot_at_once_and_is_forgotten_later() -> Result<()> {
     let settings = process()
         .set("vm", "max_vms", "1")

@@ -120,6 +120,16 @@ async fn complete(rig: &LoginRig, file_in_vm: &str) -> Result<Value> {
         "the browser VM is gone: {browser}"
     );
     assert_no_canary(rig, &id).await?;
+    // Audit lines name the credential, stored and delivered.
+    let log = d.log_tail(usize::MAX);
+    for action in ["credentialStored", "credentialDelivered"] {
+        ensure!(
+            log.lines()
+                .any(|l| l.contains(" audit: ") && l.contains(action) && l.contains(&record.id)),
+            "no {action} audit line for {}",
+            record.id
+        );
+    }
     Ok(done)
 }
 

@@ -1,5 +1,5 @@
-//! The HTTP API of airlockd (axum on hyper): routes, shared state and the
-//! health endpoint. JSON bodies are camelCase; every error is
+//! The HTTP API of airlockd (axum on hyper): routes, shared state, the
+//! health endpoint and the Prometheus metrics ([`crate::metrics`]). JSON bodies are camelCase; every error is
 //! `{"error": "..."}` (see [`error`]), except on the viewer's HTML pages.
 //! Built by the daemon and served by [`crate::server`].
 
@@ -13,6 +13,7 @@ pub mod webrtc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
@@ -37,6 +38,7 @@ pub struct AppState {
 pub fn router(state: AppState, max_body_bytes: usize, hosts: hosts::AllowedHosts) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/vms", post(vms::create).get(vms::list))
         .route("/api/vms/{id}", get(vms::get).delete(vms::delete))
         .route("/api/vms/{id}/exec", post(vms::exec))
@@ -92,6 +94,37 @@ pub struct Health {
     /// Browser VM snapshots and the warm pool, when enabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     snapshots: Option<crate::vm::restore::SnapshotStatus>,
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let name = |v: serde_json::Value| v.as_str().unwrap_or("unknown").to_string();
+    let mut vms = std::collections::BTreeMap::new();
+    for v in app.vms.list() {
+        let key = (
+            name(serde_json::json!(v.kind)),
+            name(serde_json::json!(v.state)),
+        );
+        *vms.entry(key).or_insert(0u64) += 1;
+    }
+    let mut sessions = std::collections::BTreeMap::new();
+    for s in app.sessions.states() {
+        *sessions.entry(name(serde_json::json!(s))).or_insert(0u64) += 1;
+    }
+    let gauges = crate::metrics::Gauges {
+        vms: vms.into_iter().collect(),
+        sessions: sessions.into_iter().collect(),
+        viewers: app.live.viewers() as u64,
+        pool_ready: app.vms.snapshot_status().map_or(0, |s| s.pool_ready as u64),
+    };
+    let text = crate::metrics::global().render(&gauges);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
 }
 
 async fn health(State(app): State<AppState>) -> Json<Health> {

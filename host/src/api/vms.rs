@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::AppState;
+use crate::audit::{self, Peer};
 use crate::vm::{CreateVm, VmState, VmView};
 
 /// Longest a `GET /api/vms/:id?wait=settled` may block.
@@ -27,8 +28,20 @@ const MAX_EXEC_TIMEOUT_MS: u64 = 3_600_000;
 type ApiResult<T> = Result<T, ApiError>;
 
 /// `POST /api/vms`
-pub async fn create(State(app): State<AppState>, Json(req): Json<CreateVm>) -> ApiResult<Response> {
+pub async fn create(
+    State(app): State<AppState>,
+    peer: Peer,
+    Json(req): Json<CreateVm>,
+) -> ApiResult<Response> {
     let view = app.vms.create(req)?;
+    let what = format!(
+        "{:?} VM, {} MiB, {} vCPU(s), owner {}",
+        view.kind,
+        view.memory_mib,
+        view.vcpus,
+        view.owner.as_deref().unwrap_or("none")
+    );
+    audit::vm_action(peer, "create", &view.id, &what);
     let location = format!("/api/vms/{}", view.id);
     Ok((
         StatusCode::CREATED,
@@ -101,9 +114,12 @@ pub async fn get(
 /// `DELETE /api/vms/:id`
 pub async fn delete(
     State(app): State<AppState>,
+    peer: Peer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VmView>> {
-    Ok(Json(app.vms.delete(&id).await?))
+    let view = app.vms.delete(&id).await?;
+    audit::vm_action(peer, "delete", &id, &format!("it was {:?}", view.state));
+    Ok(Json(view))
 }
 
 /// Body of `POST /api/vms/:id/exec`.
@@ -135,6 +151,7 @@ pub struct ExecOutput {
 /// `POST /api/vms/:id/exec`
 pub async fn exec(
     State(app): State<AppState>,
+    peer: Peer,
     Path(id): Path<String>,
     Json(body): Json<ExecBody>,
 ) -> ApiResult<Json<ExecOutput>> {
@@ -155,10 +172,12 @@ pub async fn exec(
     req.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let wait = Duration::from_millis(timeout_ms + cfg.request_margin_ms);
+    let argv = req.argv.clone();
     let reply = app.vms.call(&id, Operation::Exec(req), wait).await?;
     let Reply::Exec(r) = reply else {
         return Err(unexpected(&id));
     };
+    audit::exec(peer, &id, &argv, r.exit_code);
     Ok(Json(ExecOutput {
         exit_code: r.exit_code,
         signal: r.signal,
@@ -203,6 +222,7 @@ pub struct Written {
 /// raw contents as the body.
 pub async fn put_file(
     State(app): State<AppState>,
+    peer: Peer,
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
     body: Bytes,
@@ -221,11 +241,19 @@ pub async fn put_file(
     req.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let wait = Duration::from_millis(app.vms.config().vm.request_margin_ms * 2);
+    let path = req.path.clone();
     match app.vms.call(&id, Operation::WriteFile(req), wait).await? {
-        Reply::FileWritten(w) => Ok(Json(Written {
-            bytes: w.bytes,
-            sha256: w.sha256,
-        })),
+        Reply::FileWritten(w) => {
+            let what = format!(
+                "{path} ({} bytes, mode {mode:o}, sha256 {})",
+                w.bytes, w.sha256
+            );
+            audit::vm_action(peer, "writeFile", &id, &what);
+            Ok(Json(Written {
+                bytes: w.bytes,
+                sha256: w.sha256,
+            }))
+        }
         _ => Err(unexpected(&id)),
     }
 }
@@ -234,6 +262,7 @@ pub async fn put_file(
 /// the file's mode in `X-File-Mode`.
 pub async fn get_file(
     State(app): State<AppState>,
+    peer: Peer,
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> ApiResult<Response> {
@@ -244,18 +273,23 @@ pub async fn get_file(
     req.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let wait = Duration::from_millis(app.vms.config().vm.request_margin_ms * 2);
+    let path = req.path.clone();
     match app.vms.call(&id, Operation::ReadFile(req), wait).await? {
-        Reply::File(f) => Ok((
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (
-                    header::HeaderName::from_static("x-file-mode"),
-                    format!("{:04o}", f.mode),
-                ),
-            ],
-            f.contents.into_inner(),
-        )
-            .into_response()),
+        Reply::File(f) => {
+            let what = format!("{path} ({} bytes)", f.contents.len());
+            audit::vm_action(peer, "readFile", &id, &what);
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (
+                        header::HeaderName::from_static("x-file-mode"),
+                        format!("{:04o}", f.mode),
+                    ),
+                ],
+                f.contents.into_inner(),
+            )
+                .into_response())
+        }
         _ => Err(unexpected(&id)),
     }
 }

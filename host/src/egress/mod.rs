@@ -262,6 +262,7 @@ pub struct EgressView {
 impl EgressStats {
     fn opened(&self) {
         self.streams.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::inc(&crate::metrics::global().egress_allowed);
     }
 
     fn bytes(&self, out: u64, back: u64) {
@@ -273,6 +274,7 @@ impl EgressStats {
     /// `per_min` in the current minute.
     fn refused(&self, vm_id: &str, what: &str, per_min: u32) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::inc(&crate::metrics::global().egress_refused);
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         if log.recent.len() == RECENT_REFUSALS {
             log.recent.pop_front();

@@ -188,6 +188,11 @@ impl Hub {
         Ok(hub)
     }
 
+    /// Viewers connected now.
+    pub fn viewers(&self) -> usize {
+        self.lock().viewers.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -606,6 +611,9 @@ impl Hub {
             S::Stopped => (StreamerStatus::Stopped, "streamerStopped"),
         };
         let changed = status != s.streamer;
+        if changed && status == StreamerStatus::Restarting {
+            crate::metrics::inc(&crate::metrics::global().streamer_restarts);
+        }
         if changed && status == StreamerStatus::Running {
             // A restarted streamer knows nobody: tell it who controls.
             self.controller.send_modify(|_| {});

@@ -163,6 +163,12 @@ impl Live {
         Ok(hub)
     }
 
+    /// Viewers connected to every session now.
+    pub fn viewers(&self) -> usize {
+        let hubs: Vec<Arc<Hub>> = self.hubs().values().cloned().collect();
+        hubs.iter().map(|h| h.viewers()).sum()
+    }
+
     /// Forgets a session's live view (the session itself is forgotten).
     pub fn forget(&self, session_id: &str) {
         if let Some(hub) = self.hubs().remove(session_id) {

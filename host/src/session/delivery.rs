@@ -78,7 +78,10 @@ pub(super) async fn deliver_for_session(
     let timeout = Duration::from_millis(ctx.cfg.delivery_timeout_ms);
     let merged = merged_paths(ctx, &h.view().provider);
     match deliver(ctx, user, credential_id, bundle, &merged, timeout).await {
-        Ok(vm) => completed(ctx, h, &vm),
+        Ok(vm) => {
+            crate::audit::credential_delivered(user, &h.view().provider, credential_id, &vm);
+            completed(ctx, h, &vm)
+        }
         Err(DeliveryError::Pending(why)) => ctx.record(h, None, "deliveryPending", Some(why)),
         Err(DeliveryError::Failed(why)) => {
             h.view.send_modify(|v| v.error = Some(why.clone()));
@@ -295,7 +298,7 @@ async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) {
         .await;
         match result {
             Ok(()) => {
-                tracing::info!(user_id = user, vm_id = vm, provider = %record.provider, "stored credential delivered");
+                crate::audit::credential_delivered(user, &record.provider, &record.id, vm);
                 if let Some(h) = ctx.session_of_credential(&record.id) {
                     if h.view().state == SessionState::Stored {
                         completed(ctx, &h, vm);

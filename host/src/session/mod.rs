@@ -181,6 +181,8 @@ pub enum SessionError {
 #[derive(Debug)]
 struct SessionHandle {
     view: watch::Sender<SessionView>,
+    /// When it was asked for (its stages are timed from here).
+    started: std::time::Instant,
     cancel: CancellationToken,
     /// The live view: viewers, tokens, the streamer's signalling.
     hub: Arc<Hub>,
@@ -350,6 +352,7 @@ impl Sessions {
             let lifetime = Duration::from_millis(self.inner.cfg.user_timeout_ms);
             let handle = Arc::new(SessionHandle {
                 view: watch::channel(view.clone()).0,
+                started: std::time::Instant::now(),
                 cancel: self.inner.shutdown.child_token(),
                 hub: self.inner.live.open(&id, user_id, lifetime)?,
             });
@@ -361,6 +364,14 @@ impl Sessions {
             .tracker
             .spawn(run::run(self.inner.clone(), handle, profile));
         Ok(view)
+    }
+
+    /// The state of every session remembered (running and ended).
+    pub fn states(&self) -> Vec<SessionState> {
+        self.sessions()
+            .values()
+            .map(|h| h.view.borrow().state)
+            .collect()
     }
 
     /// A session's view.
@@ -446,6 +457,9 @@ impl Inner {
         event: &str,
         detail: Option<String>,
     ) {
+        if let Some(stage) = state.and_then(|s| timed_stage(h.view.borrow().state, s)) {
+            crate::metrics::global().login_stage[stage].observe(h.started.elapsed());
+        }
         h.view.send_modify(|v| {
             if let Some(s) = state {
                 v.state = s;
@@ -486,5 +500,17 @@ impl Inner {
             .values()
             .find(|h| h.view.borrow().credential_id.as_deref() == Some(credential_id))
             .cloned()
+    }
+}
+
+/// The index in [`crate::metrics::STAGES`] of a login stage reached by
+/// going from `from` to `to` (the first time only).
+fn timed_stage(from: SessionState, to: SessionState) -> Option<usize> {
+    match (from, to) {
+        (SessionState::BrowserReady, SessionState::BrowserReady) => None,
+        (_, SessionState::BrowserReady) => Some(0),
+        (SessionState::AwaitingUser, SessionState::AwaitingUser) => None,
+        (_, SessionState::AwaitingUser) => Some(1),
+        _ => None,
     }
 }

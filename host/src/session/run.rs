@@ -560,6 +560,8 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
     let view = h.view();
     match ctx.store.put(&view.user_id, &view.provider, &bundle).await {
         Ok(record) => {
+            let (session, user, provider) = (&view.session_id, &view.user_id, &view.provider);
+            crate::audit::credential_stored(session, user, provider, &record.id);
             h.view
                 .send_modify(|v| v.credential_id = Some(record.id.clone()));
             ctx.record(

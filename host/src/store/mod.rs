@@ -259,6 +259,11 @@ impl fmt::Debug for CredentialStore {
     }
 }
 
+/// Counts a failed database operation for `/metrics`.
+fn count_error(_: &StoreError) {
+    crate::metrics::inc(&crate::metrics::global().store_errors);
+}
+
 impl CredentialStore {
     /// Connects (creating a missing SQLite file with mode 0600), runs the
     /// migrations, and loads the key file, creating it with one fresh key
@@ -315,7 +320,9 @@ impl CredentialStore {
         };
         {
             let _write = self.inner.write_guard().await;
-            db::insert(&self.inner.pool, &row).await?;
+            db::insert(&self.inner.pool, &row)
+                .await
+                .inspect_err(count_error)?;
         }
         tracing::info!(
             record_id = %id,
@@ -342,7 +349,10 @@ impl CredentialStore {
         user_id: &str,
         provider: &str,
     ) -> Result<Option<(StoredRecord, CredentialBundle)>, StoreError> {
-        match db::latest(&self.inner.pool, user_id, provider).await? {
+        match db::latest(&self.inner.pool, user_id, provider)
+            .await
+            .inspect_err(count_error)?
+        {
             Some(row) => self.decrypt(row).map(Some),
             None => Ok(None),
         }
@@ -350,7 +360,10 @@ impl CredentialStore {
 
     /// One record by id, decrypted.
     pub async fn get(&self, id: &str) -> Result<(StoredRecord, CredentialBundle), StoreError> {
-        match db::by_id(&self.inner.pool, id).await? {
+        match db::by_id(&self.inner.pool, id)
+            .await
+            .inspect_err(count_error)?
+        {
             Some(row) => self.decrypt(row),
             None => Err(StoreError::NotFound { id: id.to_string() }),
         }
@@ -361,7 +374,9 @@ impl CredentialStore {
     pub async fn mark_delivered(&self, id: &str, vm_id: &str) -> Result<(), StoreError> {
         let found = {
             let _write = self.inner.write_guard().await;
-            db::mark_delivered(&self.inner.pool, id, vm_id, now_ms()).await?
+            db::mark_delivered(&self.inner.pool, id, vm_id, now_ms())
+                .await
+                .inspect_err(count_error)?
         };
         if !found {
             return Err(StoreError::NotFound { id: id.to_string() });
@@ -375,7 +390,9 @@ impl CredentialStore {
     /// undelivered version behind a newer one is not listed: only the
     /// newest is worth delivering.
     pub async fn undelivered(&self, user_id: &str) -> Result<Vec<StoredRecord>, StoreError> {
-        db::undelivered(&self.inner.pool, user_id).await
+        db::undelivered(&self.inner.pool, user_id)
+            .await
+            .inspect_err(count_error)
     }
 
     /// Id of the key new records are encrypted with.

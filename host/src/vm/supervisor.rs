@@ -406,6 +406,12 @@ impl Supervisor {
             t.request_to_ready_ms = Some(ms(acc.ready_at - self.requested));
         });
         let t = self.handle.view.borrow().timings.clone();
+        let origin = match self.origin {
+            Origin::Boot => 0,
+            Origin::Snapshot => 1,
+            Origin::Pool => 2,
+        };
+        crate::metrics::global().vm_ready[origin].observe(acc.ready_at - self.requested);
         tracing::info!(vm_id = %self.id, agent = %h.agent_version, request_to_ready_ms = ?t.request_to_ready_ms, "VM ready");
     }
 
