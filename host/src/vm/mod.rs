@@ -289,9 +289,9 @@ impl VmHandle {
     }
 
     /// Booting or running: it holds processes and memory (a failed or
-    /// stopped VM's are gone).
+    /// stopped VM's are gone: teardown publishes that state last).
     fn is_live(&self) -> bool {
-        !self.finished.is_cancelled()
+        matches!(self.view.borrow().state, VmState::Booting | VmState::Ready)
     }
 }
 
