@@ -557,6 +557,11 @@ pub struct LiveConfig {
     pub viewer_token_ttl_ms: u64,
     /// Viewers per session at once (the first one controls the input).
     pub max_viewers: usize,
+    /// A viewer's socket with nothing from it, not even a pong to the
+    /// pings sent every third of this, is closed after this long (ms): a
+    /// viewer that vanished without closing (a phone that lost its
+    /// network) frees its place within it.
+    pub viewer_idle_ms: u64,
     /// The page falls back to JPEG frames when WebRTC has not connected
     /// within this (ms).
     pub connect_timeout_ms: u64,
@@ -590,6 +595,7 @@ impl Default for LiveConfig {
             turn_ttl_secs: 3600,
             viewer_token_ttl_ms: 900_000,
             max_viewers: 4,
+            viewer_idle_ms: 15_000,
             connect_timeout_ms: 5000,
             legacy_answer_wait_ms: 5000,
             legacy_idle_ms: 30_000,
@@ -630,6 +636,9 @@ impl LiveConfig {
         }
         if !(1..=32).contains(&self.max_viewers) {
             return Err("live.max_viewers must be 1-32".into());
+        }
+        if !(1_000..=600_000).contains(&self.viewer_idle_ms) {
+            return Err("live.viewer_idle_ms must be 1000-600000".into());
         }
         if self.max_message_bytes < 4096 || self.messages_per_sec == 0 {
             return Err(

@@ -440,6 +440,12 @@ impl Daemon {
         tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), n)
     }
 
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        let url = format!("{}/metrics", self.base);
+        Ok(self.http.get(url).send().await?.text().await?)
+    }
+
     /// Sends SIGTERM and waits (up to 60 s) for airlockd to exit.
     pub fn terminate(&mut self) -> Result<ExitStatus> {
         if let Some(s) = self.exit {

@@ -314,13 +314,7 @@ async fn metrics_count_vms_by_state_and_time_their_boots() -> Result<()> {
             );
         }
         d.delete_vm(str_of(&vm, "id")).await?;
-        let text = d
-            .http
-            .get(format!("{}/metrics", d.base))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = d.metrics().await?;
         assert!(!text.contains("airlock_vms{kind=\"cli\""), "{text}");
         Ok(())
     })

@@ -9,7 +9,8 @@
 //! No token ever reaches airlockd's log. A peer that does not trickle
 //! (webrtc-rs, all its candidates in its offer) gets, through the HTTP
 //! signalling API, an answer with the streamer's candidates folded in, and
-//! connects with it.
+//! connects with it. A viewer that vanishes without closing (no pongs)
+//! frees its place within the idle limit.
 //!
 //! Tests run one at a time: the fake CLI binds its fixed port.
 //!
@@ -448,6 +449,62 @@ async fn viewer_links_open_their_own_session_and_nothing_else() -> Result<()> {
                 "a viewer token is in airlockd's log"
             );
         }
+        Ok(())
+    })
+    .await
+}
+
+/// Viewers connected, from `/metrics`.
+async fn viewers(d: &Daemon) -> Result<u64> {
+    let text = d.metrics().await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("airlock_viewers "))
+        .and_then(|n| n.parse().ok())
+        .context("no airlock_viewers in /metrics")
+}
+
+/// Two viewers whose sockets stay open but never answer again (not even
+/// the server's pings, as a phone that lost its network): the session is
+/// full until the idle limit drops them, then a new viewer gets in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_that_vanishes_without_closing_frees_its_place() -> Result<()> {
+    let tune = |s: Settings| tune(s).set("live", "viewer_idle_ms", "2000");
+    with_rig(tune, async |rig| {
+        let d = &rig.daemon;
+        let a = d.start_live(USER, FAKE).await?;
+        let path = format!("/api/webrtc/session/{}/ws?token={}", a.id, a.token);
+        let mut vanished = Vec::new();
+        for _ in 0..2 {
+            let Ok(mut socket) = upgrade(d, &path).await? else {
+                bail!("a viewer was refused");
+            };
+            socket.next_of("welcome", Duration::from_secs(10)).await?;
+            vanished.push(socket);
+        }
+        let since = Instant::now();
+        match upgrade(d, &path).await? {
+            Ok(_) => bail!("a third viewer got in; max_viewers is 2"),
+            Err(full) => ensure!(full.status == 409, "{full}"),
+        }
+        // Nothing announces the drop: look again shortly.
+        while viewers(d).await? > 0 {
+            ensure!(
+                since.elapsed() < Duration::from_secs(10),
+                "vanished viewers still held their places after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let freed = since.elapsed();
+        eprintln!("vanished viewers dropped {freed:?} after joining (idle limit 2 s)");
+        ensure!(
+            freed >= Duration::from_millis(1500),
+            "dropped before the idle limit: {freed:?}"
+        );
+        let Ok(mut again) = upgrade(d, &path).await? else {
+            bail!("the session stayed full after its viewers vanished");
+        };
+        again.next_of("welcome", Duration::from_secs(10)).await?;
+        drop(vanished);
         Ok(())
     })
     .await

@@ -27,9 +27,9 @@ pub const CLOSE_SESSION_ENDED: u16 = 4000;
 /// Close code: this viewer was dropped (it fell behind, or could not join).
 pub const CLOSE_DROPPED: u16 = 4001;
 /// A socket with no message (not even a pong) for this long is dead.
-const IDLE: Duration = Duration::from_secs(75);
-/// Pings keep proxies from closing a quiet socket, and draw pongs.
-const PING_EVERY: Duration = Duration::from_secs(25);
+fn idle(hub: &Hub) -> Duration {
+    Duration::from_millis(hub.config().viewer_idle_ms)
+}
 
 /// Serves one viewer until its socket ends.
 pub async fn serve(hub: Arc<Hub>, socket: WebSocket, token_expires: SystemTime) {
@@ -75,7 +75,9 @@ async fn write(
         return;
     }
     let closed = hub.closed();
-    let mut ping = tokio::time::interval(PING_EVERY);
+    // Pings keep proxies from closing a quiet socket, and draw the pongs
+    // that show the viewer is still there.
+    let mut ping = tokio::time::interval(idle(hub) / 3);
     ping.tick().await;
     loop {
         let msg = tokio::select! {
@@ -118,9 +120,10 @@ async fn read(
 ) {
     let mut limiter = RateLimiter::new(hub.config().messages_per_sec);
     let mut renew = renew_at(token_expires);
+    let idle = idle(hub);
     loop {
         let next = tokio::select! {
-            m = tokio::time::timeout(IDLE, stream.next()) => m,
+            m = tokio::time::timeout(idle, stream.next()) => m,
             _ = tokio::time::sleep_until(renew) => {
                 renew = push_token(hub, viewer);
                 continue;
