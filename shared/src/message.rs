@@ -334,7 +334,8 @@ pub struct ExecResult {
 pub struct FileWritten {
     /// Bytes written.
     pub bytes: u64,
-    /// SHA-256 of what is now on disk (lowercase hex).
+    /// SHA-256 of what was written (lowercase hex): the writer's check
+    /// that the agent wrote what it was sent, with nothing read back.
     pub sha256: String,
 }
 

@@ -1,12 +1,15 @@
-//! A byte buffer that never shows its contents in `Debug` output.
+//! A byte buffer that never shows its contents in `Debug` output and is
+//! zeroed when dropped.
 //!
 //! File contents travel in [`crate::WriteFileRequest`] and
-//! [`crate::FileContents`]; later they carry credentials, so every message
-//! that holds them can be logged with `{:?}` without leaking them.
+//! [`crate::FileContents`]; they carry credentials, so every message that
+//! holds them can be logged with `{:?}` without leaking them, and a
+//! credential does not linger in freed memory once its last copy goes.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroize;
 
-/// Bytes whose `Debug` prints only their length.
+/// Bytes whose `Debug` prints only their length; zeroed on drop.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct SecretBytes(Vec<u8>);
 
@@ -21,9 +24,9 @@ impl SecretBytes {
         &self.0
     }
 
-    /// Unwraps the bytes.
-    pub fn into_inner(self) -> Vec<u8> {
-        self.0
+    /// Unwraps the bytes (the caller then owns them, unzeroed).
+    pub fn into_inner(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
     }
 
     /// Number of bytes.
@@ -34,6 +37,13 @@ impl SecretBytes {
     /// True when there are no bytes.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        // The whole allocation, spare capacity included.
+        self.0.zeroize();
     }
 }
 

@@ -1,7 +1,8 @@
 //! Delivery of stored credentials into users' CLI VMs. Right after a
 //! session stores its credential, it goes to the user's CLI VM (created
 //! on demand): each file written atomically with mode 0600 through the
-//! agent, then read back and compared by hash. A CLI VM that is not up in
+//! agent, whose reply's hash must match what was sent (nothing secret is
+//! read back out of the VM). A CLI VM that is not up in
 //! time leaves the credential stored; a background task delivers it when a
 //! CLI VM of that user becomes ready. Called by [`super::run`]; the watcher
 //! is started by [`super::Sessions::new`].
@@ -60,8 +61,12 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn sha(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+/// SHA-256 in lowercase hex, as the agent reports a write's.
+fn sha_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Delivers a session's new credential and moves the session on.
@@ -178,7 +183,7 @@ async fn write_and_verify(
 ) -> Result<(), DeliveryError> {
     for f in &bundle.files {
         let contents = if merged.contains(&f.path) {
-            let existing = read(ctx, vm, &f.path, true).await?;
+            let existing = read_persons_copy(ctx, vm, &f.path).await?;
             let existing = existing.as_ref().map(|b| b.expose());
             merge::merge_into(&f.path, existing, f.contents.expose())
                 .map(SecretBytes::new)
@@ -192,19 +197,22 @@ async fn write_and_verify(
             create_parents: true,
             contents: contents.clone(),
         };
-        ctx.vms
+        let written = ctx
+            .vms
             .call(vm, Operation::WriteFile(write), FILE_WAIT)
             .await
             .map_err(|e| {
                 DeliveryError::Failed(format!("cannot write {} in CLI VM {vm}: {e}", f.path))
             })?;
-        let back = read(ctx, vm, &f.path, false).await?;
-        let same = back
-            .as_ref()
-            .is_some_and(|b| sha(b.expose()) == sha(contents.expose()));
+        // The write's reply carries the hash of what the agent wrote: the
+        // credential is never read back out of the VM to check it.
+        let same = match written {
+            Reply::FileWritten(w) => w.sha256 == sha_hex(contents.expose()),
+            _ => false,
+        };
         if !same {
             return Err(DeliveryError::Failed(format!(
-                "{} in CLI VM {vm} does not read back as written",
+                "{} in CLI VM {vm}: the agent did not confirm writing it as sent",
                 f.path
             )));
         }
@@ -215,29 +223,23 @@ async fn write_and_verify(
 /// How long one file operation in the CLI VM may take.
 const FILE_WAIT: Duration = Duration::from_secs(20);
 
-/// `path` in the CLI VM. Read back after a write (`persons_copy` false) it
-/// must exist with mode 0600; the person's own copy read before a merge
-/// may be missing (`None`) and have any mode.
-async fn read(
+/// The person's own copy of a file shared with their settings, read
+/// before the credential's keys are merged into it: missing is `None`.
+async fn read_persons_copy(
     ctx: &Inner,
     vm: &str,
     path: &str,
-    persons_copy: bool,
 ) -> Result<Option<SecretBytes>, DeliveryError> {
     let req = ReadFileRequest {
         path: path.into(),
         max_bytes: MAX_FILE_BYTES,
     };
     match ctx.vms.call(vm, Operation::ReadFile(req), FILE_WAIT).await {
-        Ok(Reply::File(back)) if back.mode == 0o600 || persons_copy => Ok(Some(back.contents)),
-        Ok(Reply::File(back)) => Err(DeliveryError::Failed(format!(
-            "{path} in CLI VM {vm} has mode {:o}, not 600",
-            back.mode
-        ))),
+        Ok(Reply::File(back)) => Ok(Some(back.contents)),
         Ok(_) => Err(DeliveryError::Failed(
             "the agent answered ReadFile with the wrong reply".into(),
         )),
-        Err(e) if persons_copy && e.is_not_found() => Ok(None),
+        Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(DeliveryError::Failed(format!(
             "cannot read {path} in CLI VM {vm}: {e}"
         ))),
