@@ -71,9 +71,9 @@ const MAX_PROBLEMS: usize = 8;
 /// Pauses before making a snapshot again after a failed attempt: the
 /// first, doubled each time up to the last.
 const FIRST_RETRY: Duration = Duration::from_secs(30);
+const LAST_RETRY: Duration = Duration::from_secs(600);
 /// Failed restores in a row after which a snapshot is made again.
 const MAX_FAILED_RESTORES: u32 = 3;
-const LAST_RETRY: Duration = Duration::from_secs(600);
 
 /// Snapshots and the pool of one airlockd.
 #[derive(Debug)]
