@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use airlock_proto::egress::EgressClient;
-use airlock_proto::restore::RefreshSpec;
+use airlock_proto::restore::{ClockReading, ClockStep, RefreshSpec};
 use airlock_proto::{
     capability, AgentMode, ErrorCode, ErrorReply, Event, GuestConfig, GuestMessage, Hello,
     LogLevel, Operation, Reply, StatusReport, PROTOCOL_VERSION,
@@ -299,6 +299,7 @@ impl Agent {
             }
             Operation::PrepareSnapshot => self.prepare_snapshot().await,
             Operation::Refresh(spec) => self.refresh(spec).await,
+            Operation::Clock(step) => self.clock(step),
         }
     }
 
@@ -345,6 +346,22 @@ impl Agent {
         self.expect_restore.send_replace(false);
         tracing::info!(clock_step_ms = report.clock_step_ms, restarted = ?report.restarted, "restored copy refreshed");
         Ok(Reply::Refreshed(report))
+    }
+
+    /// Reads the wall clock, stepped first when asked. Only a VM's own
+    /// agent steps it: an agent run as a process shares the host's clock.
+    fn clock(&self, step: ClockStep) -> Result<Reply, ErrorReply> {
+        step.validate()
+            .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
+        if step.step_ms != 0 && self.mode != AgentMode::Pid1 {
+            return Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "only a VM's agent running as PID 1 can step its clock",
+            ));
+        }
+        let unix_time_ms = crate::restore::step_clock_by(step.step_ms)
+            .map_err(|e| ErrorReply::new(ErrorCode::Io, e.to_string()))?;
+        Ok(Reply::Clock(ClockReading { unix_time_ms }))
     }
 
     /// Stops logins and the browser (before the agent exits).

@@ -86,11 +86,28 @@ fn reseed(seed: &[u8]) -> std::io::Result<()> {
 
 /// Steps CLOCK_REALTIME to the host's time; returns the step (ms).
 fn step_clock(host_ms: u64) -> nix::Result<i64> {
-    let now = clock_gettime(ClockId::CLOCK_REALTIME)?;
-    let guest_ms = now.tv_sec() * 1000 + now.tv_nsec() / 1_000_000;
+    let guest_ms = epoch_ms(clock_gettime(ClockId::CLOCK_REALTIME)?);
     let host = TimeSpec::new((host_ms / 1000) as _, ((host_ms % 1000) * 1_000_000) as _);
     clock_settime(ClockId::CLOCK_REALTIME, host)?;
     Ok(host_ms as i64 - guest_ms)
+}
+
+/// Steps CLOCK_REALTIME by `step_ms` (none for zero) from its own
+/// reading, so that the step is exact whenever it runs; returns the clock
+/// afterwards (ms since the epoch).
+pub fn step_clock_by(step_ms: i64) -> Result<i64, RestoreError> {
+    let now = clock_gettime(ClockId::CLOCK_REALTIME).map_err(RestoreError::Clock)?;
+    if step_ms == 0 {
+        return Ok(epoch_ms(now));
+    }
+    let by = TimeSpec::from(Duration::from_millis(step_ms.unsigned_abs()));
+    let stepped = if step_ms > 0 { now + by } else { now - by };
+    clock_settime(ClockId::CLOCK_REALTIME, stepped).map_err(RestoreError::Clock)?;
+    Ok(epoch_ms(stepped))
+}
+
+fn epoch_ms(t: TimeSpec) -> i64 {
+    t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000
 }
 
 /// Kills Chromium's network service (the browser starts a new one, whose

@@ -12,7 +12,7 @@ use crate::limits::*;
 use crate::login::{
     BrowserEvent, BrowserInfo, BrowserSpec, CapturedCredential, InputBatch, LoginEvent, LoginSpec,
 };
-use crate::restore::{RefreshReport, RefreshSpec};
+use crate::restore::{ClockReading, ClockStep, RefreshReport, RefreshSpec};
 use crate::SecretBytes;
 
 // ---------------------------------------------------------------- envelopes
@@ -194,6 +194,8 @@ pub enum Operation {
     PrepareSnapshot,
     /// Make this restored copy its own (first request on its connection).
     Refresh(RefreshSpec),
+    /// Step the wall clock (restored VMs), and read it.
+    Clock(ClockStep),
 }
 
 /// Run `argv` with a deadline and bounded output capture.
@@ -290,6 +292,8 @@ pub enum Reply {
     Screenshot(Screenshot),
     /// The restored copy is its own.
     Refreshed(RefreshReport),
+    /// The wall clock after the step.
+    Clock(ClockReading),
 }
 
 /// A PNG of the display.

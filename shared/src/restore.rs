@@ -1,7 +1,8 @@
 //! Messages for browser VMs restored from a snapshot: the host asks a VM
 //! to get ready for a snapshot (nothing session-specific in it yet), and
 //! gives each restored copy what must not be shared between copies (fresh
-//! entropy, the current time). Produced by `airlockd`'s VM supervisor and
+//! entropy, the current time), then reads and steps its clock until it
+//! agrees with the host's. Produced by `airlockd`'s VM supervisor and
 //! snapshot maker, performed by the agent's `restore` module.
 
 use serde::{Deserialize, Serialize};
@@ -50,4 +51,43 @@ pub struct RefreshReport {
     /// Browser processes restarted so that none keeps random state drawn
     /// before the refresh (Chromium's network service).
     pub restarted: Vec<String>,
+}
+
+/// The largest step the host may ask of a guest's clock (ms): a day.
+/// Corrections after a refresh are milliseconds to seconds; anything near
+/// this is a host bug, refused rather than carried out.
+pub const MAX_CLOCK_STEP_MS: i64 = 86_400_000;
+
+/// Read the guest's wall clock, after stepping it by `step_ms` (zero:
+/// only read). A step relative to the guest's own clock is exact however
+/// long the request took to arrive, which an absolute time is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockStep {
+    /// Milliseconds to add to the guest's wall clock (negative: back).
+    pub step_ms: i64,
+}
+
+impl ClockStep {
+    /// Checks the step against [`MAX_CLOCK_STEP_MS`].
+    pub fn validate(&self) -> Result<(), InvalidMessage> {
+        if self.step_ms.unsigned_abs() > MAX_CLOCK_STEP_MS.unsigned_abs() {
+            return Err(InvalidMessage {
+                field: "stepMs",
+                problem: format!(
+                    "{} ms is more than the {MAX_CLOCK_STEP_MS} ms a clock may be stepped",
+                    self.step_ms
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The guest's wall clock when it answered a [`ClockStep`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockReading {
+    /// Milliseconds since the Unix epoch.
+    pub unix_time_ms: i64,
 }

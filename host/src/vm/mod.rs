@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod backend;
+pub mod clock;
 pub mod console;
 pub mod firecracker;
 pub mod home;
@@ -102,6 +103,14 @@ pub struct Timings {
     /// How far the refresh stepped the guest's clock (ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clock_step_ms: Option<i64>,
+    /// The guest's clock minus the host's after it was brought in line
+    /// (ms; see [`clock`]), last measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
+    /// The round trip of that measurement (ms): the offset is exact to
+    /// within half of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_rtt_ms: Option<u64>,
 }
 
 /// The public description of a VM.

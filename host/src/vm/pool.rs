@@ -9,7 +9,7 @@
 //! the background up to a target bounded by memory. Owned by
 //! [`super::restore::Restorer`].
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use airlock_proto::Event;
@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use super::backend::Boot;
 use super::restore::{template_policy, Origin, Restorer};
 use super::snapshot::Snapshot;
-use super::{CreateVm, Launch, VmError, VmKind, VmManager, VmState, VmView};
+use super::{CreateVm, Launch, VmError, VmHandle, VmKind, VmManager, VmState, VmView};
 use crate::egress::policy::EgressPolicy;
 
 /// Pause after a failed restore before the next attempt.
@@ -163,11 +163,32 @@ impl Pool {
     }
 }
 
+/// Brings a claimed pool VM to the foreground: the normal CPU priority,
+/// then its clock brought in line again (measured at nice 19 beside busy
+/// VMs, the refresh's round trips could be long, and its bound loose).
+async fn foreground(vms: VmManager, handle: Arc<VmHandle>, pid: Option<u32>) {
+    let vm_id = handle.view.borrow().id.clone();
+    if let Some(pid) = pid {
+        renice(&vm_id, pid).await;
+    }
+    let Some(agent) = handle.agent() else { return };
+    match super::clock::sync(&agent).await {
+        Ok(synced) => {
+            handle.view.send_modify(|v| {
+                v.timings.clock_offset_ms = Some(synced.after.offset_ms);
+                v.timings.clock_rtt_ms = Some(synced.after.rtt_ms);
+            });
+            let _ = vms.inner.states.send(handle.current());
+        }
+        Err(e) => tracing::warn!(%vm_id, error = %e, "cannot bring a claimed VM's clock in line"),
+    }
+}
+
 /// Gives every thread of a claimed pool VM's QEMU (started at nice 19,
 /// so that a refill takes only what CPU sessions leave: under TCG on two
 /// cores a refill beside a login made its page 3 s slower) the normal
 /// priority. Linux keeps a nice value per thread, so each one is named.
-async fn foreground(vm_id: String, pid: u32) {
+async fn renice(vm_id: &str, pid: u32) {
     let tids: Vec<String> = match std::fs::read_dir(format!("/proc/{pid}/task")) {
         Ok(dir) => dir
             .flatten()
@@ -246,9 +267,9 @@ impl VmManager {
             });
             let view = handle.current();
             let _ = self.inner.states.send(view.clone());
-            if let Some(pid) = view.vmm_pid {
-                self.inner.tracker.spawn(foreground(view.id.clone(), pid));
-            }
+            self.inner
+                .tracker
+                .spawn(foreground(self.clone(), handle, view.vmm_pid));
             tracing::info!(vm_id = %view.id, "browser VM taken from the warm pool");
             return Some(view);
         }

@@ -19,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::backend::{BackendError, Boot, LaunchSpec, RunningVm};
+use super::clock;
 use super::layout::{prune_failed, VmDir};
 use super::restore::Origin;
 use super::{Inner, Launch, VmHandle, VmKind, VmState, VmView};
 use crate::agent::guestlog::GuestLog;
 use crate::agent::handshake::{Accepted, HandshakeConfig};
 use crate::agent::listener::{spawn_acceptor, AgentEvent};
-use crate::agent::ClientOptions;
+use crate::agent::{AgentClient, ClientOptions};
 use crate::egress::gateway::Gateway;
 
 /// How a VM's life ended.
@@ -296,7 +297,9 @@ impl Supervisor {
                     v.timings.refresh_ms = Some(ms(t.elapsed()));
                     v.timings.clock_step_ms = Some(r.clock_step_ms);
                 });
-                Ok(())
+                self.sync_clock(&acc.client)
+                    .await
+                    .map_err(|e| Outcome::Failed(format!("the restored VM's clock: {e}")))
             }
             Ok(other) => Err(Outcome::Failed(format!(
                 "the restored VM's agent answered its refresh with {other:?}"
@@ -305,6 +308,18 @@ impl Supervisor {
                 "the restored VM could not be made its own (entropy, clock): {e}"
             ))),
         }
+    }
+
+    /// Brings the guest's clock in line with the host's; see [`clock`].
+    async fn sync_clock(&self, client: &AgentClient) -> Result<(), clock::ClockError> {
+        let synced = clock::sync(client).await?;
+        tracing::debug!(vm_id = %self.id, before_ms = synced.before.offset_ms,
+            after_ms = synced.after.offset_ms, rtt_ms = synced.after.rtt_ms, "guest clock synchronised");
+        self.update(|v| {
+            v.timings.clock_offset_ms = Some(synced.after.offset_ms);
+            v.timings.clock_rtt_ms = Some(synced.after.rtt_ms);
+        });
+        Ok(())
     }
 
     /// Records that the guest ran out of memory (the VM goes on; whoever
