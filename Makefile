@@ -1,6 +1,6 @@
 # airlock: `make run` and `make test` are all a fresh Debian 12 machine needs.
 #
-#   make run     set up, build, and run airlockd on 127.0.0.1:4000 (QEMU)
+#   make run     set up, build, and run airlockd (QEMU; operator API on build/run/api.sock and 127.0.0.1:4000, viewers on :4001)
 #   make test    set up, build, lint, and run every test (what CI runs)
 #   make bench   set up, build, and print the benchmark figures
 #

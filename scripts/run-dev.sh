@@ -3,8 +3,9 @@
 # view needs (browser VMs have no network: their streamer's media leaves
 # as TURN over TCP through airlockd's egress gateway to this server). The
 # TURN REST secret is generated once into build/state/turn.secret (0600);
-# coturn reads it from a config file, never from its command line. Both
-# stop together (Ctrl-C).
+# coturn reads it from a config file, never from its command line. The
+# operator API's token is generated once into build/state/operator.tokens
+# (0600). Both processes stop together (Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,12 @@ if [ ! -s "$secret" ]; then
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$secret")
 fi
 conf="$state/turnserver.conf"
+# The operator API's token for TCP (config/dev.toml), made once.
+tokens="$state/operator.tokens"
+if [ ! -s "$tokens" ]; then
+    (umask 077; echo "dev $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$tokens")
+fi
+echo "run-dev: operator token: the second word of $tokens (export AIRLOCK_TOKEN=\$(cut -d' ' -f2 $tokens))" >&2
 (
     umask 077
     cat > "$conf" <<CONF

@@ -11,9 +11,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{router, AppState};
+use crate::api::AppState;
 use crate::config::{BackendKind, Config};
 use crate::egress::{Egress, EgressError};
+use crate::listeners::{ListenError, Listeners};
 use crate::live::Live;
 use crate::providers::Providers;
 use crate::server::{Server, ServerError};
@@ -44,6 +45,9 @@ pub enum DaemonError {
     /// The API could not be served.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -85,6 +89,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     make_dir(&config.paths.run_dir)?;
     make_dir(&config.paths.run_dir.join("vms"))?;
     make_dir(&failed_dir)?;
+    // The socket's group must reach it inside run_dir: search-only, so
+    // they can neither list nor enter the VMs' directories.
+    let group_reaches_socket = config.server.socket_group.is_some();
+    if config.vm.unsafe_host_browser || group_reaches_socket {
+        std::fs::set_permissions(
+            &config.paths.run_dir,
+            std::fs::Permissions::from_mode(0o711),
+        )
+        .map_err(|source| DaemonError::Dir {
+            path: config.paths.run_dir.clone(),
+            source,
+        })?;
+    }
     if config.vm.unsafe_host_browser {
         // A host-process browser's agent runs as another account and must
         // reach its own VM directory (which it is given); search-only, so
@@ -127,11 +144,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Arc::new(egress),
         shutdown.child_token(),
     );
-    let server = Server::bind(&config.server).await?;
-    let addr = server.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.server.listen,
-        source,
-    })?;
+    let listeners = Listeners::bind(&config).await?;
     if let Some((demo_server, demo_app)) = demo {
         let stop = shutdown.clone();
         background.spawn(async move { demo_server.run(demo_app, stop).await });
@@ -140,7 +153,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Ok(spec) => vms.enable_snapshots(spec),
         Err(e) => tracing::warn!(error = %e, "no browser VM snapshots: sessions will fail too"),
     }
-    let live = Live::new(config.live.clone(), vms.clone());
+    let live = Live::new(config.live.clone(), vms.clone(), listeners.viewer_base());
     let sessions = Sessions::new(
         vms.clone(),
         store,
@@ -155,18 +168,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         live,
         started,
     };
-    let hosts = crate::api::hosts::AllowedHosts::new(addr, &config.server.allowed_hosts);
-    let app = router(state, config.server.max_body_bytes, hosts);
     watch_signals(&background, shutdown.clone())?;
     if let Some(ca) = &config.auth.extra_ca_file {
         // Whoever holds this CA's key can impersonate any site to logins.
         tracing::warn!(path = %ca.display(), "auth.extra_ca_file is set: browser VMs and login CLIs trust this CA besides the system's (meant for tests against a vendor sandbox)");
     }
-    tracing::info!(%addr, backend = ?config.vm.backend, demo = config.auth.demo, "airlockd ready");
-    // A stable line on stdout that scripts and tests wait for.
-    println!("airlockd listening on {}://{addr}", server.scheme());
+    tracing::info!(backend = ?config.vm.backend, demo = config.auth.demo, "airlockd ready");
     // On SIGTERM sessions and VMs start tearing down while requests drain.
-    server.run(app, shutdown.clone()).await;
+    listeners.serve(state, &config, shutdown.clone()).await;
     tracing::info!("stopping: waiting for sessions and VMs");
     sessions.shutdown().await;
     vms.shutdown().await;
@@ -224,16 +233,11 @@ async fn demo_oauth(
     if !auth.demo {
         return Ok((None, egress));
     }
-    let listen = crate::config::ServerConfig {
-        listen: auth.demo_listen,
-        tls_cert: None,
-        tls_key: None,
-        ..config.server.clone()
-    };
-    let server = Server::bind(&listen).await?;
+    let limits = crate::server::Limits::from(&config.server);
+    let server = Server::bind_tcp(auth.demo_listen, None, limits).await?;
     let addr = server
         .local_addr()
-        .map_err(|e| DaemonError::Demo(e.to_string()))?;
+        .ok_or_else(|| DaemonError::Demo("its listener has no address".into()))?;
     // Browser VMs without a network reach it through their gateway under a
     // name; a host-process browser reaches the address itself.
     let vms_isolated =

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod egress;
 pub mod image;
+pub mod listeners;
 pub mod live;
 pub mod metrics;
 pub mod providers;

@@ -336,11 +336,7 @@ async fn latency(d: &Daemon, figures: &mut serde_json::Map<String, Value>) -> Re
     let rounds = env_or("AIRLOCK_BENCH_CHANGES", 20);
     let v = d.start_view("bench-vm-live", "demo").await?;
     let id = v["sessionId"].as_str().context("sessionId")?.to_string();
-    let link = format!(
-        "{}{}",
-        d.base,
-        v["viewerUrl"].as_str().context("viewerUrl")?
-    );
+    let link = v["viewerUrl"].as_str().context("viewerUrl")?.to_string();
     d.wait_session(&id, Duration::from_secs(400), |v| {
         step_events(v).iter().any(|e| e == "streamerRunning")
             && step_events(v).iter().any(|e| e == "pageLoaded")

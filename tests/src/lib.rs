@@ -165,6 +165,7 @@ impl Settings {
         let s = Self::default()
             .set("vm", "backend", &format!("{backend:?}"))
             .set("server", "listen", "\"127.0.0.1:0\"")
+            .set("viewer", "listen", "\"127.0.0.1:0\"")
             .set("qemu", "accel", "\"tcg\"")
             .set("vm", "boot_timeout_ms", "60000")
             // Snapshots cost a minute of both cores to make: the tests
@@ -203,15 +204,51 @@ pub struct Daemon {
     pid: i32,
     exited: mpsc::Receiver<ExitStatus>,
     exit: Option<ExitStatus>,
-    /// `http://127.0.0.1:PORT` (or https).
+    /// The operator API on TCP: `http://127.0.0.1:PORT` (or https).
     pub base: String,
+    /// The viewers' listener (`http://127.0.0.1:PORT`); empty without one.
+    pub viewer_base: String,
+    /// The operator API's Unix socket.
+    pub socket: PathBuf,
+    /// The operator token `http` sends (name `tests`).
+    pub token: String,
     /// The temp dir holding config, run and state dirs.
     pub dir: tempfile::TempDir,
-    /// HTTP client.
+    /// HTTP client for the operator API (it sends the operator token).
     pub http: reqwest::Client,
+    /// HTTP client as a viewer (or anyone) has it: no operator token.
+    pub viewer_http: reqwest::Client,
     log: PathBuf,
     /// Login sessions started through this harness (printed on failure).
     pub sessions: std::sync::Mutex<Vec<String>>,
+}
+
+/// airlockd's stdout up to `airlockd ready`.
+fn ready_lines(rx: &mpsc::Receiver<String>) -> Result<Vec<String>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => {
+                anyhow!("no `airlockd ready` within 30 s; got {lines:?}")
+            }
+            mpsc::RecvTimeoutError::Disconnected => {
+                anyhow!("airlockd exited; it printed {lines:?}")
+            }
+        })?;
+        if line == "airlockd ready" {
+            return Ok(lines);
+        }
+        lines.push(line);
+    }
+}
+
+/// `n` random bytes from the kernel, in hex.
+pub fn random_hex(n: usize) -> Result<String> {
+    let mut buf = vec![0u8; n];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `p` as a TOML string, for [`Settings::set`].
@@ -268,6 +305,17 @@ impl Daemon {
             let db = state.join("airlock.db");
             settings = settings.set("store", "url", &format!("\"sqlite://{}\"", db.display()));
         }
+        let token = random_hex(32)?;
+        if !settings
+            .sections
+            .get("server")
+            .is_some_and(|s| s.contains_key("tokens_file"))
+        {
+            let file = dir.path().join("operator.tokens");
+            std::fs::write(&file, format!("tests {token}\n"))?;
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            settings = settings.set("server", "tokens_file", &toml_path(&file));
+        }
         let config = dir.path().join("airlockd.toml");
         std::fs::write(&config, settings.render())?;
         let log = dir.path().join("airlockd.log");
@@ -275,6 +323,9 @@ impl Daemon {
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "airlock_host=debug,info")
+            // An error it exits with, not 40 lines of its backtrace, is
+            // what a failed start's log tail shows (panics keep theirs).
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
@@ -294,25 +345,45 @@ impl Daemon {
                 let _ = exit_tx.send(status);
             }
         });
+        let mut auth = reqwest::header::HeaderMap::new();
+        auth.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse()?,
+        );
         let mut daemon = Self {
             sessions: std::sync::Mutex::default(),
             pid,
             exited,
             exit: None,
             base: String::new(),
+            viewer_base: String::new(),
+            socket: PathBuf::new(),
+            token,
             dir,
-            http: client.build()?,
+            http: client.default_headers(auth).build()?,
+            viewer_http: reqwest::Client::new(),
             log,
         };
-        let first =
-            tokio::task::spawn_blocking(move || line_rx.recv_timeout(Duration::from_secs(30)))
-                .await?;
-        let line = first
-            .map_err(|_| anyhow!("airlockd did not start listening:\n{}", daemon.log_tail(40)))?;
-        daemon.base = line
-            .strip_prefix("airlockd listening on ")
-            .ok_or_else(|| anyhow!("unexpected first line from airlockd: {line}"))?
-            .to_string();
+        let lines = tokio::task::spawn_blocking(move || ready_lines(&line_rx)).await?;
+        let lines = lines.map_err(|e| {
+            anyhow!(
+                "airlockd did not start listening ({e}):\n{}",
+                daemon.log_tail(40)
+            )
+        })?;
+        for line in lines {
+            let Some(rest) = line.strip_prefix("airlockd listening on ") else {
+                continue;
+            };
+            match rest.split_once(' ') {
+                Some((url, "(viewers)")) => daemon.viewer_base = url.into(),
+                Some((url, "(operator)")) => match url.strip_prefix("unix:") {
+                    Some(path) => daemon.socket = path.into(),
+                    None => daemon.base = url.into(),
+                },
+                _ => bail!("unexpected line from airlockd: {line}"),
+            }
+        }
         Ok(daemon)
     }
 

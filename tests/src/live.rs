@@ -19,9 +19,8 @@ pub struct LiveSession {
     pub id: String,
     /// Its viewer token.
     pub token: String,
-    /// Its viewer page as the API gives it: `/session/<id>?token=<token>`.
-    pub path: String,
-    /// Absolute URL of its viewer page (token included).
+    /// Its viewer page as the API gives it (`viewerUrl`): the viewers'
+    /// listener's `/session/<id>?token=<token>`.
     pub page_url: String,
     /// Absolute URL of its signalling WebSocket (token included).
     pub ws_url: String,
@@ -36,11 +35,10 @@ impl Daemon {
             .as_str()
             .context("viewerToken")?
             .to_string();
-        let path = v["viewerUrl"].as_str().context("viewerUrl")?.to_string();
-        let ws_base = self.base.replacen("http", "ws", 1);
+        let page_url = v["viewerUrl"].as_str().context("viewerUrl")?.to_string();
+        let ws_base = self.viewer_base.replacen("http", "ws", 1);
         Ok(LiveSession {
-            page_url: format!("{}{path}", self.base),
-            path,
+            page_url,
             ws_url: format!("{ws_base}/api/webrtc/session/{id}/ws?token={token}"),
             id,
             token,
@@ -252,12 +250,8 @@ pub async fn demo_login_through_viewer(
     v: &Value,
 ) -> Result<(Value, crate::cdp::Viewer)> {
     let id = v["sessionId"].as_str().context("sessionId")?;
-    let link = format!(
-        "{}{}",
-        d.base,
-        v["viewerUrl"].as_str().context("viewerUrl")?
-    );
-    let viewer = crate::cdp::Viewer::open(&link).await?;
+    let link = v["viewerUrl"].as_str().context("viewerUrl")?;
+    let viewer = crate::cdp::Viewer::open(link).await?;
     viewer
         .tab
         .wait_for(

@@ -282,7 +282,10 @@ async fn operator_actions_leave_audit_lines_without_contents() -> Result<()> {
         );
         for line in &audit {
             let peer = line["fields"]["peer"].as_str().unwrap_or_default();
-            assert!(peer.starts_with("127.0.0.1:"), "who asked: {line}");
+            assert!(
+                peer.starts_with("127.0.0.1:") && peer.ends_with(" token tests"),
+                "who asked, and with which operator token: {line}"
+            );
         }
         let exec = &audit[1]["fields"]["what"];
         assert_eq!(exec, "sh with 2 argument(s), exit code 0", "{exec}");

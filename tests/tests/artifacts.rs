@@ -143,7 +143,9 @@ fn print_config_shows_every_section_with_defaults() -> Result<()> {
     assert!(ok, "{err}");
     for needle in [
         "[server]",
-        "listen = \"127.0.0.1:4000\"",
+        "socket_mode = 432",
+        "[viewer]",
+        "listen = \"127.0.0.1:4001\"",
         "[paths]",
         "[vm]",
         "boot_timeout_ms = 30000",

@@ -246,11 +246,13 @@ async fn a_browser_vm_reaches_only_what_its_profile_allows() -> Result<()> {
     };
     with_vms(tune, async |d, _| {
         let api_port = d.base.rsplit(':').next().context("port")?.to_string();
+        let viewer_port = d.viewer_base.rsplit(':').next().context("port")?;
         let page_targets = vec![
             "https://not-allowed.example/".to_string(),
             "http://10.1.2.3/".to_string(),
             "http://169.254.169.254/latest/meta-data/".to_string(),
             format!("http://127.0.0.1:{api_port}/health"),
+            format!("http://127.0.0.1:{viewer_port}/assets/viewer.js"),
             format!("http://127.0.0.1:{service_port}/"),
         ];
         *targets.lock().unwrap_or_else(|p| p.into_inner()) = page_targets.clone();

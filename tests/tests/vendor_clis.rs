@@ -76,20 +76,16 @@ async fn awaiting_user(
 /// vendor's page and allows access. The viewer is returned: closing it at
 /// once could drop the last key before it crossed the data channel.
 async fn sign_in_through_the_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
-    let viewer = open_viewer(d, v).await?;
+    let viewer = open_viewer(v).await?;
     let id = v["sessionId"].as_str().context("sessionId")?;
     sign_in_and_allow(d, id, &viewer).await?;
     Ok(viewer)
 }
 
 /// Opens the session's viewer link and waits until it shows video.
-async fn open_viewer(d: &Daemon, v: &Value) -> Result<Viewer> {
-    let link = format!(
-        "{}{}",
-        d.base,
-        v["viewerUrl"].as_str().context("viewerUrl")?
-    );
-    let viewer = Viewer::open(&link).await?;
+async fn open_viewer(v: &Value) -> Result<Viewer> {
+    let link = v["viewerUrl"].as_str().context("viewerUrl")?;
+    let viewer = Viewer::open(link).await?;
     viewer
         .tab
         .wait_for(
@@ -319,7 +315,7 @@ async fn codex_device_code_login_shows_the_code_in_the_viewer_and_codex_works_in
                 .await
                 .context("no user code in the session")?;
             let code = view["userCode"].as_str().context("userCode")?.to_string();
-            let viewer = open_viewer(&w.d, &v).await?;
+            let viewer = open_viewer(&v).await?;
             let shown = viewer
                 .tab
                 .wait_for(

@@ -124,7 +124,26 @@ pub async fn events(
     if let Some(token) = q.presented(&headers) {
         app.live.authorize(&id, Some(token))?;
     }
-    let rx = sessions(&app)?.subscribe(&id)?;
+    session_stream(&app, &id)
+}
+
+/// The same stream on the viewers' listener, where the session's viewer
+/// token is required.
+pub async fn viewer_events(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    app.live.authorize(&id, q.presented(&headers))?;
+    session_stream(&app, &id)
+}
+
+fn session_stream(
+    app: &AppState,
+    id: &str,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let rx = sessions(app)?.subscribe(id)?;
     let stream =
         futures_util::stream::unfold((rx, false, true), |(mut rx, done, first)| async move {
             if done || (!first && rx.changed().await.is_err()) {

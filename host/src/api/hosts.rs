@@ -30,6 +30,8 @@ struct Name {
 #[derive(Debug, Clone)]
 pub struct AllowedHosts {
     names: Vec<Name>,
+    /// The config section whose `allowed_hosts` adds names.
+    section: &'static str,
 }
 
 impl AllowedHosts {
@@ -55,7 +57,30 @@ impl AllowedHosts {
             });
         }
         names.extend(extra.iter().filter_map(|e| parse_authority(e)));
-        Self { names }
+        Self {
+            names,
+            section: "server",
+        }
+    }
+
+    /// For a Unix socket: `localhost` (what HTTP clients on a socket
+    /// send, on any port), plus `extra` names.
+    pub fn for_socket(extra: &[String]) -> Self {
+        let mut names = vec![Name {
+            host: "localhost".into(),
+            port: None,
+        }];
+        names.extend(extra.iter().filter_map(|e| parse_authority(e)));
+        Self {
+            names,
+            section: "server",
+        }
+    }
+
+    /// The same names, added to by `[section] allowed_hosts` (for the
+    /// error message).
+    pub fn in_section(self, section: &'static str) -> Self {
+        Self { section, ..self }
     }
 
     /// True when `authority` (`host` or `host:port`) is an allowed name.
@@ -101,8 +126,9 @@ pub async fn check(State(hosts): State<Arc<AllowedHosts>>, req: Request, next: N
         return refuse(
             StatusCode::MISDIRECTED_REQUEST,
             format!(
-                "this airlockd does not answer for the host {:?}; if that is its name, add it to [server] allowed_hosts",
-                quoted(&authority)
+                "this airlockd does not answer for the host {:?}; if that is its name, add it to [{}] allowed_hosts",
+                quoted(&authority),
+                hosts.section
             ),
         );
     }

@@ -1,12 +1,14 @@
 //! The HTTP API of airlockd (axum on hyper): routes, shared state, the
 //! health endpoint and the Prometheus metrics ([`crate::metrics`]). JSON bodies are camelCase; every error is
 //! `{"error": "..."}` (see [`error`]), except on the viewer's HTML pages.
-//! Built by the daemon and served by [`crate::server`].
+//! Two routers: the operator API's and the viewers' (viewer-token routes
+//! only). Built by [`crate::listeners`] and served by [`crate::server`].
 
 pub mod auth;
 pub mod error;
 pub mod hosts;
 pub mod pages;
+pub mod tokens;
 pub mod vms;
 pub mod webrtc;
 
@@ -34,9 +36,14 @@ pub struct AppState {
     pub started: Instant,
 }
 
-/// Builds the API's router; requests must name one of `hosts`.
-pub fn router(state: AppState, max_body_bytes: usize, hosts: hosts::AllowedHosts) -> Router {
-    Router::new()
+/// The operator API's router: every route, the viewers' ones included
+/// (an operator may watch too); requests must name one of `hosts`.
+pub fn operator_router(
+    state: AppState,
+    max_body_bytes: usize,
+    hosts: hosts::AllowedHosts,
+) -> Router {
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/vms", post(vms::create).get(vms::list))
@@ -55,13 +62,37 @@ pub fn router(state: AppState, max_body_bytes: usize, hosts: hosts::AllowedHosts
             "/api/auth/session/{id}/viewer-token",
             post(auth::viewer_token),
         )
+        .route("/session/new", get(pages::new_session));
+    finish(viewer_routes().merge(routes), state, max_body_bytes, hosts)
+}
+
+/// The viewers' router: the routes a viewer token opens, and nothing
+/// else (no route here acts without one, but the page's assets).
+pub fn viewer_router(state: AppState, max_body_bytes: usize, hosts: hosts::AllowedHosts) -> Router {
+    let routes = Router::new().route("/api/auth/session/{id}/events", get(auth::viewer_events));
+    finish(viewer_routes().merge(routes), state, max_body_bytes, hosts)
+}
+
+/// The routes of the viewer page, on both listeners.
+fn viewer_routes() -> Router<AppState> {
+    Router::new()
         .route("/api/webrtc/ice-servers", get(webrtc::ice_servers))
         .route("/api/webrtc/session/{id}/ws", get(webrtc::ws))
         .route("/api/webrtc/session/{id}/offer", post(webrtc::offer))
         .route("/api/webrtc/session/{id}/answer", get(webrtc::answer))
-        .route("/session/new", get(pages::new_session))
         .route("/session/{id}", get(pages::viewer))
         .route("/assets/{name}", get(pages::asset))
+}
+
+/// What every listener's router has: JSON errors, a body limit, the
+/// `Host`/`Origin` check.
+fn finish(
+    routes: Router<AppState>,
+    state: AppState,
+    max_body_bytes: usize,
+    hosts: hosts::AllowedHosts,
+) -> Router {
+    routes
         .fallback(not_found)
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(DefaultBodyLimit::max(max_body_bytes))

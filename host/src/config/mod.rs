@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod listen;
+
+pub use listen::{ServerConfig, ViewerConfig};
+
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -40,8 +44,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// HTTP API.
+    /// The operator API's listeners.
     pub server: ServerConfig,
+    /// The viewers' listener.
+    pub viewer: ViewerConfig,
     /// Where airlockd keeps files.
     pub paths: PathsConfig,
     /// VM sizes, limits and timeouts.
@@ -62,48 +68,6 @@ pub struct Config {
     pub egress: crate::egress::EgressConfig,
     /// Logging of airlockd itself.
     pub log: LogConfig,
-}
-
-/// HTTP API settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Address to listen on. Loopback by default: the API can run commands
-    /// in VMs and is meant for operators only.
-    pub listen: SocketAddr,
-    /// PEM certificate chain; with `tls_key`, airlockd serves HTTPS.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for `tls_cert`.
-    pub tls_key: Option<PathBuf>,
-    /// Largest request body accepted (bytes).
-    pub max_body_bytes: usize,
-    /// How long in-flight requests may finish after SIGTERM (ms).
-    pub shutdown_grace_ms: u64,
-    /// Names requests may give as their `Host` besides the bound address
-    /// (and `localhost` when that is loopback): `host` for any port or
-    /// `host:port`. Others are refused (421), and so are WebSocket and
-    /// state-changing requests from another site's page (403).
-    pub allowed_hosts: Vec<String>,
-    /// Connections open at once; further ones wait to be accepted.
-    pub max_connections: usize,
-    /// A connection that has not sent a request's headers within this is
-    /// closed (ms).
-    pub header_read_timeout_ms: u64,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
-            tls_cert: None,
-            tls_key: None,
-            max_body_bytes: 4 << 20,
-            shutdown_grace_ms: 5000,
-            allowed_hosts: Vec::new(),
-            max_connections: 1024,
-            header_read_timeout_ms: 10_000,
-        }
-    }
 }
 
 /// Directories.
@@ -796,6 +760,10 @@ impl Config {
         for p in [
             &mut self.server.tls_cert,
             &mut self.server.tls_key,
+            &mut self.server.socket,
+            &mut self.server.tokens_file,
+            &mut self.viewer.tls_cert,
+            &mut self.viewer.tls_key,
             &mut self.qemu.firmware,
             &mut self.firecracker.kernel,
         ]
@@ -826,24 +794,8 @@ impl Config {
     /// Checks ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
-            return bad("server.tls_cert and server.tls_key must be set together".into());
-        }
-        if let Some(e) = self
-            .server
-            .allowed_hosts
-            .iter()
-            .find(|e| !crate::api::hosts::valid_entry(e))
-        {
-            return bad(format!(
-                "server.allowed_hosts: {e:?} is not a host name or host:port (no scheme, no path)"
-            ));
-        }
-        if self.server.max_connections == 0 || self.server.header_read_timeout_ms == 0 {
-            return bad(
-                "server.max_connections and server.header_read_timeout_ms must be above 0".into(),
-            );
-        }
+        self.server.validate().map_err(ConfigError::Invalid)?;
+        self.viewer.validate().map_err(ConfigError::Invalid)?;
         if self.paths.run_dir.as_os_str().len() > MAX_RUN_DIR_BYTES {
             return bad(format!(
                 "paths.run_dir {} is longer than {MAX_RUN_DIR_BYTES} bytes; Unix socket paths under it would not fit",
@@ -928,7 +880,11 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         let c: Config = toml::from_str("").unwrap();
-        assert_eq!(c.server.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(c.server.listen, None, "the operator API on its socket only");
+        assert_eq!(
+            c.viewer.listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 4001)))
+        );
         assert_eq!(c.vm.backend, BackendKind::Qemu);
         c.validate().unwrap();
     }

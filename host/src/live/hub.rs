@@ -127,6 +127,8 @@ struct HubState {
 pub struct Hub {
     session_id: String,
     user_id: String,
+    /// What this session's viewer links start with.
+    viewer_base: Arc<str>,
     cfg: Arc<LiveConfig>,
     vms: VmManager,
     tracker: TaskTracker,
@@ -152,6 +154,7 @@ impl Hub {
     /// A hub for a new session, its first token minted.
     pub(super) fn new(
         ids: (&str, &str),
+        viewer_base: Arc<str>,
         cfg: Arc<LiveConfig>,
         vms: VmManager,
         tracker: TaskTracker,
@@ -165,6 +168,7 @@ impl Hub {
         let hub = Arc::new(Self {
             session_id: ids.0.into(),
             user_id: ids.1.into(),
+            viewer_base,
             cfg,
             vms,
             tracker,
@@ -215,6 +219,11 @@ impl Hub {
     /// Mints a token valid for `ttl`.
     pub fn issue_token(&self, ttl: Duration) -> Result<IssuedToken, LiveError> {
         Ok(self.lock().tokens.issue(SystemTime::now(), ttl)?)
+    }
+
+    /// The viewer link of a token of this session.
+    pub fn link(&self, issued: &IssuedToken) -> super::ViewerLink {
+        super::ViewerLink::new(&self.viewer_base, &self.session_id, issued)
     }
 
     /// The newest valid token, while the session runs.

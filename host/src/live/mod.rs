@@ -77,7 +77,7 @@ pub struct ViewerLink {
     pub viewer_token: ViewerToken,
     /// Its expiry (RFC 3339).
     pub viewer_token_expires_at: String,
-    /// `/session/<id>?token=<token>`: the page to open.
+    /// `<viewer listener>/session/<id>?token=<token>`: the page to open.
     pub viewer_url: String,
 }
 
@@ -90,10 +90,14 @@ impl std::fmt::Debug for ViewerLink {
 }
 
 impl ViewerLink {
-    /// The link for `session_id` with an issued token.
-    pub fn new(session_id: &str, issued: &token::IssuedToken) -> Self {
+    /// The link for `session_id` with an issued token, on the viewers'
+    /// listener at `base` (empty: a path only).
+    pub fn new(base: &str, session_id: &str, issued: &token::IssuedToken) -> Self {
         Self {
-            viewer_url: format!("/session/{session_id}?token={}", issued.token.expose()),
+            viewer_url: format!(
+                "{base}/session/{session_id}?token={}",
+                issued.token.expose()
+            ),
             viewer_token: issued.token.clone(),
             viewer_token_expires_at: humantime::format_rfc3339_seconds(issued.expires).to_string(),
         }
@@ -102,6 +106,7 @@ impl ViewerLink {
 
 #[derive(Debug)]
 struct Inner {
+    viewer_base: Arc<str>,
     cfg: Arc<LiveConfig>,
     vms: VmManager,
     hubs: Mutex<HashMap<String, Arc<Hub>>>,
@@ -115,10 +120,12 @@ pub struct Live {
 }
 
 impl Live {
-    /// The manager.
-    pub fn new(cfg: LiveConfig, vms: VmManager) -> Self {
+    /// The manager; viewer links start with `viewer_base` (the viewers'
+    /// listener, e.g. `https://view.example.com`).
+    pub fn new(cfg: LiveConfig, vms: VmManager, viewer_base: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
+                viewer_base: viewer_base.trim_end_matches('/').into(),
                 cfg: Arc::new(cfg),
                 vms,
                 hubs: Mutex::default(),
@@ -152,6 +159,7 @@ impl Live {
             .max(lifetime + Duration::from_secs(300));
         let hub = Hub::new(
             (session_id, user_id),
+            self.inner.viewer_base.clone(),
             self.inner.cfg.clone(),
             self.inner.vms.clone(),
             self.inner.tracker.clone(),
@@ -199,7 +207,7 @@ impl Live {
     /// The current viewer link of a running session.
     pub fn link(&self, session_id: &str) -> Option<ViewerLink> {
         let hub = self.hub(session_id).ok()?;
-        hub.latest_token().map(|t| ViewerLink::new(session_id, &t))
+        hub.latest_token().map(|t| hub.link(&t))
     }
 
     /// Mints a new viewer link for a running session, valid for `ttl`
@@ -214,7 +222,7 @@ impl Live {
         }
         let max = Duration::from_millis(self.inner.cfg.viewer_token_ttl_ms);
         let issued = hub.issue_token(ttl.unwrap_or(max).min(max))?;
-        Ok(ViewerLink::new(session_id, &issued))
+        Ok(hub.link(&issued))
     }
 
     /// Waits for the hubs' own tasks after every session has ended.

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::hub::{Hub, Joined, Outbound};
 use super::limit::RateLimiter;
-use super::{LiveError, ViewerLink};
+use super::LiveError;
 
 /// Close code: the session ended.
 pub const CLOSE_SESSION_ENDED: u16 = 4000;
@@ -164,7 +164,7 @@ fn push_token(hub: &Hub, viewer: &str) -> tokio::time::Instant {
     let ttl = Duration::from_millis(hub.config().viewer_token_ttl_ms);
     match hub.issue_token(ttl) {
         Ok(issued) => {
-            let link = ViewerLink::new(hub.session_id(), &issued);
+            let link = hub.link(&issued);
             let msg = json!({
                 "type": "token",
                 "token": link.viewer_token,

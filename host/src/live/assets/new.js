@@ -1,6 +1,8 @@
-// airlock: the "connect a CLI" page (/session/new). Lists the providers
-// from /api/auth/providers, starts a session with POST /api/auth/start
-// and opens the session's live view (its viewerUrl).
+// airlock: the "connect a CLI" page (/session/new), for operators. Lists
+// the providers from /api/auth/providers, starts a session with POST
+// /api/auth/start and opens the session's live view (its viewerUrl, on
+// the viewers' listener). The operator API on TCP needs an operator
+// token: asked for here, kept for this tab only (sessionStorage).
 'use strict';
 
 (function () {
@@ -8,6 +10,15 @@
   const select = document.getElementById('provider');
   const user = document.getElementById('user');
   const banner = document.getElementById('banner');
+  const token = document.getElementById('token');
+  const KEY = 'airlockOperatorToken';
+  token.value = sessionStorage.getItem(KEY) || '';
+
+  function auth(headers) {
+    const t = token.value.trim();
+    if (t) headers.authorization = 'Bearer ' + t;
+    return headers;
+  }
 
   function say(text) {
     banner.textContent = text;
@@ -16,8 +27,10 @@
   }
 
   async function loadProviders() {
+    say('');
+    select.replaceChildren();
     try {
-      const r = await fetch('/api/auth/providers', { cache: 'no-store' });
+      const r = await fetch('/api/auth/providers', { cache: 'no-store', headers: auth({}) });
       const body = await r.json();
       if (!r.ok) throw new Error(body.error || r.statusText);
       for (const p of body.providers) {
@@ -38,7 +51,7 @@
     try {
       const r = await fetch('/api/auth/start', {
         method: 'POST',
-        headers: { 'content-type': 'application/json' },
+        headers: auth({ 'content-type': 'application/json' }),
         body: JSON.stringify({ userId: user.value, provider: select.value }),
       });
       const body = await r.json();
@@ -48,6 +61,11 @@
       say('The session did not start: ' + e.message);
       document.getElementById('go').disabled = false;
     }
+  });
+
+  token.addEventListener('change', () => {
+    sessionStorage.setItem(KEY, token.value.trim());
+    loadProviders();
   });
 
   loadProviders();

@@ -42,6 +42,7 @@ fn hub(max_viewers: usize) -> Arc<Hub> {
     };
     Hub::new(
         ("ses-1", "alice"),
+        "http://127.0.0.1:4001".into(),
         Arc::new(cfg),
         vms,
         TaskTracker::new(),
