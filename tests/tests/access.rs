@@ -6,6 +6,9 @@
 //!   still refuses a foreign `Host`. No token reaches the log.
 //! - The viewers' listener serves none of the operator's routes, even to
 //!   a request that carries the operator token: 404 for each.
+//! - Each listener's OpenAPI document (`/openapi.json`) lists exactly what
+//!   it serves: every documented operation answers (never the fallback's
+//!   "no route", never 405), and paths it does not list are not served.
 //! - airlockd refuses to start with an operator API anyone could use (TCP
 //!   without tokens, off loopback without TLS, a socket others may open),
 //!   a viewer listener off loopback in clear, and a tokens file others
@@ -227,4 +230,127 @@ async fn airlockd_refuses_listeners_anyone_could_use() -> Result<()> {
     );
     ensure!(err.contains("chmod 600"), "{err}");
     Ok(())
+}
+
+/// `path` with its `{parameters}` and required query filled with values
+/// that name nothing (so no request here changes anything).
+fn sample_url(base: &str, path: &str, op: &Value) -> String {
+    let mut url = base.to_string();
+    for seg in path.split('/').skip(1) {
+        url.push('/');
+        url.push_str(match seg {
+            "{name}" => "viewer.css",
+            s if s.starts_with('{') => "none-such",
+            s => s,
+        });
+    }
+    let query: Vec<String> = op["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["in"] == "query" && p["required"] == true)
+        .filter_map(|p| p["name"].as_str())
+        .map(|n| {
+            format!(
+                "{n}={}",
+                if n == "path" {
+                    "/none-such"
+                } else {
+                    "none-such"
+                }
+            )
+        })
+        .collect();
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(&query.join("&"));
+    }
+    url
+}
+
+/// Every operation of `doc` is served at `base` by `client`.
+async fn all_served(client: &reqwest::Client, base: &str, doc: &Value) -> Result<usize> {
+    let mut count = 0;
+    for (path, item) in doc["paths"].as_object().context("paths")? {
+        for (method, op) in item.as_object().context("path item")? {
+            let url = sample_url(base, path, op);
+            let method = Method::from_bytes(method.to_uppercase().as_bytes())?;
+            let r = client
+                .request(method.clone(), &url)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await?;
+            let status = r.status().as_u16();
+            let body = r.text().await?;
+            ensure!(
+                status != 405 && !(status == 404 && body.contains("no route for")),
+                "documented {method} {path} is not served: {status} {body}"
+            );
+            ensure!(
+                op["responses"].is_object() && op["operationId"].is_string(),
+                "{method} {path}: {op}"
+            );
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_documents_match_the_routes_served() -> Result<()> {
+    with_daemon(process(), async |d| {
+        let operator: Value = d
+            .http
+            .get(format!("{}/openapi.json", d.base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let viewer: Value = d
+            .viewer_http
+            .get(format!("{}/openapi.json", d.viewer_base))
+            .send()
+            .await?
+            .json()
+            .await?;
+        for doc in [&operator, &viewer] {
+            ensure!(
+                doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+                "not OpenAPI 3: {}",
+                doc["openapi"]
+            );
+        }
+        let ops = all_served(&d.http, &d.base, &operator).await?;
+        let views = all_served(&d.viewer_http, &d.viewer_base, &viewer).await?;
+        ensure!(
+            ops >= 25 && views >= 8,
+            "{ops} operator and {views} viewer operations"
+        );
+        let viewer_paths = viewer["paths"].as_object().context("paths")?;
+        for path in viewer_paths.keys() {
+            ensure!(
+                !path.starts_with("/api/vms") && path != "/health" && path != "/metrics",
+                "the viewers' document lists {path}"
+            );
+        }
+        // Paths neither document lists are not served.
+        for path in [
+            "/api",
+            "/api/vms/none-such/console",
+            "/admin",
+            "/debug/pprof",
+            "/api/auth",
+        ] {
+            let r = d.http.get(format!("{}{path}", d.base)).send().await?;
+            let status = r.status().as_u16();
+            let body = r.text().await?;
+            ensure!(
+                status == 404 && body.contains("no route for"),
+                "{path}: {status} {body}"
+            );
+        }
+        Ok(())
+    })
+    .await
 }

@@ -7,7 +7,9 @@
 pub mod auth;
 pub mod error;
 pub mod hosts;
+pub mod openapi;
 pub mod pages;
+pub mod routes;
 pub mod tokens;
 pub mod vms;
 pub mod webrtc;
@@ -16,7 +18,6 @@ use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
@@ -36,64 +37,39 @@ pub struct AppState {
     pub started: Instant,
 }
 
-/// The operator API's router: every route, the viewers' ones included
-/// (an operator may watch too); requests must name one of `hosts`.
+/// The operator API's router: every route of the table served there
+/// ([`routes::ROUTES`]), the viewers' ones included (an operator may
+/// watch too); requests must name one of `hosts`.
 pub fn operator_router(
     state: AppState,
     max_body_bytes: usize,
     hosts: hosts::AllowedHosts,
 ) -> Router {
-    let routes = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/api/vms", post(vms::create).get(vms::list))
-        .route("/api/vms/{id}", get(vms::get).delete(vms::delete))
-        .route("/api/vms/{id}/exec", post(vms::exec))
-        .route("/api/vms/{id}/files", get(vms::get_file).put(vms::put_file))
-        .route("/api/vms/{id}/status", get(vms::status))
-        .route("/api/auth/start", post(auth::start))
-        .route("/api/auth/providers", get(auth::providers))
-        .route("/api/auth/session/{id}", get(auth::get))
-        .route("/api/auth/session/{id}/events", get(auth::events))
-        .route("/api/auth/session/{id}/cancel", post(auth::cancel))
-        .route("/api/auth/session/{id}/input", post(auth::input))
-        .route("/api/auth/session/{id}/screenshot", get(auth::screenshot))
-        .route(
-            "/api/auth/session/{id}/viewer-token",
-            post(auth::viewer_token),
-        )
-        .route("/session/new", get(pages::new_session));
-    finish(viewer_routes().merge(routes), state, max_body_bytes, hosts)
+    finish(routes::Listener::Operator, state, max_body_bytes, hosts)
 }
 
-/// The viewers' router: the routes a viewer token opens, and nothing
-/// else (no route here acts without one, but the page's assets).
+/// The viewers' router: the routes a viewer token opens and the page's
+/// assets, nothing else.
 pub fn viewer_router(state: AppState, max_body_bytes: usize, hosts: hosts::AllowedHosts) -> Router {
-    let routes = Router::new().route("/api/auth/session/{id}/events", get(auth::viewer_events));
-    finish(viewer_routes().merge(routes), state, max_body_bytes, hosts)
+    finish(routes::Listener::Viewer, state, max_body_bytes, hosts)
 }
 
-/// The routes of the viewer page, on both listeners.
-fn viewer_routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/webrtc/ice-servers", get(webrtc::ice_servers))
-        .route("/api/webrtc/session/{id}/ws", get(webrtc::ws))
-        .route("/api/webrtc/session/{id}/offer", post(webrtc::offer))
-        .route("/api/webrtc/session/{id}/answer", get(webrtc::answer))
-        .route("/session/{id}", get(pages::viewer))
-        .route("/assets/{name}", get(pages::asset))
-}
-
-/// What every listener's router has: JSON errors, a body limit, the
-/// `Host`/`Origin` check.
+/// `listener`'s routes from the table, with what every router has: its
+/// OpenAPI document, JSON errors, a body limit, the `Host`/`Origin` check.
 fn finish(
-    routes: Router<AppState>,
+    listener: routes::Listener,
     state: AppState,
     max_body_bytes: usize,
     hosts: hosts::AllowedHosts,
 ) -> Router {
-    routes
+    routes::ROUTES
+        .iter()
+        .filter(|r| r.surface.serves(listener))
+        .fold(Router::new(), |router, r| {
+            router.route(r.path, routes::endpoint(r))
+        })
         .fallback(not_found)
+        .layer(axum::Extension(openapi::Document::of(listener)))
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
@@ -128,7 +104,7 @@ pub struct Health {
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     let name = |v: serde_json::Value| v.as_str().unwrap_or("unknown").to_string();
     let mut vms = std::collections::BTreeMap::new();
     for v in app.vms.list() {
@@ -158,7 +134,7 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn health(State(app): State<AppState>) -> Json<Health> {
+pub(crate) async fn health(State(app): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
