@@ -48,6 +48,8 @@ pub struct Agent {
     /// state); handed to each connection like the logs.
     events: Mutex<Option<mpsc::Receiver<Event>>>,
     unsent: Mutex<VecDeque<Event>>,
+    /// Captured credentials the host has not acknowledged yet.
+    pub handoff: Arc<crate::handoff::Handoff>,
     dropped_logs: Arc<AtomicU64>,
     forward_level: AtomicU8,
     /// How the agent reaches the host (the egress gateway sits beside it).
@@ -64,6 +66,10 @@ pub struct Agent {
     pub shutdown: CancellationToken,
 }
 
+/// The environment variable naming the state directory of an agent run
+/// as a host process (not isolated).
+pub const STATE_DIR_ENV: &str = "AIRLOCK_AGENT_STATE_DIR";
+
 /// Where the agent keeps runtime files (Chromium's profile, login homes):
 /// tmpfs in a VM; `/dev/shm` (tmpfs too) as a host process; its private
 /// `/tmp` (a tmpfs that goes with its mount namespace, even if the agent
@@ -72,6 +78,11 @@ pub fn state_dir(mode: AgentMode, isolated: bool) -> PathBuf {
     match mode {
         AgentMode::Pid1 | AgentMode::Service => PathBuf::from("/run/airlock/agent"),
         AgentMode::Process if isolated => PathBuf::from("/tmp/airlock-agent"),
+        // Chosen by airlockd's process backend, which removes it should
+        // the agent be killed before it can.
+        AgentMode::Process if std::env::var_os(STATE_DIR_ENV).is_some() => {
+            PathBuf::from(std::env::var_os(STATE_DIR_ENV).unwrap_or_default())
+        }
         AgentMode::Process if Path::new("/dev/shm").is_dir() => {
             PathBuf::from(format!("/dev/shm/airlock-agent-{}", std::process::id()))
         }
@@ -123,10 +134,12 @@ impl Agent {
         ));
         let streamer = Streamer::new(p.reaper.clone(), p.events.0.clone(), browser.clone());
         let proxies = Arc::new(OnceLock::new());
+        let handoff = Arc::new(crate::handoff::Handoff::default());
         let logins = Logins::new(LoginCtx {
             reaper: p.reaper.clone(),
             browser: browser.clone(),
             events: p.events.0,
+            handoff: handoff.clone(),
             state_dir: state.clone(),
             run_as: user(LOGIN_USER),
             proxies: proxies.clone(),
@@ -145,6 +158,7 @@ impl Agent {
             logs: Mutex::new(Some(p.logs)),
             events: Mutex::new(Some(p.events.1)),
             unsent: Mutex::default(),
+            handoff,
             forward_level: AtomicU8::new(LogLevel::Info as u8),
             transport: p.transport,
             proxies,
@@ -300,6 +314,12 @@ impl Agent {
             Operation::PrepareSnapshot => self.prepare_snapshot().await,
             Operation::Refresh(spec) => self.refresh(spec).await,
             Operation::Clock(step) => self.clock(step),
+            Operation::AckCredential { session_id } => {
+                if self.handoff.acknowledge(&session_id) {
+                    tracing::info!(%session_id, "the host has stored the credential");
+                }
+                Ok(Reply::Done)
+            }
         }
     }
 

@@ -166,6 +166,15 @@ impl Connection {
         });
         // The outbox is empty at this point, so this cannot fail.
         let _ = conn.outbox.try_send(GuestMessage::Event(ready));
+        // Before any other event (a CLI's exit must not reach the host
+        // ahead of the credential it wrote): what the host has not
+        // acknowledged, again. Few, so they fit the empty outbox too.
+        for c in agent.handoff.pending() {
+            tracing::info!(session_id = %c.session_id, "sending the credential again: the host has not acknowledged it");
+            let _ = conn
+                .outbox
+                .try_send(GuestMessage::Event(Event::Credential(c)));
+        }
         let interval = welcome.config.heartbeat_interval_ms;
         conn.tasks.spawn(heartbeats(
             agent.expect_restore.subscribe(),

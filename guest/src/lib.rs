@@ -11,6 +11,7 @@ pub mod browser;
 pub mod channel;
 pub mod egress;
 pub mod files;
+pub mod handoff;
 pub mod init;
 pub mod logging;
 pub mod login;

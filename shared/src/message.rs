@@ -196,6 +196,12 @@ pub enum Operation {
     Refresh(RefreshSpec),
     /// Step the wall clock (restored VMs), and read it.
     Clock(ClockStep),
+    /// The host has stored this session's credential: the agent may
+    /// forget it (until then it sends it again on every connection).
+    AckCredential {
+        /// The session whose credential is stored.
+        session_id: String,
+    },
 }
 
 /// Run `argv` with a deadline and bounded output capture.

@@ -125,13 +125,20 @@ pub async fn devtools_port(profile: &Path, timeout: Duration) -> Result<u16> {
 }
 
 /// The browser role's Chromium, started by the agent that `daemon_pid`
-/// runs as a host process: its profile is under the agent's state dir.
+/// runs as a host process: its profile is under the agent's state dir,
+/// which airlockd names in the agent's environment.
 pub async fn browser_role_tab(daemon_pid: i32) -> Result<Tab> {
     let agent = children_named(daemon_pid, "airlock-guest")
         .into_iter()
         .next()
         .context("no browser-role agent runs under airlockd")?;
-    let profile = PathBuf::from(format!("/dev/shm/airlock-agent-{agent}/chromium-profile"));
+    let environ = std::fs::read(format!("/proc/{agent}/environ"))?;
+    let state = environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"AIRLOCK_AGENT_STATE_DIR="))
+        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        .context("the agent has no AIRLOCK_AGENT_STATE_DIR")?;
+    let profile = state.join("chromium-profile");
     Tab::first_page(devtools_port(&profile, Duration::from_secs(20)).await?).await
 }
 

@@ -17,7 +17,8 @@
 //! deadline instead of hanging. Afterwards the hostile session's history
 //! is bounded (at most 128 steps), airlockd's resident memory grew by
 //! less than 150 MiB (printed), and cancelling the session tears the VM
-//! down, stopped agent and all, within a minute.
+//! down within a minute: the stopped agent and every process it started
+//! (Chromium, the login CLI), none left running.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,6 +127,20 @@ async fn flood(
     (frames, bytes, s)
 }
 
+/// True while `pid` runs (a zombie has ended).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+fn command(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
 /// airlockd's resident memory (KiB).
 fn rss_kib(pid: i32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -193,6 +208,10 @@ async fn a_hostile_guest_hurts_neither_the_host_nor_another_session() -> Result<
         let d = &rig.daemon;
         let (session, vm, agent) = victim(d).await?;
         let before = health_times(d, 10).await?;
+        // The agent and what it started (Chromium, the login CLI): all
+        // must be gone after the teardown, though the agent cannot help.
+        let tree = airlock_host::vm::proctree::tree(agent);
+        ensure!(tree.len() > 2, "the agent started nothing? {tree:?}");
         kill(Pid::from_raw(agent), Signal::SIGSTOP)?;
         let guest = take_over(d, &vm).await?;
         let rss_before = rss_kib(d.pid())?;
@@ -283,9 +302,15 @@ async fn a_hostile_guest_hurts_neither_the_host_nor_another_session() -> Result<
             listed.1
         );
         let deadline = Instant::now() + Duration::from_secs(60);
-        while kill(Pid::from_raw(agent), None).is_ok() {
-            ensure!(Instant::now() < deadline, "the stopped agent {agent} outlived its VM");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        for pid in &tree {
+            while alive(*pid) {
+                ensure!(
+                    Instant::now() < deadline,
+                    "{pid} ({}) of the hostile VM outlived it",
+                    command(*pid)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         println!("hostile guest: torn down in {} ms", t.elapsed().as_millis());
         Ok(())

@@ -81,6 +81,13 @@ async fn complete(rig: &LoginRig, file_in_vm: &str) -> Result<Value> {
             "no {state} step: {events:?}"
         );
     }
+    // The browser VM's agent kept the credential until the host said it
+    // was stored (it would have sent it again on a new connection).
+    let log = std::fs::read_to_string(d.dir.path().join("airlockd.log"))?;
+    ensure!(
+        log.contains("the host has stored the credential"),
+        "the agent was not told its credential is stored"
+    );
     let vm = done["cliVmId"].as_str().context("cliVmId")?;
     let stat = d.exec(vm, &["stat", "-c", "%a", file_in_vm]).await?;
     assert_eq!(
@@ -370,6 +377,10 @@ async fn a_session_nobody_finishes_expires_and_loses_its_browser() -> Result<()>
             let d = &rig.daemon;
             let (id, waiting) = awaiting_user(d, FAKE).await?;
             let agent = browser_agent_pid(d, &waiting).await?;
+            let vm = waiting["browserVmId"]
+                .as_str()
+                .context("browserVmId")?
+                .to_string();
             let v = d
                 .wait_session(&id, Duration::from_secs(90), |v| state_is(v, "expired"))
                 .await?;
@@ -380,7 +391,7 @@ async fn a_session_nobody_finishes_expires_and_loses_its_browser() -> Result<()>
                     .contains("nobody finished the login"),
                 "{v}"
             );
-            assert_browser_gone(d, agent).await
+            assert_browser_gone(d, agent, &vm).await
         },
     )
     .await
@@ -394,6 +405,10 @@ async fn cancelling_destroys_the_browser_and_stores_nothing() -> Result<()> {
             let d = &rig.daemon;
             let (id, waiting) = awaiting_user(d, FAKE).await?;
             let agent = browser_agent_pid(d, &waiting).await?;
+            let vm = waiting["browserVmId"]
+                .as_str()
+                .context("browserVmId")?
+                .to_string();
             let (status, v) = d
                 .request(
                     Method::POST,
@@ -407,7 +422,7 @@ async fn cancelling_destroys_the_browser_and_stores_nothing() -> Result<()> {
                 "{v}"
             );
             assert!(store(d).await?.latest(USER, FAKE).await?.is_none());
-            assert_browser_gone(d, agent).await
+            assert_browser_gone(d, agent, &vm).await
         },
     )
     .await
@@ -425,7 +440,13 @@ async fn the_host_process_browser_cannot_reach_airlockds_keys_or_environment() -
             let d = &rig.daemon;
             let (_, waiting) = awaiting_user(d, FAKE).await?;
             let agent = browser_agent_pid(d, &waiting).await?;
-            let marker = format!("airlock-agent-{agent}");
+            let vm = waiting["browserVmId"]
+                .as_str()
+                .context("browserVmId")?
+                .to_string();
+            // Its profile is in the agent's state directory, named after
+            // the VM by the process backend.
+            let marker = format!("airlock-agent-{vm}");
             let chromium = airlock_tests::processes_naming(Path::new(&marker), None);
             let chromium: i32 = chromium
                 .first()
@@ -494,7 +515,7 @@ async fn browser_agent_pid(d: &Daemon, view: &Value) -> Result<i32> {
 }
 
 /// No VM of kind browser, and nothing of that agent (Chromium, Xvfb) runs.
-async fn assert_browser_gone(d: &Daemon, agent: i32) -> Result<()> {
+async fn assert_browser_gone(d: &Daemon, agent: i32, vm: &str) -> Result<()> {
     let (_, vms) = d.request(Method::GET, "/api/vms", None).await?;
     ensure!(
         !vms.to_string().contains("\"browser\""),
@@ -502,7 +523,8 @@ async fn assert_browser_gone(d: &Daemon, agent: i32) -> Result<()> {
     );
     // Chromium's crashpad handlers leave on their own once Chromium is
     // gone, a moment after it; anything else is not expected to linger.
-    let marker = format!("airlock-agent-{agent}");
+    // Its processes name the agent's state directory, named after the VM.
+    let marker = format!("airlock-agent-{vm}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let left = loop {
         let left = airlock_tests::processes_naming(Path::new(&marker), None);

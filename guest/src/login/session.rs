@@ -55,6 +55,8 @@ pub struct LoginCtx {
     pub browser: Arc<BrowserRole>,
     /// Where reports go.
     pub events: mpsc::Sender<Event>,
+    /// Captured credentials until the host has stored them.
+    pub handoff: Arc<crate::handoff::Handoff>,
     /// tmpfs directory for login homes.
     pub state_dir: PathBuf,
     /// The account the CLI runs as (in an image).
@@ -592,7 +594,9 @@ impl Login {
             session_id: self.spec.session_id.clone(),
             files,
         };
-        // Awaited, not dropped when busy: a credential must reach the host.
+        // Kept until the host acknowledges it, and awaited, not dropped
+        // when busy: a credential must reach the host.
+        self.ctx.handoff.keep(credential.clone());
         let _ = self.ctx.events.send(Event::Credential(credential)).await;
         self.report(LoginStep::CredentialCaptured).await;
     }

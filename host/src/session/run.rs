@@ -399,7 +399,13 @@ async fn follow(
                     stream_start = Some(Box::pin(async move { hub.start_stream(&vm).await }));
                 }
             }
-            Event::Credential(c) => return store(ctx, h, provider, c).await,
+            Event::Credential(c) => {
+                let end = store(ctx, h, provider, c).await;
+                if matches!(end, End::Stored { .. }) {
+                    acknowledge(ctx, h, vm).await;
+                }
+                return end;
+            }
             Event::Browser(BrowserEvent::Crashed {
                 process,
                 status,
@@ -539,6 +545,17 @@ fn on_login_step(
         LoginStep::Failed { reason } => return Some(End::Failed(reason)),
     }
     None
+}
+
+/// Tells the browser VM's agent its credential is stored, so that it
+/// stops sending it again on each new connection (a failure only means
+/// it may send it again, which is ignored: the session stored one).
+async fn acknowledge(ctx: &Inner, h: &SessionHandle, vm: &str) {
+    let session_id = h.view().session_id;
+    let ack = Operation::AckCredential { session_id };
+    if let Err(e) = ctx.vms.call(vm, ack, Duration::from_secs(5)).await {
+        tracing::debug!(vm_id = %vm, error = %e, "the browser VM did not take the credential's acknowledgement");
+    }
 }
 
 /// Encrypts and stores the credential.

@@ -254,6 +254,9 @@ pub struct RunningVm {
     io_tasks: TaskTracker,
     io_cancel: CancellationToken,
     _io_guard: DropGuard,
+    /// Files and directories its processes leave when killed, removed
+    /// once they are gone.
+    pub leftovers: Vec<std::path::PathBuf>,
 }
 
 impl RunningVm {
@@ -267,6 +270,7 @@ impl RunningVm {
             io_tasks: TaskTracker::new(),
             _io_guard: io_cancel.clone().drop_guard(),
             io_cancel,
+            leftovers: Vec::new(),
         }
     }
 
@@ -300,8 +304,10 @@ impl RunningVm {
         }
     }
 
-    /// Stops every process: SIGTERM, up to `grace` to exit, then SIGKILL.
-    /// Waits for all of them, so no zombie or orphan remains.
+    /// Stops every process: SIGTERM, up to `grace` to exit, then SIGKILL
+    /// for it and everything it started (a process that ignores SIGTERM,
+    /// or is stopped, cannot stop its children either). Waits for all of
+    /// them, so no zombie or orphan remains.
     pub async fn stop(&mut self, grace: Duration) {
         for p in &self.processes {
             if let Some(pid) = p.child.id() {
@@ -310,9 +316,21 @@ impl RunningVm {
         }
         for p in &mut self.processes {
             if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
+                if let Some(pid) = p.child.id() {
+                    let killed = super::proctree::kill_tree(pid as i32);
+                    tracing::warn!(
+                        process = p.name,
+                        pid,
+                        killed,
+                        "did not stop within its grace; killed with everything it started"
+                    );
+                }
                 let _ = p.child.start_kill();
                 let _ = p.child.wait().await;
             }
+        }
+        for path in &self.leftovers {
+            let _ = std::fs::remove_dir_all(path);
         }
         // The pumps end at EOF once the processes are gone; the token covers
         // a pipe some grandchild still holds open.

@@ -13,6 +13,7 @@ pub mod home;
 pub mod layout;
 pub mod pool;
 pub mod process;
+pub mod proctree;
 pub mod qemu;
 pub mod qmp;
 pub mod ramfile;

@@ -179,6 +179,11 @@ impl ProcessBackend {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         self.confine(spec, &mut cmd)?;
+        // Its runtime files (Chromium's profile, login homes) go where
+        // this backend can remove them should the agent be killed before
+        // it does (as a host process nothing else would).
+        let state = agent_state_dir(&spec.vm_id);
+        cmd.env(AGENT_STATE_DIR_ENV, &state);
         let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
             program: self.agent_binary.display().to_string(),
             source,
@@ -195,6 +200,7 @@ impl ProcessBackend {
                 tracker.spawn(async move { c.pump(err, &cancel).await });
             }
         }
+        vm.leftovers.push(state);
         let pid = child.id().unwrap_or_default();
         vm.processes.push(VmProcess {
             name: "agent",
@@ -203,6 +209,20 @@ impl ProcessBackend {
         dir.record_pids(&[("agent", pid)])?;
         Ok(vm)
     }
+}
+
+/// The variable the agent takes its state directory from (the agent's
+/// `STATE_DIR_ENV`).
+const AGENT_STATE_DIR_ENV: &str = "AIRLOCK_AGENT_STATE_DIR";
+
+/// A host-process agent's state directory: tmpfs (`/dev/shm`) when there
+/// is one, named after the VM.
+fn agent_state_dir(vm_id: &str) -> PathBuf {
+    let base = match Path::new("/dev/shm").is_dir() {
+        true => PathBuf::from("/dev/shm"),
+        false => std::env::temp_dir(),
+    };
+    base.join(format!("airlock-agent-{vm_id}"))
 }
 
 impl VmBackend for ProcessBackend {
