@@ -11,8 +11,9 @@
 //!   "no route", never 405), and paths it does not list are not served.
 //! - airlockd refuses to start with an operator API anyone could use (TCP
 //!   without tokens, off loopback without TLS, a socket others may open),
-//!   a viewer listener off loopback in clear, and a tokens file others
-//!   may read; each time with a message naming what to set.
+//!   a viewer listener off loopback in clear or on every interface with
+//!   no public URL for its links, and a tokens file others may read;
+//!   each time with a message naming what to set.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -216,8 +217,13 @@ async fn airlockd_refuses_listeners_anyone_could_use() -> Result<()> {
     )?;
     refused(
         dir.path(),
-        "[viewer]\nlisten = \"0.0.0.0:4001\"\n",
+        "[viewer]\nlisten = \"192.0.2.7:4001\"\n",
         "set viewer.tls_cert and viewer.tls_key",
+    )?;
+    refused(
+        dir.path(),
+        "[viewer]\nlisten = \"0.0.0.0:4001\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        "set viewer.public_url",
     )?;
     // A tokens file others may read is refused when airlockd starts.
     let exposed = dir.path().join("exposed.tokens");

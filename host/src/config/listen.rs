@@ -147,6 +147,11 @@ impl ViewerConfig {
                     .public_url
                     .as_deref()
                     .is_some_and(|u| u.starts_with("https://"));
+            if addr.ip().is_unspecified() && self.public_url.is_none() {
+                return Err(format!(
+                    "viewer.listen = {addr:?} is every interface: set viewer.public_url to the address people open (viewer links start with it)"
+                ));
+            }
             if !addr.ip().is_loopback() && !behind_tls {
                 return Err(format!(
                     "viewer.listen = {addr:?} is not loopback: viewer tokens would cross the network in clear; set viewer.tls_cert and viewer.tls_key, or a viewer.public_url of https:// for a TLS proxy in front"
@@ -256,6 +261,21 @@ mod tests {
         assert!(v("0.0.0.0:4001", Some("https://view.example.com"))
             .validate()
             .is_ok());
+        let tls_everywhere = ViewerConfig {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..v("0.0.0.0:4001", None)
+        };
+        let e = tls_everywhere.validate().unwrap_err();
+        assert!(
+            e.contains("viewer.public_url"),
+            "links to 0.0.0.0 reach nobody: {e}"
+        );
+        let tls_one_address = ViewerConfig {
+            listen: Some("192.0.2.7:4001".parse().unwrap()),
+            ..tls_everywhere
+        };
+        assert!(tls_one_address.validate().is_ok());
         assert!(v("127.0.0.1:4001", Some("https://view.example.com/x"))
             .validate()
             .is_err());
