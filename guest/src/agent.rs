@@ -66,10 +66,6 @@ pub struct Agent {
     pub shutdown: CancellationToken,
 }
 
-/// The environment variable naming the state directory of an agent run
-/// as a host process (not isolated).
-pub const STATE_DIR_ENV: &str = "AIRLOCK_AGENT_STATE_DIR";
-
 /// Where the agent keeps runtime files (Chromium's profile, login homes):
 /// tmpfs in a VM; `/dev/shm` (tmpfs too) as a host process; its private
 /// `/tmp` (a tmpfs that goes with its mount namespace, even if the agent
@@ -80,15 +76,13 @@ pub fn state_dir(mode: AgentMode, isolated: bool) -> PathBuf {
         AgentMode::Process if isolated => PathBuf::from("/tmp/airlock-agent"),
         // Chosen by airlockd's process backend, which removes it should
         // the agent be killed before it can.
-        AgentMode::Process if std::env::var_os(STATE_DIR_ENV).is_some() => {
-            PathBuf::from(std::env::var_os(STATE_DIR_ENV).unwrap_or_default())
-        }
-        AgentMode::Process if Path::new("/dev/shm").is_dir() => {
-            PathBuf::from(format!("/dev/shm/airlock-agent-{}", std::process::id()))
-        }
-        AgentMode::Process => {
-            std::env::temp_dir().join(format!("airlock-agent-{}", std::process::id()))
-        }
+        AgentMode::Process => match std::env::var_os(airlock_proto::AGENT_STATE_DIR_ENV) {
+            Some(dir) => PathBuf::from(dir),
+            None if Path::new("/dev/shm").is_dir() => {
+                PathBuf::from(format!("/dev/shm/airlock-agent-{}", std::process::id()))
+            }
+            None => std::env::temp_dir().join(format!("airlock-agent-{}", std::process::id())),
+        },
     }
 }
 

@@ -132,7 +132,7 @@ impl Listeners {
 }
 
 /// `server.socket`, else `<run_dir>/api.sock`.
-pub fn socket_path(config: &Config) -> PathBuf {
+fn socket_path(config: &Config) -> PathBuf {
     config
         .server
         .socket

@@ -46,3 +46,8 @@ pub const INIT_MARKER: &str = "airlock-guest: init started";
 /// Line the agent prints on the console when booted with `airlock.probe=1`
 /// (used by the host to find out whether hardware acceleration works).
 pub const PROBE_MARKER: &str = "airlock-guest: probe ok";
+
+/// The environment variable in which airlockd's process backend names the
+/// state directory of an agent it runs as a host process (not isolated),
+/// so that it can remove the directory should the agent be killed.
+pub const AGENT_STATE_DIR_ENV: &str = "AIRLOCK_AGENT_STATE_DIR";

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use airlock_tests::stats::{median, percentile};
-use airlock_tests::{artifacts, Daemon, Settings};
+use airlock_tests::{artifacts, rss_kib, Daemon, Settings};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
@@ -36,15 +36,6 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(run())
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")
 }
 
 fn mib(bytes: f64) -> String {
@@ -178,7 +169,7 @@ async fn boot_series(runs: usize) -> Result<(BTreeMap<&'static str, Vec<f64>>, V
 async fn host_process_agent_rss() -> Result<u64> {
     let d = Daemon::start(Settings::new("process")).await?;
     let vm = d.ready_vm(json!({"kind": "cli"})).await?;
-    let pid = vm["vmmPid"].as_u64().context("vmmPid")? as u32;
+    let pid = vm["vmmPid"].as_u64().context("vmmPid")? as i32;
     rss_kib(pid)
 }
 
@@ -230,7 +221,7 @@ fn node_health_server() -> Result<NodeFigures> {
         Ok(NodeFigures {
             version: version.clone(),
             binary_bytes: std::fs::metadata(std::fs::canonicalize(&node)?)?.len() as f64,
-            rss_bytes: rss_kib(child.id())? as f64 * 1024.0,
+            rss_bytes: rss_kib(child.id() as i32)? as f64 * 1024.0,
         })
     })();
     let _ = child.kill();

@@ -133,11 +133,12 @@ pub async fn browser_role_tab(daemon_pid: i32) -> Result<Tab> {
         .next()
         .context("no browser-role agent runs under airlockd")?;
     let environ = std::fs::read(format!("/proc/{agent}/environ"))?;
+    let name = format!("{}=", airlock_proto::AGENT_STATE_DIR_ENV);
     let state = environ
         .split(|b| *b == 0)
-        .find_map(|kv| kv.strip_prefix(b"AIRLOCK_AGENT_STATE_DIR="))
+        .find_map(|kv| kv.strip_prefix(name.as_bytes()))
         .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
-        .context("the agent has no AIRLOCK_AGENT_STATE_DIR")?;
+        .with_context(|| format!("the agent has no {name}"))?;
     let profile = state.join("chromium-profile");
     Tab::first_page(devtools_port(&profile, Duration::from_secs(20)).await?).await
 }

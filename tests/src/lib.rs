@@ -244,6 +244,23 @@ fn ready_lines(rx: &mpsc::Receiver<String>) -> Result<Vec<String>> {
     }
 }
 
+/// The GNU build id of the agent under test (what its hello names).
+pub fn guest_build_id() -> Result<String> {
+    Ok(airlock_proto::elf::gnu_build_id(&std::fs::read(
+        artifacts()?.guest_bin,
+    )?)?)
+}
+
+/// Resident memory of process `pid` (KiB).
+pub fn rss_kib(pid: i32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")
+}
+
 /// `n` random bytes from the kernel, in hex.
 pub fn random_hex(n: usize) -> Result<String> {
     let mut buf = vec![0u8; n];

@@ -32,7 +32,7 @@ use airlock_proto::{
 };
 use airlock_tests::fake_guest;
 use airlock_tests::login::{state_is, with_rig, FAKE};
-use airlock_tests::{artifacts, Daemon};
+use airlock_tests::{guest_build_id, rss_kib, Daemon};
 use anyhow::{ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -44,12 +44,6 @@ use tokio::net::UnixStream;
 const HOSTILE: &str = "hostile";
 const BYSTANDER: &str = "bystander";
 const WITHIN: Duration = Duration::from_secs(240);
-
-fn build_id() -> Result<String> {
-    Ok(airlock_proto::elf::gnu_build_id(&std::fs::read(
-        artifacts()?.guest_bin,
-    )?)?)
-}
 
 fn encode(m: &GuestMessage) -> Result<Vec<u8>> {
     Ok(frame::encode(m, airlock_proto::limits::MAX_FRAME_BYTES)?)
@@ -63,7 +57,7 @@ fn socket(d: &Daemon, vm: &str) -> PathBuf {
 /// Connects in the agent's place: hello, the host's welcome, ready.
 async fn take_over(d: &Daemon, vm: &str) -> Result<UnixStream> {
     let mut s = fake_guest::connect(&socket(d, vm)).await?;
-    fake_guest::send_raw(&mut s, &fake_guest::hello(&build_id()?)).await?;
+    fake_guest::send_raw(&mut s, &fake_guest::hello(&guest_build_id()?)).await?;
     let mut len = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut len))
         .await
@@ -139,16 +133,6 @@ fn command(pid: i32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .unwrap_or_default()
-}
-
-/// airlockd's resident memory (KiB).
-fn rss_kib(pid: i32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")
 }
 
 /// Times of `n` `GET /health` (ms), each one's answer checked.

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use airlock_proto::{frame, Event, GuestMessage, Heartbeat, Ready, INIT_MARKER};
-use airlock_tests::{artifacts, fake_guest, stale_image, with_daemon, Settings};
+use airlock_tests::{fake_guest, guest_build_id, stale_image, with_daemon, Settings};
 use anyhow::{ensure, Context, Result};
 use futures_util::future::try_join_all;
 use reqwest::Method;
@@ -21,12 +21,6 @@ fn qemu() -> Settings {
 
 fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_default()
-}
-
-fn guest_build_id() -> Result<String> {
-    Ok(airlock_proto::elf::gnu_build_id(&std::fs::read(
-        artifacts()?.guest_bin,
-    )?)?)
 }
 
 #[tokio::test(flavor = "multi_thread")]

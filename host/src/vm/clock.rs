@@ -55,6 +55,14 @@ pub struct Synced {
     pub after: Offset,
 }
 
+impl Synced {
+    /// Puts the offset now into a VM's timings.
+    pub fn record(&self, t: &mut super::Timings) {
+        t.clock_offset_ms = Some(self.after.offset_ms);
+        t.clock_rtt_ms = Some(self.after.rtt_ms);
+    }
+}
+
 /// Measures the guest's offset and steps its clock when it is off.
 pub async fn sync(client: &AgentClient) -> Result<Synced, ClockError> {
     let before = measure(client).await?;

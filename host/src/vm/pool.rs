@@ -174,10 +174,7 @@ async fn foreground(vms: VmManager, handle: Arc<VmHandle>, pid: Option<u32>) {
     let Some(agent) = handle.agent() else { return };
     match super::clock::sync(&agent).await {
         Ok(synced) => {
-            handle.view.send_modify(|v| {
-                v.timings.clock_offset_ms = Some(synced.after.offset_ms);
-                v.timings.clock_rtt_ms = Some(synced.after.rtt_ms);
-            });
+            handle.view.send_modify(|v| synced.record(&mut v.timings));
             let _ = vms.inner.states.send(handle.current());
         }
         Err(e) => tracing::warn!(%vm_id, error = %e, "cannot bring a claimed VM's clock in line"),

@@ -183,7 +183,7 @@ impl ProcessBackend {
         // this backend can remove them should the agent be killed before
         // it does (as a host process nothing else would).
         let state = agent_state_dir(&spec.vm_id);
-        cmd.env(AGENT_STATE_DIR_ENV, &state);
+        cmd.env(airlock_proto::AGENT_STATE_DIR_ENV, &state);
         let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
             program: self.agent_binary.display().to_string(),
             source,
@@ -210,10 +210,6 @@ impl ProcessBackend {
         Ok(vm)
     }
 }
-
-/// The variable the agent takes its state directory from (the agent's
-/// `STATE_DIR_ENV`).
-const AGENT_STATE_DIR_ENV: &str = "AIRLOCK_AGENT_STATE_DIR";
 
 /// A host-process agent's state directory: tmpfs (`/dev/shm`) when there
 /// is one, named after the VM.

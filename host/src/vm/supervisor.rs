@@ -315,10 +315,7 @@ impl Supervisor {
         let synced = clock::sync(client).await?;
         tracing::debug!(vm_id = %self.id, before_ms = synced.before.offset_ms,
             after_ms = synced.after.offset_ms, rtt_ms = synced.after.rtt_ms, "guest clock synchronised");
-        self.update(|v| {
-            v.timings.clock_offset_ms = Some(synced.after.offset_ms);
-            v.timings.clock_rtt_ms = Some(synced.after.rtt_ms);
-        });
+        self.update(|v| synced.record(&mut v.timings));
         Ok(())
     }
 
