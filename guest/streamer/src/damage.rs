@@ -1,17 +1,25 @@
-//! Which captured frames are worth converting and encoding. The capture
-//! ticks at the stream's frame rate, but a login page is still most of the
-//! time, and converting and encoding an unchanged 720p screen 30 times a
-//! second took about 1.6 of a browser VM's two vCPUs under TCG, beside the
-//! Chromium the person is waiting for. The [`Gate`] passes a frame when the
-//! X server reported damage since the previous tick or the one before, the
-//! pointer moved, or something asked for a frame ([`Wake`]: a keyframe
-//! request, a new viewer); otherwise one a second ([`IDLE_INTERVAL`]) so
-//! that receivers keep their timing. Installed by [`crate::pipeline`] on
-//! the capture's source pad; without the DAMAGE extension every frame
-//! passes.
+//! Which captured frames are worth converting and encoding, and when the
+//! next grab happens. A login page is still most of the time, and
+//! converting and encoding an unchanged 720p screen 30 times a second took
+//! about 1.6 of a browser VM's two vCPUs under TCG, beside the Chromium the
+//! person is waiting for. The [`Gate`] passes a frame when the X server
+//! reported damage since the previous grab or the one before, the pointer
+//! moved, or something asked for a frame ([`Wake`]: a keyframe request, a
+//! new viewer); otherwise one a second ([`IDLE_INTERVAL`]) so that
+//! receivers keep their timing.
+//!
+//! A dropped frame [`Gate::hold`]s the capture thread until the next
+//! damage (or a wake, a pointer move, [`HOLD_MAX`]). `ximagesrc` grabs at
+//! the frame rate's tick, but a tick already past when it is called again
+//! is grabbed at once: so a change on a still screen is grabbed when the X
+//! server reports it, not up to a frame interval later (half of one, 17 ms
+//! at 30 fps, on average: a third of the glass-to-glass budget), and a
+//! still screen is grabbed a few times a second instead of 30. Installed
+//! by [`crate::pipeline`] on the capture's source pad; without the DAMAGE
+//! extension every frame passes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,18 +35,64 @@ use x11rb::rust_connection::RustConnection;
 /// How often a frame of a still screen passes.
 pub const IDLE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Asks the gate to pass the next captured frame; cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct Wake(Arc<AtomicBool>);
+/// The longest a dropped frame holds the capture thread: bounds how long
+/// a pipeline state change waits for it.
+pub const HOLD_MAX: Duration = Duration::from_millis(250);
 
-impl Wake {
-    /// The next captured frame passes whatever the screen did.
-    pub fn wake(&self) {
-        self.0.store(true, Ordering::Release);
+/// How often a held capture looks at the pointer (its moves cause no
+/// damage: `ximagesrc` draws it into the frame itself).
+const POINTER_POLL: Duration = Duration::from_millis(33);
+
+/// What happened since the gate last looked, and a condition variable
+/// that wakes a held capture when it does.
+#[derive(Debug, Default)]
+struct Bell {
+    pending: Mutex<Pending>,
+    rung: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    damaged: bool,
+    woken: bool,
+}
+
+impl Bell {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn take(&self) -> bool {
-        self.0.swap(false, Ordering::AcqRel)
+    fn ring(&self, set: impl FnOnce(&mut Pending)) {
+        set(&mut self.lock());
+        self.rung.notify_all();
+    }
+
+    /// Takes both flags: (damaged, woken).
+    fn take(&self) -> (bool, bool) {
+        let pending = std::mem::take(&mut *self.lock());
+        (pending.damaged, pending.woken)
+    }
+
+    /// Waits up to `timeout` for either flag, without taking it.
+    fn wait(&self, timeout: Duration) -> bool {
+        let guard = self.lock();
+        let (guard, _) = self
+            .rung
+            .wait_timeout_while(guard, timeout, |p| !(p.damaged || p.woken))
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.damaged || guard.woken
+    }
+}
+
+/// Asks the gate to pass the next captured frame; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Arc<Bell>);
+
+impl Wake {
+    /// The next captured frame passes whatever the screen did, and a held
+    /// capture grabs it now.
+    pub fn wake(&self) {
+        self.0.ring(|p| p.woken = true);
     }
 }
 
@@ -70,7 +124,7 @@ struct Watch {
 #[derive(Debug)]
 pub struct Gate {
     watch: Option<Watch>,
-    damaged: Arc<AtomicBool>,
+    /// Shared with the damage thread and every [`Wake`].
     wake: Wake,
     tick: Mutex<Tick>,
 }
@@ -79,8 +133,10 @@ impl Gate {
     /// Watches `display` for damage. If that is impossible (no DAMAGE
     /// extension), the gate passes every frame and says so once.
     pub fn open(display: &str) -> Self {
-        let damaged = Arc::new(AtomicBool::new(true));
-        let watch = match Watch::start(display, damaged.clone()) {
+        let wake = Wake::default();
+        // The first frame passes.
+        wake.wake();
+        let watch = match Watch::start(display, wake.0.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "no X damage tracking: every captured frame is encoded");
@@ -89,8 +145,7 @@ impl Gate {
         };
         Self {
             watch,
-            damaged,
-            wake: Wake::default(),
+            wake,
             tick: Mutex::default(),
         }
     }
@@ -104,18 +159,15 @@ impl Gate {
     /// tick also passes the next frame: the damage may have come between
     /// this frame's grab and this check, so only the next grab shows it.
     pub fn pass(&self) -> bool {
-        let Some(watch) = self
-            .watch
-            .as_ref()
-            .filter(|w| w.alive.load(Ordering::Acquire))
-        else {
+        let Some(watch) = self.live_watch() else {
             return true;
         };
         let mut tick = self.tick.lock().unwrap_or_else(PoisonError::into_inner);
         let pointer = watch.pointer();
         let moved = pointer.is_some() && pointer != tick.pointer;
         tick.pointer = pointer;
-        let changed = self.damaged.swap(false, Ordering::AcqRel) | moved | self.wake.take();
+        let (damaged, woken) = self.wake.0.take();
+        let changed = damaged | woken | moved;
         let now = Instant::now();
         let idle = tick
             .last_pass
@@ -126,6 +178,36 @@ impl Gate {
             tick.last_pass = Some(now);
         }
         pass
+    }
+
+    /// Called after a frame was dropped: returns when the screen changed,
+    /// someone asked for a frame, the pointer moved, or after
+    /// [`HOLD_MAX`], so that the next grab shows the change at once.
+    pub fn hold(&self) {
+        let Some(watch) = self.live_watch() else {
+            return;
+        };
+        let since = self
+            .tick
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pointer;
+        let deadline = Instant::now() + HOLD_MAX;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.wake.0.wait(left.min(POINTER_POLL)) {
+                return;
+            }
+            if watch.pointer() != since || !watch.alive.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    fn live_watch(&self) -> Option<&Watch> {
+        self.watch
+            .as_ref()
+            .filter(|w| w.alive.load(Ordering::Acquire))
     }
 }
 
@@ -140,7 +222,7 @@ impl Drop for Gate {
 type XResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 impl Watch {
-    fn start(display: &str, damaged: Arc<AtomicBool>) -> XResult<Self> {
+    fn start(display: &str, bell: Arc<Bell>) -> XResult<Self> {
         let (conn, screen) = x11rb::connect(Some(display))?;
         let root = conn.setup().roots[screen].root;
         if conn
@@ -177,8 +259,10 @@ impl Watch {
         let thread = std::thread::Builder::new().name("damage".into()).spawn({
             let (conn, stop, alive) = (conn.clone(), stop.clone(), alive.clone());
             move || {
-                listen(&conn, damage, &damaged, &stop);
+                listen(&conn, damage, &bell, &stop);
                 alive.store(false, Ordering::Release);
+                // A held capture must not wait for damage that cannot come.
+                bell.ring(|_| {});
             }
         })?;
         Ok(Self {
@@ -217,13 +301,13 @@ impl Watch {
     }
 }
 
-/// Sets `damaged` on each notification and re-arms it, until `stop` or the
-/// connection ends.
-fn listen(conn: &RustConnection, damage: u32, damaged: &AtomicBool, stop: &AtomicBool) {
+/// Rings the bell on each notification and re-arms it, until `stop` or
+/// the connection ends.
+fn listen(conn: &RustConnection, damage: u32, bell: &Bell, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         match conn.wait_for_event() {
             Ok(Event::DamageNotify(_)) => {
-                damaged.store(true, Ordering::Release);
+                bell.ring(|p| p.damaged = true);
                 let rearmed = conn
                     .damage_subtract(damage, x11rb::NONE, x11rb::NONE)
                     .is_ok()
@@ -252,7 +336,6 @@ mod tests {
     fn without_damage_tracking_every_frame_passes() {
         let gate = Gate {
             watch: None,
-            damaged: Arc::default(),
             wake: Wake::default(),
             tick: Mutex::default(),
         };
@@ -263,7 +346,22 @@ mod tests {
     fn a_wake_is_taken_once() {
         let w = Wake::default();
         w.wake();
-        assert!(w.take());
-        assert!(!w.take());
+        assert_eq!(w.0.take(), (false, true));
+        assert_eq!(w.0.take(), (false, false));
+    }
+
+    #[test]
+    fn a_wait_ends_when_the_bell_rings_and_leaves_the_flag() {
+        let bell = Arc::new(Bell::default());
+        let ringer = std::thread::spawn({
+            let bell = bell.clone();
+            move || bell.ring(|p| p.damaged = true)
+        });
+        let started = Instant::now();
+        assert!(bell.wait(Duration::from_secs(10)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(bell.take(), (true, false));
+        assert!(!bell.wait(Duration::from_millis(1)));
+        ringer.join().unwrap();
     }
 }

@@ -77,8 +77,8 @@ pub const WEBRTC_PREFIX: &str = "webrtc-";
 
 impl Capture {
     /// Builds `ximagesrc ! caps ! videoconvert ! queue ! tee` for `display`,
-    /// with frames of an unchanged screen dropped right after the grab
-    /// ([`crate::damage`]).
+    /// with frames of an unchanged screen dropped right after the grab and
+    /// the next grab held until the screen changes ([`crate::damage`]).
     pub fn build(spec: &StreamSpec, display: &str) -> Result<Self, PipelineError> {
         gst::init().map_err(|e| PipelineError::Init(e.to_string()))?;
         let pipeline = gst::Pipeline::with_name("airlock-streamer");
@@ -106,9 +106,12 @@ impl Capture {
             .static_pad("src")
             .ok_or_else(|| BranchError::Link("capture".into()))?;
         let g = gate.clone();
-        grabbed.add_probe(gst::PadProbeType::BUFFER, move |_, _| match g.pass() {
-            true => gst::PadProbeReturn::Ok,
-            false => gst::PadProbeReturn::Drop,
+        grabbed.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            if g.pass() {
+                return gst::PadProbeReturn::Ok;
+            }
+            g.hold();
+            gst::PadProbeReturn::Drop
         });
         Ok(Self {
             pipeline,
