@@ -208,6 +208,10 @@ pub struct StreamStats {
     pub keyframes: u64,
     /// Viewers with a peer connection.
     pub viewers: u32,
+    /// The encoder's current target bitrate (kbit/s), adapted to the
+    /// viewers' receiver reports; 0 from a streamer that predates it.
+    #[serde(default)]
+    pub target_kbps: u32,
 }
 
 /// Lifecycle of the streamer process, reported by the agent.

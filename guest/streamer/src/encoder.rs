@@ -39,12 +39,13 @@ impl Counters {
     }
 
     /// The counters so far, with the number of connected viewers.
-    pub fn snapshot(&self, viewers: u32) -> StreamStats {
+    pub fn snapshot(&self, viewers: u32, target_kbps: u32) -> StreamStats {
         StreamStats {
             frames: self.frames.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             keyframes: self.keyframes.load(Ordering::Relaxed),
             viewers,
+            target_kbps,
         }
     }
 }
@@ -75,6 +76,7 @@ impl Keyframer {
 #[derive(Debug)]
 pub struct Encoder {
     codec: Codec,
+    element: gst::Element,
     tee: gst::Element,
     keyframer: Keyframer,
     branch: Branch,
@@ -108,6 +110,7 @@ impl Encoder {
         tracing::info!(codec = name, "encoder started");
         Ok(Self {
             codec,
+            element: encoder,
             tee,
             keyframer: Keyframer { encoder_src, wake },
             branch,
@@ -122,6 +125,18 @@ impl Encoder {
     /// A handle that asks this encoder for keyframes.
     pub fn keyframer(&self) -> Keyframer {
         self.keyframer.clone()
+    }
+
+    /// Changes the target bitrate while it runs (both encoders apply a new
+    /// target from their next frame on).
+    pub fn set_bitrate(&self, kbps: u32) {
+        match self.codec {
+            Codec::Vp8 => {
+                let bps = i32::try_from(kbps.saturating_mul(1000)).unwrap_or(i32::MAX);
+                self.element.set_property("target-bitrate", bps);
+            }
+            Codec::H264 => self.element.set_property("bitrate", kbps),
+        }
     }
 
     /// Stops the encoder and takes it out of the pipeline.

@@ -15,6 +15,7 @@ mod ice;
 mod jpeg;
 mod pipe;
 mod pipeline;
+mod rate;
 mod sdp;
 mod streamer;
 mod viewer;

@@ -24,6 +24,7 @@ use crate::encoder::{Counters, Encoder};
 use crate::jpeg::Jpeg;
 use crate::pipe::{self, Inbound, PipeError, Reporter, Writer};
 use crate::pipeline::{self, BusEvent, Capture, PipelineError};
+use crate::rate::RateControl;
 use crate::sdp;
 use crate::viewer::{Context, Viewer};
 
@@ -147,6 +148,8 @@ struct Streamer {
     encoders: HashMap<Codec, Encoder>,
     viewers: HashMap<String, Viewer>,
     jpeg: Jpeg,
+    /// The encoders' bitrate, following the worst viewer's feedback.
+    rate: RateControl,
     /// Viewer signals that came before the first frame.
     early: Vec<ViewerSignal>,
     ready: bool,
@@ -190,6 +193,7 @@ impl Streamer {
             spec: Arc::new(spec),
         };
         Ok(Self {
+            rate: RateControl::new(ctx.spec.bitrate_kbps),
             jpeg: Jpeg::new(ctx.spec.jpeg_fps.min(60), ctx.spec.jpeg_quality),
             capture,
             ctx,
@@ -301,11 +305,28 @@ impl Streamer {
         }
     }
 
-    fn report_stats(&self) {
+    fn report_stats(&mut self) {
+        self.adapt_bitrate();
         let connected = self.viewers.values().filter(|v| v.connected()).count();
         if connected > 0 {
-            let stats = self.counters.snapshot(connected as u32);
+            let stats = self
+                .counters
+                .snapshot(connected as u32, self.rate.applied_kbps());
             self.ctx.reporter.send_lossy(StreamerReport::Stats(stats));
+        }
+    }
+
+    /// Feeds the connected viewers' receiver reports to the rate control
+    /// and gives every encoder its new target.
+    fn adapt_bitrate(&mut self) {
+        for (id, v) in self.viewers.iter().filter(|(_, v)| v.connected()) {
+            self.rate.report(id, v.feedback());
+        }
+        if let Some(kbps) = self.rate.next_target() {
+            tracing::info!(target_kbps = kbps, "encoder bitrate adapted");
+            for encoder in self.encoders.values() {
+                encoder.set_bitrate(kbps);
+            }
         }
     }
 
@@ -429,6 +450,7 @@ impl Streamer {
             return;
         };
         viewer.close();
+        self.rate.remove(id);
         // H.264 costs a second encode: stop it when its last viewer goes.
         let h264_used = self
             .viewers

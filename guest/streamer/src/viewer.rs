@@ -25,6 +25,7 @@ use crate::encoder::{codec_name, Encoder, Keyframer};
 use crate::ice::{self, IceError};
 use crate::pipe::Reporter;
 use crate::pipeline::WEBRTC_PREFIX;
+use crate::rate::{Probe, Report};
 use crate::sdp::{self, Choice, SdpError};
 
 /// How long one `webrtcbin` negotiation step may take. A viewer's first
@@ -172,6 +173,7 @@ pub struct Viewer {
     transceiver: gst_webrtc::WebRTCRTPTransceiver,
     branch: Option<Branch>,
     shared: Arc<Shared>,
+    probe: Probe,
 }
 
 impl Viewer {
@@ -201,6 +203,7 @@ impl Viewer {
         });
         connect_signals(&webrtc, &shared);
         let mut viewer = Self {
+            probe: Probe::new(&webrtc),
             choice,
             ssrc,
             ufrag: None,
@@ -248,6 +251,12 @@ impl Viewer {
         tracing::debug!(viewer_id = %self.shared.id, mline, candidate, "remote candidate");
         self.webrtc
             .emit_by_name::<()>("add-ice-candidate", &[&mline, &candidate.unwrap_or("")]);
+    }
+
+    /// The viewer's latest receiver report (loss, round trip), and asks
+    /// for the next: called once a second while it is connected.
+    pub fn feedback(&self) -> Option<Report> {
+        self.probe.poll()
     }
 
     /// Asks the shared encoder for a keyframe.
