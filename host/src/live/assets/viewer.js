@@ -474,6 +474,56 @@
     }
   }
 
+  // ------------------------------------------------------------ connection quality
+
+  // A label (good / fair / poor) from the peer connection's own stats every
+  // 2 s: loss over the interval, the selected pair's round trip and the
+  // jitter; the figures go in its title and in hook.quality. Frame rate is
+  // shown but not judged: a still screen sends a frame a second by design.
+  const quality = { el: el('quality'), prev: null };
+
+  function judgeQuality(q) {
+    if (q.lossPct < 1 && q.rttMs < 150 && q.jitterMs < 30) return 'good';
+    if (q.lossPct < 5 && q.rttMs < 400 && q.jitterMs < 100) return 'fair';
+    return 'poor';
+  }
+
+  async function sampleQuality() {
+    const peer = hook.pc;
+    if (!peer || peer.connectionState !== 'connected' || !quality.el) return;
+    const now = { lost: 0, received: 0, bytes: 0, fps: 0, jitter: 0, rtt: 0, at: performance.now() };
+    (await peer.getStats()).forEach((r) => {
+      if (r.type === 'inbound-rtp' && r.kind === 'video') {
+        now.lost += r.packetsLost || 0;
+        now.received += r.packetsReceived || 0;
+        now.bytes += r.bytesReceived || 0;
+        now.fps = r.framesPerSecond || 0;
+        now.jitter = (r.jitter || 0) * 1000;
+      } else if (r.type === 'candidate-pair' && r.nominated && r.state === 'succeeded') {
+        now.rtt = (r.currentRoundTripTime || 0) * 1000;
+      }
+    });
+    const prev = quality.prev && quality.prev.peer === peer ? quality.prev : null;
+    quality.prev = Object.assign(now, { peer });
+    if (!prev) return;
+    const lost = Math.max(0, now.lost - prev.lost);
+    const total = lost + Math.max(0, now.received - prev.received);
+    const q = {
+      lossPct: total ? (100 * lost) / total : 0, rttMs: now.rtt, jitterMs: now.jitter, fps: now.fps,
+      kbps: ((now.bytes - prev.bytes) * 8) / (now.at - prev.at),
+    };
+    q.label = judgeQuality(q);
+    hook.quality = q;
+    quality.el.textContent = q.label;
+    quality.el.className = 'quality-' + q.label;
+    quality.el.title = 'loss ' + q.lossPct.toFixed(1) + ' %, round trip ' + q.rttMs.toFixed(0) + ' ms, jitter '
+      + q.jitterMs.toFixed(0) + ' ms, ' + q.fps.toFixed(0) + ' frames/s, ' + q.kbps.toFixed(0) + ' kbit/s';
+  }
+
+  function watchQuality() {
+    setInterval(() => { sampleQuality().catch(() => {}); }, 2000);
+  }
+
   // ------------------------------------------------------------ input
 
   // Over the data channel when it is open, else over the socket (the
@@ -696,6 +746,7 @@
   async function start() {
     if (!token) return end('This link has no viewer token; open the viewerUrl of the session.', 'refused');
     countFrames();
+    watchQuality();
     bindPointer();
     bindTouch();
     bindKeys();
