@@ -4,9 +4,11 @@
 //! Readiness is the `DevToolsActivePort` file Chromium writes, waited for
 //! with a deadline; the viewer is killed with its process group on drop.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -128,6 +130,12 @@ pub async fn devtools_port(profile: &Path, timeout: Duration) -> Result<u16> {
 /// runs as a host process: its profile is under the agent's state dir,
 /// which airlockd names in the agent's environment.
 pub async fn browser_role_tab(daemon_pid: i32) -> Result<Tab> {
+    Tab::first_page(browser_role_port(daemon_pid).await?).await
+}
+
+/// The DevTools port of the browser role's Chromium (on the loopback of
+/// the namespace airlockd runs in).
+pub async fn browser_role_port(daemon_pid: i32) -> Result<u16> {
     let agent = children_named(daemon_pid, "airlock-guest")
         .into_iter()
         .next()
@@ -140,7 +148,7 @@ pub async fn browser_role_tab(daemon_pid: i32) -> Result<Tab> {
         .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
         .with_context(|| format!("the agent has no {name}"))?;
     let profile = state.join("chromium-profile");
-    Tab::first_page(devtools_port(&profile, Duration::from_secs(20)).await?).await
+    devtools_port(&profile, Duration::from_secs(20)).await
 }
 
 /// Pids of the direct children of `parent` whose command name is `name`.
@@ -169,6 +177,8 @@ pub fn children_named(parent: i32, name: &str) -> Vec<i32> {
 pub struct Viewer {
     child: Child,
     _profile: tempfile::TempDir,
+    /// Reaches its DevTools when it runs in another network namespace.
+    _forward: Option<crate::netns::Forward>,
     /// Its tab.
     pub tab: Tab,
 }
@@ -176,6 +186,13 @@ pub struct Viewer {
 impl Viewer {
     /// Starts headless Chromium at 1280x800 and opens `url`.
     pub async fn open(url: &str) -> Result<Self> {
+        Self::open_in(url, None, &[]).await
+    }
+
+    /// As [`Viewer::open`], with Chromium in network namespace `netns`
+    /// (its DevTools reached through a [`crate::netns::Forward`]) and
+    /// `extra` flags.
+    pub async fn open_in(url: &str, netns: Option<Arc<OwnedFd>>, extra: &[&str]) -> Result<Self> {
         let profile = tempfile::tempdir()?;
         let mut cmd = Command::new("chromium");
         cmd.args([
@@ -197,16 +214,31 @@ impl Viewer {
             "--window-size=1280,800",
             "--remote-debugging-port=0",
         ])
+        .args(extra)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("about:blank")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0);
+        if let Some(ns) = netns.clone() {
+            // SAFETY: between fork and exec the closure only calls
+            // setns(2), async-signal-safe, on a descriptor opened before.
+            unsafe {
+                cmd.pre_exec(move || crate::netns::enter(&ns));
+            }
+        }
         let child = cmd.spawn().context("starting the viewer's chromium")?;
         // Built before the waits so that a failure still kills it.
         let mut guard = ChildGuard(Some(child));
-        let port = devtools_port(profile.path(), Duration::from_secs(30)).await?;
+        let mut port = devtools_port(profile.path(), Duration::from_secs(30)).await?;
+        let mut forward = None;
+        if netns.is_some() {
+            let target = (std::net::Ipv4Addr::LOCALHOST, port).into();
+            let f = crate::netns::Forward::start(None, port, netns, target).await?;
+            port = f.port;
+            forward = Some(f);
+        }
         let tab = Tab::first_page(port).await?;
         // Returns once the navigation commits: the page keeps its event
         // stream and socket open, so there is no network idle to wait for.
@@ -216,6 +248,7 @@ impl Viewer {
         Ok(Self {
             child: guard.0.take().context("viewer process")?,
             _profile: profile,
+            _forward: forward,
             tab,
         })
     }

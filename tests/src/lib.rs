@@ -27,6 +27,8 @@ pub mod coturn;
 pub mod fake_guest;
 pub mod live;
 pub mod login;
+pub mod netem;
+pub mod netns;
 pub mod peer;
 pub mod postgres;
 pub mod stats;
@@ -155,6 +157,9 @@ fn reachable_by_others(mut a: Artifacts) -> Result<Artifacts> {
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     sections: BTreeMap<String, BTreeMap<String, String>>,
+    /// The network namespace airlockd runs in (`netns::Link`); this
+    /// process's own when `None`.
+    netns: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Settings {
@@ -183,6 +188,14 @@ impl Settings {
             .entry(section.into())
             .or_default()
             .insert(key.into(), value.into());
+        self
+    }
+
+    /// Runs airlockd (and so the browser role) inside network namespace
+    /// `ns`: its loopback listeners are then reachable only through
+    /// `netns::Forward`.
+    pub fn in_netns(mut self, ns: std::sync::Arc<std::os::fd::OwnedFd>) -> Self {
+        self.netns = Some(ns);
         self
     }
 
@@ -336,7 +349,17 @@ impl Daemon {
         let config = dir.path().join("airlockd.toml");
         std::fs::write(&config, settings.render())?;
         let log = dir.path().join("airlockd.log");
-        let mut child = Command::new(&a.airlockd_bin)
+        let mut command = Command::new(&a.airlockd_bin);
+        if let Some(ns) = settings.netns.clone() {
+            // SAFETY: between fork and exec the closure only calls
+            // setns(2), async-signal-safe, on a descriptor opened before.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    netns::enter(&ns)
+                });
+            }
+        }
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "airlock_host=debug,info")

@@ -31,7 +31,12 @@ const HIGH_LOSS: f64 = 0.10;
 /// Growth per report while loss is low (GCC: 8 %).
 const GROWTH: f64 = 1.08;
 /// A round trip this far above the lowest seen means a queue is building.
-const QUEUE_RTT_MS: f64 = 150.0;
+const QUEUE_RTT_MS: f64 = 80.0;
+/// How old a packet may be and still be retransmitted on a NACK. Beyond a
+/// few round trips the viewer has asked for a keyframe anyway, and on a
+/// congested link unbounded retransmissions (each NACKed packet again and
+/// again) took several times the video's own bitrate.
+const RTX_HISTORY_MS: u32 = 400;
 /// The cut applied for a building queue.
 const QUEUE_CUT: f64 = 0.85;
 
@@ -54,13 +59,14 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts at the configured maximum: a login page on a good network
-    /// should look its best at once; a bad one cuts within seconds.
+    /// Starts at half the configured maximum (a good network reaches it
+    /// within ten seconds; a bad one is not flooded at once).
     pub fn new(max_kbps: u32) -> Self {
         let max = f64::from(max_kbps.max(1));
+        let floor = f64::from(FLOOR_KBPS).min(max);
         Self {
-            target_kbps: max,
-            floor_kbps: f64::from(FLOOR_KBPS).min(max),
+            target_kbps: (max / 2.0).max(floor),
+            floor_kbps: floor,
             max_kbps: max,
             min_rtt_ms: None,
         }
@@ -161,6 +167,7 @@ impl RateControl {
 pub struct Probe {
     webrtc: gst::Element,
     last: Arc<Mutex<Option<Report>>>,
+    rtx_bounded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Probe {
@@ -169,6 +176,7 @@ impl Probe {
         Self {
             webrtc: webrtc.clone(),
             last: Arc::default(),
+            rtx_bounded: Arc::default(),
         }
     }
 
@@ -176,6 +184,7 @@ impl Probe {
     /// next one; the answer comes on a GStreamer thread, so this never
     /// blocks the control loop.
     pub fn poll(&self) -> Option<Report> {
+        self.bound_retransmission();
         let taken = self
             .last
             .lock()
@@ -190,6 +199,28 @@ impl Probe {
         self.webrtc
             .emit_by_name::<()>("get-stats", &[&None::<gst::Pad>, &promise]);
         taken
+    }
+}
+
+impl Probe {
+    /// Bounds the retransmission history of the viewer's `rtprtxsend`
+    /// (made by `webrtcbin` once NACK is negotiated) to [`RTX_HISTORY_MS`].
+    fn bound_retransmission(&self) {
+        use std::sync::atomic::Ordering;
+        if self.rtx_bounded.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(bin) = self.webrtc.downcast_ref::<gst::Bin>() else {
+            return;
+        };
+        let rtx = bin.iterate_recurse().into_iter().flatten().find(|e| {
+            e.factory()
+                .is_some_and(|f| f.name().as_str() == "rtprtxsend")
+        });
+        if let Some(rtx) = rtx {
+            rtx.set_property("max-size-time", RTX_HISTORY_MS);
+            self.rtx_bounded.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -236,6 +267,7 @@ mod tests {
     #[test]
     fn moderate_loss_holds_and_high_loss_cuts_down_to_the_floor() {
         let mut c = Controller::new(2500);
+        c.target_kbps = 2500.0;
         assert_eq!(c.update(lossy(0.05)), 2500);
         assert_eq!(c.update(lossy(0.2)), 2250);
         for _ in 0..50 {
@@ -247,14 +279,15 @@ mod tests {
     #[test]
     fn a_growing_round_trip_cuts_before_any_loss() {
         let mut c = Controller::new(2000);
+        c.target_kbps = 1000.0;
         c.update(lossy(0.0));
         let queued = Report {
             fraction_lost: 0.0,
             rtt_ms: Some(400.0),
         };
-        assert_eq!(c.update(queued), 1700);
+        assert_eq!(c.update(queued), 918);
         // Back to the usual round trip: growth again.
-        assert!(c.update(lossy(0.0)) > 1700);
+        assert!(c.update(lossy(0.0)) > 918);
     }
 
     #[test]
@@ -269,13 +302,13 @@ mod tests {
         assert_eq!(rc.next_target(), None);
         rc.report("good", Some(lossy(0.0)));
         rc.report("bad", Some(lossy(0.4)));
-        assert_eq!(rc.next_target(), Some(2000));
+        assert_eq!(rc.next_target(), Some(1000));
         assert_eq!(rc.next_target(), None);
         // A viewer without a report yet keeps its estimate.
         rc.report("bad", None);
         assert_eq!(rc.next_target(), None);
         rc.remove("bad");
-        assert_eq!(rc.next_target(), Some(2500));
-        assert_eq!(rc.applied_kbps(), 2500);
+        assert_eq!(rc.next_target(), Some(1350));
+        assert_eq!(rc.applied_kbps(), 1350);
     }
 }

@@ -320,7 +320,11 @@ impl Streamer {
     /// and gives every encoder its new target.
     fn adapt_bitrate(&mut self) {
         for (id, v) in self.viewers.iter().filter(|(_, v)| v.connected()) {
-            self.rate.report(id, v.feedback());
+            let report = v.feedback();
+            if let Some(r) = report {
+                tracing::debug!(viewer_id = %id, fraction_lost = r.fraction_lost, rtt_ms = ?r.rtt_ms, "receiver report");
+            }
+            self.rate.report(id, report);
         }
         if let Some(kbps) = self.rate.next_target() {
             tracing::info!(target_kbps = kbps, "encoder bitrate adapted");
