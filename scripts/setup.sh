@@ -27,6 +27,7 @@ packages=(
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
     gstreamer1.0-plugins-ugly gstreamer1.0-nice gstreamer1.0-x gstreamer1.0-tools
     coturn                   # TURN server the live-view tests allocate on
+    iproute2                 # ip netns: the bad-network live-view test and bench
     gcc make curl ca-certificates pkg-config
 )
 [ "${1:-}" = bench ] && packages+=(nodejs)

@@ -9,6 +9,11 @@
 //! streamer's CPU time per second of video and the received bitrate.
 //! Figures, not assertions; `SPECIFICATION.md` records them.
 //!
+//! A second phase measures the same under the bad-network profile of the
+//! CI test `live_netem` (2 % loss each way, 80 ms round trip, 2 Mbit/s
+//! towards the viewer; `airlock_tests::netns`): airlockd in one network
+//! namespace, the viewer in another. `AIRLOCK_BENCH_NETEM=0` skips it.
+//!
 //! `AIRLOCK_BENCH_CHANGES` sets the number of colour changes (default 60);
 //! `AIRLOCK_BENCH_CHROMIUM_ARGS` (a TOML list) adds flags to the browser
 //! role's Chromium, to try what changes the source side.
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
 use airlock_tests::login::{state_is, LoginRig, FAKE};
+use airlock_tests::netns::{Link, NetRig, BAD_NETWORK, VIEWER_ARGS};
 use airlock_tests::stats::{median, percentile};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -85,15 +91,41 @@ async fn run() -> Result<()> {
             )
     })
     .await?;
-    let result = measure(&rig, changes).await;
+    let result = measure(&rig, changes, None).await;
     if result.is_err() {
         rig.daemon.print_sessions().await;
         rig.daemon.print_diagnostics();
     }
+    result?;
+    drop(rig);
+    if std::env::var("AIRLOCK_BENCH_NETEM").as_deref() == Ok("0") {
+        return Ok(());
+    }
+    println!(
+        "\nthe same under the bad-network profile: {}% loss each way, {} ms round trip, \
+         {} kbit/s towards the viewer",
+        BAD_NETWORK.loss_pct,
+        BAD_NETWORK.delay_ms * 2,
+        BAD_NETWORK.rate_kbit
+    );
+    let link = Link::create(BAD_NETWORK).await?;
+    let net = NetRig::start(&link, |s| {
+        s.set("live", "framerate", "30")
+            .set("auth", "screen_width", "1280")
+            .set("auth", "screen_height", "720")
+    })
+    .await?;
+    let result = measure(&net.rig, changes, Some((&link, &net))).await;
+    if result.is_err() {
+        net.rig.daemon.print_sessions().await;
+        net.rig.daemon.print_diagnostics();
+        eprintln!("==== shaper ====\n{}", link.describe());
+    }
     result
 }
 
-async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
+/// One phase: on loopback (`net` None) or across the shaped link.
+async fn measure(rig: &LoginRig, changes: usize, net: Option<(&Link, &NetRig)>) -> Result<()> {
     let d = &rig.daemon;
     let live = d.start_live("bench", FAKE).await?;
     d.wait_session(&live.id, Duration::from_secs(120), |v| {
@@ -101,7 +133,12 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
     })
     .await?;
     d.wait_page(&live.id, "/authorize", 1).await?;
-    let viewer = Viewer::open(&live.page_url).await?;
+    let viewer = match net {
+        Some((link, _)) => {
+            Viewer::open_in(&live.page_url, Some(link.b.handle()), VIEWER_ARGS).await?
+        }
+        None => Viewer::open(&live.page_url).await?,
+    };
     // Frames of a still screen come once a second: the first few show
     // the stream is up.
     viewer
@@ -111,7 +148,10 @@ async fn measure(rig: &LoginRig, changes: usize) -> Result<()> {
             Duration::from_secs(30),
         )
         .await?;
-    let source = browser_role_tab(d.pid()).await?;
+    let source = match net {
+        Some((_, n)) => n.browser_role_tab().await?,
+        None => browser_role_tab(d.pid()).await?,
+    };
     source.eval(SOURCE_SETUP).await?;
     viewer.tab.eval(VIEWER_SETUP).await?;
     let answer = viewer

@@ -331,7 +331,7 @@ impl NetRig {
         rig.daemon.base = format!("http://127.0.0.1:{}", api.port);
         // The fake vendor listens in this namespace; the login CLI and the
         // browser role dial it at the same address inside A.
-        let oauth = loopback_port(rig.oauth.base_url().as_ref())?;
+        let oauth = loopback_port(rig.oauth.base_url())?;
         let oauth = Forward::start(Some(ns.clone()), oauth, None, local(oauth)).await?;
         Ok(Self {
             rig,
