@@ -61,6 +61,8 @@ async fn display_browser_input_screenshot_and_restart() {
     let spec = BrowserSpec {
         width: 1024,
         height: 768,
+        max_width: 0,
+        max_height: 0,
         proxy: None,
         chromium: None,
         extra_args: vec![],

@@ -32,6 +32,13 @@ pub struct BrowserSpec {
     pub width: u32,
     /// Screen height in pixels.
     pub height: u32,
+    /// Largest screen a viewer's [`InputEvent::Viewport`] may ask for
+    /// (pixels); 0 keeps the screen at `width` x `height`.
+    #[serde(default)]
+    pub max_width: u32,
+    /// Largest screen height a viewer may ask for (pixels).
+    #[serde(default)]
+    pub max_height: u32,
     /// Egress proxy for Chromium (`--proxy-server`), if any.
     pub proxy: Option<String>,
     /// Chromium binary; `chromium` on `PATH` when absent.
@@ -208,6 +215,18 @@ pub enum InputEvent {
     Text {
         /// The text (redacted in `Debug`: it may be a password).
         text: SecretText,
+    },
+    /// The viewer's screen area changed: the remote screen and page follow
+    /// it within the browser's bounds ([`BrowserSpec::max_width`]).
+    Viewport {
+        /// Width in the viewer's CSS pixels.
+        width: u32,
+        /// Height in the viewer's CSS pixels.
+        height: u32,
+        /// The viewer's device pixel ratio.
+        scale: f64,
+        /// A touch device: pages get their mobile layout.
+        mobile: bool,
     },
 }
 
@@ -395,11 +414,33 @@ impl InputBatch {
                 InputEvent::Text { text } if text.0.chars().count() > MAX_INPUT_TEXT => {
                     return Err(bad(format!("text longer than {MAX_INPUT_TEXT} characters")));
                 }
+                InputEvent::Viewport {
+                    width,
+                    height,
+                    scale,
+                    ..
+                } if !viewport_ok(*width, *height, *scale) => {
+                    return Err(bad(format!(
+                        "viewport {width}x{height} at scale {scale}: must be \
+                         {MIN_VIEWPORT}-{MAX_VIEWPORT} pixels each way at scale 0.5-8"
+                    )));
+                }
                 _ => {}
             }
         }
         Ok(())
     }
+}
+
+/// Smallest viewport side a viewer may send (CSS pixels).
+pub const MIN_VIEWPORT: u32 = 100;
+
+/// Largest viewport side a viewer may send (CSS pixels).
+pub const MAX_VIEWPORT: u32 = 16384;
+
+fn viewport_ok(width: u32, height: u32, scale: f64) -> bool {
+    let side = MIN_VIEWPORT..=MAX_VIEWPORT;
+    side.contains(&width) && side.contains(&height) && (0.5..=8.0).contains(&scale)
 }
 
 /// A credential file that lacks the shape its profile requires.
@@ -741,6 +782,34 @@ mod tests {
             events: vec![InputEvent::KeyDown { keysym: 0x61 }; MAX_INPUT_EVENTS + 1],
         };
         assert!(many.validate().is_err());
+    }
+
+    #[test]
+    fn viewports_must_be_plausible_screens() {
+        let view = |width, height, scale| InputBatch {
+            events: vec![InputEvent::Viewport {
+                width,
+                height,
+                scale,
+                mobile: true,
+            }],
+        };
+        assert!(view(390, 844, 3.0).validate().is_ok());
+        assert!(view(390, 844, f64::NAN).validate().is_err());
+        assert!(view(390, 844, 0.1).validate().is_err());
+        assert!(view(20, 844, 1.0).validate().is_err());
+        assert!(view(390, 100_000, 1.0).validate().is_err());
+        let json = r#"{"type":"viewport","width":390,"height":844,"scale":2.5,"mobile":false}"#;
+        let parsed: InputEvent = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            parsed,
+            InputEvent::Viewport {
+                width: 390,
+                height: 844,
+                scale: 2.5,
+                mobile: false
+            }
+        );
     }
 
     #[test]

@@ -175,7 +175,12 @@ impl Settings {
             .set("vm", "boot_timeout_ms", "60000")
             // Snapshots cost a minute of both cores to make: the tests
             // that are about them turn them on (`tests/snapshots.rs`).
-            .set("snapshots", "enabled", "false");
+            .set("snapshots", "enabled", "false")
+            // A fixed screen: tests place clicks by the remote page's
+            // layout, which a viewer's viewport would change under them.
+            // `live_view`'s phone test turns the following on.
+            .set("auth", "screen_max_width", "0")
+            .set("auth", "screen_max_height", "0");
         match backend {
             "process" => s.set("vm", "unsafe_host_browser", "true"),
             _ => s,

@@ -9,6 +9,12 @@
 
 use std::time::Duration;
 
+use chromiumoxide::cdp::browser_protocol::browser::{
+    Bounds, GetWindowForTargetParams, SetWindowBoundsParams, WindowState,
+};
+use chromiumoxide::cdp::browser_protocol::emulation::{
+    ClearDeviceMetricsOverrideParams, SetDeviceMetricsOverrideParams,
+};
 use chromiumoxide::cdp::browser_protocol::input::{DispatchKeyEventParams, InsertTextParams};
 use chromiumoxide::cdp::browser_protocol::network::{EventRequestWillBeSent, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
@@ -125,6 +131,54 @@ impl Cdp {
             .await
             .map(|_| ())
             .map_err(|_| CdpError::Protocol("the tab did not take a key".into()))
+    }
+
+    /// Makes the window fill a screen of `fit.screen` pixels and draws
+    /// the page at `fit.scale` (the viewer's pixel ratio; a mobile layout
+    /// for touch devices). Chromium's own bar keeps its size: the page
+    /// gets the rest.
+    pub async fn fill_screen(&self, fit: super::viewport::Fit) -> Result<(), CdpError> {
+        self.page
+            .execute(ClearDeviceMetricsOverrideParams::default())
+            .await
+            .map_err(proto)?;
+        // Measured unemulated, before the resize: the bar's height does
+        // not depend on the window's.
+        let bar = self
+            .evaluate("outerHeight - innerHeight")
+            .await?
+            .as_i64()
+            .unwrap_or(0)
+            .clamp(0, 400);
+        let window = self
+            .browser
+            .execute(GetWindowForTargetParams {
+                target_id: Some(self.page.target_id().clone()),
+            })
+            .await
+            .map_err(proto)?;
+        let (w, h) = (i64::from(fit.screen.0), i64::from(fit.screen.1));
+        let bounds = Bounds {
+            left: Some(0),
+            top: Some(0),
+            width: Some(w),
+            height: Some(h),
+            window_state: Some(WindowState::Normal),
+        };
+        self.browser
+            .execute(SetWindowBoundsParams::new(window.result.window_id, bounds))
+            .await
+            .map_err(proto)?;
+        if fit.scale == 1.0 && !fit.mobile {
+            return Ok(());
+        }
+        let css = |px: i64| (px as f64 / fit.scale).floor() as i64;
+        let mut metrics =
+            SetDeviceMetricsOverrideParams::new(css(w), css(h - bar), fit.scale, fit.mobile);
+        metrics.screen_width = Some(css(w));
+        metrics.screen_height = Some(css(h));
+        self.page.execute(metrics).await.map_err(proto)?;
+        Ok(())
     }
 
     /// URLs the tab's main frame navigates to, from now on: each document

@@ -8,6 +8,7 @@ pub mod cdp;
 pub mod keyboard;
 pub mod procs;
 pub mod trust;
+pub mod viewport;
 pub mod x11;
 
 use std::path::PathBuf;
@@ -41,11 +42,15 @@ struct Shared {
     last_url: Mutex<Option<String>>,
     /// The modifiers the person holds, sent with each key.
     keyboard: Mutex<Keyboard>,
+    /// The screen the controlling viewer asked for: re-applied after a
+    /// restart. Held while it is applied, so fits apply in order.
+    viewport: tokio::sync::Mutex<Option<viewport::Fit>>,
 }
 
 #[derive(Debug)]
 struct Running {
     info: BrowserInfo,
+    spec: BrowserSpec,
     cancel: CancellationToken,
 }
 
@@ -103,6 +108,7 @@ impl BrowserRole {
                 display: Mutex::new(None),
                 last_url: Mutex::new(None),
                 keyboard: Mutex::new(Keyboard::default()),
+                viewport: tokio::sync::Mutex::new(None),
             }),
             running: Mutex::new(None),
             tracker: TaskTracker::new(),
@@ -119,7 +125,9 @@ impl BrowserRole {
         {
             return Ok(r.info.clone());
         }
-        if spec.width < 320 || spec.height < 240 || spec.width > 7680 || spec.height > 4320 {
+        let sizes = [(spec.width, spec.height), (spec.max_width, spec.max_height)];
+        if spec.width < 320 || spec.height < 240 || sizes.iter().any(|&(w, h)| w > 7680 || h > 4320)
+        {
             return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
                 "screen size must be 320x240 to 7680x4320",
@@ -136,7 +144,7 @@ impl BrowserRole {
             events: self.events.clone(),
             profile: self.profile_dir.clone(),
             shared: self.shared.clone(),
-            spec,
+            spec: spec.clone(),
             cancel: cancel.clone(),
         };
         self.tracker.spawn(sup.run(ready_tx));
@@ -152,6 +160,7 @@ impl BrowserRole {
         };
         *self.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(Running {
             info: info.clone(),
+            spec,
             cancel,
         });
         Ok(info)
@@ -258,17 +267,22 @@ impl BrowserRole {
             .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
         let mut rest: &[InputEvent] = &batch.events;
         while let Some(first) = rest.first() {
-            let pointer = is_pointer(first);
+            let route = Route::of(first);
             let n = rest
                 .iter()
-                .position(|e| is_pointer(e) != pointer)
+                .position(|e| Route::of(e) != route)
                 .unwrap_or(rest.len());
             let (run, tail) = rest.split_at(n);
             rest = tail;
-            if pointer {
-                self.point(run.to_vec()).await?;
-            } else {
-                self.type_in(run).await?;
+            match route {
+                Route::Pointer => self.point(run.to_vec()).await?,
+                Route::Keys => self.type_in(run).await?,
+                // Only the newest of several counts.
+                Route::Viewport => {
+                    if let Some(wanted) = run.last().and_then(viewport::Wanted::of) {
+                        self.follow(wanted).await?;
+                    }
+                }
             }
         }
         Ok(())
@@ -376,7 +390,10 @@ impl Supervisor {
                 display: display.clone(),
             })
             .await;
-            match Display::connect(&display) {
+            match Display::connect(&display).and_then(|mut d| {
+                d.resize(clamp_u16(self.spec.width), clamp_u16(self.spec.height))?;
+                Ok(d)
+            }) {
                 Ok(d) => {
                     *self
                         .shared
@@ -450,6 +467,13 @@ impl Supervisor {
                     .clone();
                 if let Some(url) = last {
                     let _ = cdp.open(&url).await;
+                }
+                // A new Chromium (or display) starts at the spec's size.
+                let fit = *self.shared.viewport.lock().await;
+                if let Some(fit) = fit {
+                    if let Err(e) = viewport::apply(&self.shared, fit).await {
+                        tracing::warn!(error = %e.message, "cannot fit the screen to the viewer again");
+                    }
                 }
             }
             let ended = self.watch(&mut chrome, xvfb).await;
@@ -527,13 +551,31 @@ impl Supervisor {
     }
 }
 
-/// True for the events that go to the X display rather than DevTools.
-fn is_pointer(e: &InputEvent) -> bool {
-    matches!(
-        e,
-        InputEvent::MouseMove { .. }
+/// Where an input event goes: the X display, DevTools' keyboard, or the
+/// screen's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Pointer,
+    Keys,
+    Viewport,
+}
+
+impl Route {
+    fn of(e: &InputEvent) -> Self {
+        match e {
+            InputEvent::MouseMove { .. }
             | InputEvent::MouseDown { .. }
             | InputEvent::MouseUp { .. }
-            | InputEvent::Scroll { .. }
-    )
+            | InputEvent::Scroll { .. } => Self::Pointer,
+            InputEvent::KeyDown { .. } | InputEvent::KeyUp { .. } | InputEvent::Text { .. } => {
+                Self::Keys
+            }
+            InputEvent::Viewport { .. } => Self::Viewport,
+        }
+    }
+}
+
+/// A pixel count as X wants it.
+fn clamp_u16(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
 }

@@ -248,8 +248,14 @@ pub async fn start_xvfb(
     if let Some(d) = display {
         cmd.arg(format!(":{d}"));
     }
+    // Started at the largest size a viewer may ask for: RandR can shrink
+    // Xvfb's screen and grow it again, never beyond its start size.
+    let (width, height) = (
+        spec.width.max(spec.max_width),
+        spec.height.max(spec.max_height),
+    );
     cmd.args(["-displayfd", "1", "-screen", "0"])
-        .arg(format!("{}x{}x24", spec.width, spec.height))
+        .arg(format!("{width}x{height}x24"))
         .args(["-nolisten", "tcp", "-dpi", "96", "+extension", "XTEST"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -455,6 +461,8 @@ mod tests {
         let spec = BrowserSpec {
             width: 1280,
             height: 720,
+            max_width: 0,
+            max_height: 0,
             proxy: Some("http://10.0.0.1:3128".into()),
             chromium: None,
             extra_args: vec![],

@@ -2,12 +2,14 @@
 //! itself (x11rb's pure-Rust client, so the static agent needs no libX11):
 //! XTest fakes pointer events for the whole screen (Chromium's UI
 //! included, which CDP input could not reach), and GetImage takes the
-//! screenshot encoded as PNG. Keys and text do not go through X but
-//! through DevTools, free of any keyboard layout ([`super::keyboard`]).
-//! Used by [`super::BrowserRole`].
+//! screenshot encoded as PNG, and RandR resizes the screen within the
+//! size Xvfb was started with (the screen following a viewer's viewport).
+//! Keys and text do not go through X but through DevTools, free of any
+//! keyboard layout ([`super::keyboard`]). Used by [`super::BrowserRole`].
 
 use airlock_proto::{InputEvent, SecretBytes};
 use x11rb::connection::{Connection, RequestConnection};
+use x11rb::protocol::randr::{ConnectionExt as _, Rotation};
 use x11rb::protocol::xproto::{ConnectionExt as _, ImageFormat, Window};
 use x11rb::protocol::xtest::ConnectionExt as _;
 use x11rb::rust_connection::RustConnection;
@@ -82,6 +84,47 @@ impl Display {
         (self.width, self.height)
     }
 
+    /// Resizes the screen to `width` x `height`, at most the size Xvfb
+    /// started with. Xvfb's one output stays at its start mode, which is
+    /// larger than the new screen: it is switched off first (nothing reads
+    /// it; clients and `ximagesrc` follow the root window).
+    pub fn resize(&mut self, width: u16, height: u16) -> Result<(), X11Error> {
+        if (width, height) == (self.width, self.height) {
+            return Ok(());
+        }
+        let res = self
+            .conn
+            .randr_get_screen_resources(self.root)
+            .map_err(req)?
+            .reply()
+            .map_err(req)?;
+        for crtc in &res.crtcs {
+            self.conn
+                .randr_set_crtc_config(
+                    *crtc,
+                    res.timestamp,
+                    res.config_timestamp,
+                    0,
+                    0,
+                    x11rb::NONE,
+                    Rotation::ROTATE0,
+                    &[],
+                )
+                .map_err(req)?
+                .reply()
+                .map_err(req)?;
+        }
+        // Millimetres at Xvfb's 96 dpi.
+        let mm = |px: u16| (u32::from(px) * 254 / 960).max(1);
+        self.conn
+            .randr_set_screen_size(self.root, width, height, mm(width), mm(height))
+            .map_err(req)?
+            .check()
+            .map_err(req)?;
+        (self.width, self.height) = (width, height);
+        Ok(())
+    }
+
     fn fake(&self, kind: u8, detail: u8, x: i16, y: i16) -> Result<(), X11Error> {
         self.conn
             .xtest_fake_input(kind, detail, 0, self.root, x, y, 0)
@@ -108,8 +151,13 @@ impl Display {
                 // Keysyms depend on the layout (and remapping a spare
                 // keycode per character races the client's reading of the
                 // map): keys and text go through DevTools instead.
-                InputEvent::KeyDown { .. } | InputEvent::KeyUp { .. } | InputEvent::Text { .. } => {
-                    return Err(X11Error::Request("keys are not typed through X".into()))
+                InputEvent::KeyDown { .. }
+                | InputEvent::KeyUp { .. }
+                | InputEvent::Text { .. }
+                | InputEvent::Viewport { .. } => {
+                    return Err(X11Error::Request(
+                        "keys and viewports do not go through XTest".into(),
+                    ))
                 }
             }
         }

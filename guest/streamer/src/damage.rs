@@ -204,6 +204,11 @@ impl Gate {
         }
     }
 
+    /// The root window being watched (`None` without damage tracking).
+    pub fn root(&self) -> Option<u32> {
+        self.watch.as_ref().map(|w| w.root)
+    }
+
     fn live_watch(&self) -> Option<&Watch> {
         self.watch
             .as_ref()

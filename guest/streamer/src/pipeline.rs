@@ -82,8 +82,16 @@ impl Capture {
     pub fn build(spec: &StreamSpec, display: &str) -> Result<Self, PipelineError> {
         gst::init().map_err(|e| PipelineError::Init(e.to_string()))?;
         let pipeline = gst::Pipeline::with_name("airlock-streamer");
+        let gate = Arc::new(Gate::open(display));
         let src = branch::make("ximagesrc", "capture")?;
         src.set_property("display-name", display);
+        // Named by its id, the root window is re-measured at each grab: the
+        // caps follow when the screen is resized (a viewer's viewport), and
+        // the encoders start a new keyframe at the new size. Set before the
+        // element opens the display (linking does).
+        if let Some(root) = gate.root() {
+            src.set_property("xid", u64::from(root));
+        }
         src.set_property("use-damage", false);
         src.set_property("show-pointer", true);
         let rate = branch::make("capsfilter", "capture-rate")?;
@@ -101,7 +109,6 @@ impl Capture {
             .add_many(chain)
             .map_err(|_| BranchError::Link("capture".into()))?;
         gst::Element::link_many(chain).map_err(|_| BranchError::Link("capture".into()))?;
-        let gate = Arc::new(Gate::open(display));
         let grabbed = src
             .static_pad("src")
             .ok_or_else(|| BranchError::Link("capture".into()))?;

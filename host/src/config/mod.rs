@@ -388,6 +388,12 @@ pub struct AuthConfig {
     pub screen_width: u32,
     /// Screen of the browser VM (pixels).
     pub screen_height: u32,
+    /// Largest screen a viewer's viewport may ask for (pixels; the screen
+    /// follows the controlling viewer's viewport and pixel ratio within
+    /// it). 0 keeps the screen at `screen_width` x `screen_height`.
+    pub screen_max_width: u32,
+    /// Largest screen height a viewer's viewport may ask for (pixels).
+    pub screen_max_height: u32,
     /// Chromium binary in the browser VM.
     pub chromium: String,
     /// Extra Chromium flags.
@@ -435,6 +441,8 @@ impl Default for AuthConfig {
             demo_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             screen_width: 1280,
             screen_height: 720,
+            screen_max_width: 1280,
+            screen_max_height: 1280,
             chromium: "chromium".into(),
             chromium_args: Vec::new(),
             proxy: None,
@@ -850,6 +858,19 @@ impl Config {
         let a = &self.auth;
         if a.screen_width < 320 || a.screen_height < 240 {
             return bad("auth.screen_width/height must be at least 320x240".into());
+        }
+        let follows = a.screen_max_width != 0 || a.screen_max_height != 0;
+        if follows
+            && (a.screen_max_width < a.screen_width
+                || a.screen_max_height < a.screen_height
+                || a.screen_max_width > 7680
+                || a.screen_max_height > 4320)
+        {
+            return bad(format!(
+                "auth.screen_max_width/height ({}x{}) must be at least the screen \
+                 ({}x{}) and at most 7680x4320, or both 0 for a fixed screen",
+                a.screen_max_width, a.screen_max_height, a.screen_width, a.screen_height
+            ));
         }
         if a.user_timeout_ms == 0 || a.url_timeout_ms == 0 || a.browser_timeout_ms == 0 {
             return bad("auth timeouts must be positive".into());

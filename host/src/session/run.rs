@@ -312,6 +312,8 @@ pub fn browser_spec(cfg: &crate::config::AuthConfig) -> Result<BrowserSpec, Stri
     Ok(BrowserSpec {
         width: cfg.screen_width,
         height: cfg.screen_height,
+        max_width: cfg.screen_max_width,
+        max_height: cfg.screen_max_height,
         proxy: cfg.proxy.clone(),
         chromium: Some(cfg.chromium.clone()),
         extra_args: cfg.chromium_args.clone(),

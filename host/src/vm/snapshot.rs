@@ -349,6 +349,8 @@ mod tests {
             browser: BrowserSpec {
                 width: 1280,
                 height: 720,
+                max_width: 1280,
+                max_height: 1280,
                 proxy: None,
                 chromium: Some("chromium".into()),
                 extra_args: Vec::new(),

@@ -28,7 +28,7 @@
   const hook = window.airlockViewer = {
     state: 'starting', framesRendered: 0, jpegFrames: 0, session: null, viewerId: null,
     controlling: false, streamer: null, connection: 'new', fallback: false, rttMs: null,
-    peers: 0, iceRestarts: 0, socketOpens: 0, errors: [], pc: null,
+    peers: 0, iceRestarts: 0, socketOpens: 0, errors: [], pc: null, viewport: null,
   };
 
   let ended = false;
@@ -219,8 +219,10 @@
   }
 
   function setControl(controlling) {
+    const gained = !!controlling && !hook.controlling;
     hook.controlling = !!controlling;
     ui.control.textContent = controlling ? 'you control it' : 'watching (another viewer controls it)';
+    if (gained) sendViewport(true);
   }
 
   function onStreamer(state, detail, fresh) {
@@ -741,6 +743,38 @@
     });
   }
 
+  // ------------------------------------------------------------ viewport
+
+  // The remote screen follows the stage's size (within airlockd's bounds;
+  // a phone in portrait gets a portrait page, touch devices the mobile
+  // layout): sent by the controlling viewer when it gets control and when
+  // the stage settles at a new size. The pixel ratio is sent too; the
+  // agent draws at ratio 1 for now (guest/src/browser/viewport.rs).
+  let sentViewport = '';
+  function sendViewport(force) {
+    if (!hook.controlling || ended) return;
+    const r = ui.stage.getBoundingClientRect();
+    const v = {
+      type: 'viewport', width: Math.round(r.width), height: Math.round(r.height),
+      scale: Math.round((window.devicePixelRatio || 1) * 1000) / 1000,
+      mobile: matchMedia('(pointer: coarse)').matches,
+    };
+    if (v.width < 100 || v.height < 100) return;
+    const key = JSON.stringify(v);
+    if (!force && key === sentViewport) return;
+    sentViewport = key;
+    hook.viewport = v;
+    sendInput([v]);
+  }
+
+  function followViewport() {
+    let settle = null;
+    new ResizeObserver(() => {
+      clearTimeout(settle);
+      settle = setTimeout(() => sendViewport(false), 300);
+    }).observe(ui.stage);
+  }
+
   // ------------------------------------------------------------ start
 
   async function start() {
@@ -750,6 +784,7 @@
     bindPointer();
     bindTouch();
     bindKeys();
+    followViewport();
     if (!(await checkAccess())) return undefined;
     openEvents();
     openSocket();
