@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use nix::libc;
 
-/// How long packets may wait in front of the cap before the queue drops
-/// them: a real bottleneck's buffer, not seconds of one.
-const QUEUE: Duration = Duration::from_millis(150);
+/// Packets that may wait in front of the cap before the queue drops
+/// them: netem's default `limit`, so that the link behaves as
+/// `tc qdisc ... netem loss 2% delay 40ms rate 2mbit` would.
+const QUEUE_PACKETS: usize = 1000;
 /// How often the readers look at the stop flag.
 const POLL_MS: i32 = 100;
 
@@ -126,6 +127,8 @@ fn read_loop(
 ) {
     let mut rng = Rng::seeded();
     let mut free_at = Instant::now();
+    // Departure times of the packets waiting for the cap.
+    let mut queued = std::collections::VecDeque::new();
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
         let Some(n) = read_packet(fd, &mut buf) else {
@@ -140,12 +143,16 @@ fn read_loop(
         let now = Instant::now();
         let departs = match dir.rate_bps {
             Some(bps) => {
-                let start = free_at.max(now);
-                if start - now > QUEUE {
+                while queued.front().is_some_and(|t| *t <= now) {
+                    queued.pop_front();
+                }
+                if queued.len() >= QUEUE_PACKETS {
                     c.overflowed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                free_at = start + Duration::from_nanos(n as u64 * 8 * 1_000_000_000 / bps);
+                free_at =
+                    free_at.max(now) + Duration::from_nanos(n as u64 * 8 * 1_000_000_000 / bps);
+                queued.push_back(free_at);
                 free_at
             }
             None => now,

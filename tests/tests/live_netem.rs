@@ -180,7 +180,11 @@ impl Measured {
             .into_iter()
             .filter(|t| *t <= first + WINDOW_MS)
             .collect();
-        let longest_gap_ms = inside.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+        let (longest_gap_ms, gap_at) = inside
+            .windows(2)
+            .map(|w| (w[1] - w[0], w[0] - first))
+            .fold((0.0, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+        println!("the longest gap starts {gap_at:.0} ms after the first frame");
         let stats = viewer.eval("window.netem.stats").await?;
         let stats = stats.as_array().context("stats")?;
         let (a, b) = (
