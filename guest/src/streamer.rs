@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use airlock_proto::limits::{cut, MAX_FRAME_BYTES};
 use airlock_proto::stream::{
-    check_viewer_id, StreamEvent, StreamSpec, StreamerCommand, StreamerReport, StreamerState,
-    ViewerSignal, MAX_SIGNAL_MESSAGE_BYTES,
+    check_viewer_id, Signal, StreamEvent, StreamSpec, StreamerCommand, StreamerReport,
+    StreamerState, ViewerSignal, MAX_SIGNAL_MESSAGE_BYTES,
 };
 use airlock_proto::{frame, ErrorCode, ErrorReply, Event, FrameDecoder, InputBatch};
 use tokio::net::unix::pipe;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -187,9 +188,16 @@ impl Streamer {
             control: self.control.clone(),
             program: streamer_program(),
             display,
-            spec,
+            spec: spec.clone(),
             cancel: cancel.clone(),
         };
+        self.tracker.spawn(relay_notes(
+            self.browser.clone(),
+            self.control.clone(),
+            self.events.clone(),
+            spec.copy_out,
+            cancel.clone(),
+        ));
         self.tracker.spawn(sup.run(rx, ready_tx));
         *self.running.lock().unwrap_or_else(PoisonError::into_inner) = Some(Running {
             cancel: cancel.clone(),
@@ -247,6 +255,9 @@ impl Streamer {
                 .map_err(|e| ErrorReply::new(ErrorCode::BadRequest, e.to_string()))?;
         }
         viewer_id.clone_into(&mut self.control.lock().unwrap_or_else(PoisonError::into_inner));
+        // The new controller's keyboard follows the page's focus as it is.
+        let editable = *self.browser.notes().focus().borrow();
+        tell_controller(&self.control, &self.events, Signal::Focus { editable });
         match self.send(StreamerCommand::Control { viewer_id }) {
             // Kept for the next start.
             Err(_) if !self.is_running() => Ok(()),
@@ -456,6 +467,49 @@ impl Supervisor {
             tracing::debug!(viewer_id, error = %e.message, "viewer input not applied");
         }
     }
+}
+
+/// Tells the controlling viewer what the page reports ([`crate::browser::notes`]):
+/// focus changes, and copies when the operator allows copying out. Ends
+/// with the streamer.
+async fn relay_notes(
+    browser: Arc<BrowserRole>,
+    control: Arc<Mutex<Option<String>>>,
+    events: mpsc::Sender<Event>,
+    copy_out: bool,
+    cancel: CancellationToken,
+) {
+    let mut focus = browser.notes().focus();
+    let mut copies = browser.notes().copies();
+    loop {
+        let signal = tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = focus.changed() => match changed {
+                Ok(()) => Signal::Focus { editable: *focus.borrow_and_update() },
+                Err(_) => return,
+            },
+            copied = copies.recv() => match copied {
+                Ok(text) if copy_out => Signal::Clipboard { text },
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        tell_controller(&control, &events, signal);
+    }
+}
+
+/// Sends `signal` to the controlling viewer, if any. Notes are worth
+/// nothing late: dropped when the host is not keeping up.
+fn tell_controller(control: &Mutex<Option<String>>, events: &mpsc::Sender<Event>, signal: Signal) {
+    let Some(viewer_id) = control
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+    else {
+        return;
+    };
+    let v = ViewerSignal { viewer_id, signal };
+    let _ = events.try_send(Event::Stream(StreamEvent::Viewer(v)));
 }
 
 fn died(exit: ExitInfo, child: &Supervised) -> StreamerError {

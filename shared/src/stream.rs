@@ -79,6 +79,11 @@ pub struct StreamSpec {
     /// agent of a VM without a network, whose media leaves only that way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_proxy: Option<String>,
+    /// Text the controlling viewer copies (Ctrl+C, Ctrl+X) in the remote
+    /// page goes to its clipboard ([`Signal::Clipboard`]). Off unless the
+    /// operator turns it on: a login page has little worth copying out.
+    #[serde(default)]
+    pub copy_out: bool,
 }
 
 /// A signalling message between one viewer and the streamer. The same JSON
@@ -133,7 +138,23 @@ pub enum Signal {
         /// What, for a person.
         message: String,
     },
+    /// Agent → controlling viewer: whether the remote page's focus is on
+    /// something that takes typing (a phone's viewer raises or lowers its
+    /// on-screen keyboard).
+    Focus {
+        /// An editable element has the focus.
+        editable: bool,
+    },
+    /// Agent → controlling viewer: text it copied in the remote page, for
+    /// its clipboard (only with [`StreamSpec::copy_out`]).
+    Clipboard {
+        /// The copied text (redacted in `Debug`).
+        text: SecretText,
+    },
 }
+
+/// Most text one [`Signal::Clipboard`] carries (bytes).
+pub const MAX_CLIPBOARD_BYTES: usize = 64 << 10;
 
 /// A [`Signal`] addressed to or coming from one viewer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -277,6 +298,7 @@ impl Signal {
             Signal::State { state: message } | Signal::Error { message } => {
                 check_len("message", message, MAX_SIGNAL_MESSAGE_BYTES)
             }
+            Signal::Clipboard { text } => check_len("text", &text.0, MAX_CLIPBOARD_BYTES),
             Signal::Jpeg { fps } if *fps > 60 => Err(InvalidMessage {
                 field: "fps",
                 problem: format!("{fps}, at most 60"),

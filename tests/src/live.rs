@@ -240,6 +240,18 @@ pub async fn press_key(viewer: &Tab, key: &str, code: i64) -> Result<()> {
     Ok(())
 }
 
+/// Presses Ctrl+`key` in the viewer page (`code`: the key's virtual key
+/// code), as a person's shortcut: the viewer sends it on as keys.
+pub async fn press_ctrl(viewer: &Tab, key: &str, code: i64) -> Result<()> {
+    let ctrl = json!({ "key": "Control", "code": "ControlLeft", "windowsVirtualKeyCode": 17 });
+    let k = json!({ "key": key, "code": format!("Key{}", key.to_uppercase()),
+                    "windowsVirtualKeyCode": code, "modifiers": 2 });
+    key_event(viewer, "rawKeyDown", &ctrl).await?;
+    key_event(viewer, "rawKeyDown", &k).await?;
+    key_event(viewer, "keyUp", &k).await?;
+    key_event(viewer, "keyUp", &ctrl).await
+}
+
 /// Signs in to the demo provider as a person would, through the viewer
 /// page of the session `v` (awaiting the user, on its sign-in page): waits
 /// for video, clicks and types on it, allows on the consent page, and

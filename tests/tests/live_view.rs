@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use airlock_tests::cdp::{browser_role_tab, Tab, Viewer};
 use airlock_tests::live::{
-    click_screen, compose, dead_key_e, element_center, keep_changing, paste, press_key,
+    click_screen, compose, dead_key_e, element_center, keep_changing, paste, press_ctrl, press_key,
     swipe_screen, tap_screen, type_keys, LiveSession,
 };
 use airlock_tests::login::{state_is, step_events, with_rig, LoginRig, FAKE, FAKE_CREDENTIAL};
@@ -161,7 +161,8 @@ const WORLD: &str = "p\u{e4}ssw\u{f6}rd-\u{df}-\u{65e5}\u{672c}\u{8a9e}-\u{1f600
 
 #[tokio::test(flavor = "multi_thread")]
 async fn text_in_any_language_arrives_exactly_as_typed_composed_and_pasted() -> Result<()> {
-    with_rig(loopback, async |rig| {
+    let copy_out = |s: Settings| loopback(s).set("live", "copy_out", "true");
+    with_rig(copy_out, async |rig| {
         let d = &rig.daemon;
         let live = live_session(rig).await?;
         let browser = browser_role_tab(d.pid()).await?;
@@ -191,9 +192,34 @@ async fn text_in_any_language_arrives_exactly_as_typed_composed_and_pasted() -> 
         // The viewer's own textarea keeps nothing of what was typed.
         let left = viewer.tab.eval("document.querySelector('#keys').value").await?;
         ensure!(left == "", "the viewer's textarea kept {left}");
-        Ok(())
+        copied_text_reaches_the_viewers_clipboard(&browser, &viewer.tab).await
     })
     .await
+}
+
+/// With `live.copy_out` on: text selected and copied (Ctrl+A, Ctrl+C from
+/// the viewer) in the remote page's username field lands on the viewer
+/// browser's clipboard, exactly.
+async fn copied_text_reaches_the_viewers_clipboard(browser: &Tab, viewer: &Tab) -> Result<()> {
+    click_field(browser, viewer, "username").await?;
+    type_keys(viewer, WORLD).await?;
+    let typed = format!(
+        "document.querySelector('#username').value === {}",
+        serde_json::to_string(WORLD)?
+    );
+    browser.wait_for(&typed, Duration::from_secs(10)).await?;
+    press_ctrl(viewer, "a", 65).await?;
+    press_ctrl(viewer, "c", 67).await?;
+    viewer
+        .wait_for("window.airlockViewer.copies >= 1", Duration::from_secs(10))
+        .await
+        .context("the copy in the remote page did not reach the viewer")?;
+    let clip = viewer.eval("navigator.clipboard.readText()").await?;
+    ensure!(
+        clip == WORLD,
+        "the viewer's clipboard holds {clip}, not {WORLD}"
+    );
+    Ok(())
 }
 
 /// The viewer on a phone: 390x844 CSS pixels at 3x, touch only. The screen
@@ -251,6 +277,7 @@ async fn on_a_phone_the_screen_shows_and_taps_typing_and_swipes_work() -> Result
         }
         let keys = viewer.tab.eval("document.activeElement && document.activeElement.id").await?;
         ensure!(keys == "keys", "after the tap the viewer's focus is on {keys}");
+        keyboard_follows_the_remote_focus(&viewer.tab, true).await?;
         type_keys(&viewer.tab, "tapped").await?;
         browser
             .wait_for(
@@ -260,6 +287,10 @@ async fn on_a_phone_the_screen_shows_and_taps_typing_and_swipes_work() -> Result
             .await
             .context("typing after the tap did not arrive")?;
         let (x, h) = (screen_w / 2.0, screen_h);
+        // A tap on nothing editable: the remote field loses the focus, and
+        // the phone's keyboard goes.
+        tap_screen(&viewer.tab, x, h * 0.9).await?;
+        keyboard_follows_the_remote_focus(&viewer.tab, false).await?;
         swipe_screen(&viewer.tab, x, h * 0.8, h * 0.3).await?;
         browser
             .wait_for("window.scrollY > 100", Duration::from_secs(10))
@@ -319,6 +350,24 @@ async fn remote_page_follows_the_phone(viewer: &Tab, browser: &Tab) -> Result<(f
         video[0].as_f64().unwrap_or(0.0),
         video[1].as_f64().unwrap_or(0.0),
     ))
+}
+
+/// Waits until the viewer's keys element asks for the on-screen keyboard
+/// (`inputmode` text) when the remote focus is `editable`, and for none
+/// otherwise.
+async fn keyboard_follows_the_remote_focus(viewer: &Tab, editable: bool) -> Result<()> {
+    let mode = if editable { "text" } else { "none" };
+    let check = format!("document.querySelector('#keys').inputMode === '{mode}'");
+    if let Err(e) = viewer.wait_for(&check, Duration::from_secs(10)).await {
+        let now = viewer
+            .eval("document.querySelector('#keys').inputMode")
+            .await?;
+        bail!(
+            "the remote focus is {}editable, but the viewer's keyboard mode is {now}: {e}",
+            if editable { "" } else { "not " }
+        );
+    }
+    Ok(())
 }
 
 /// Where the middle of `selector` is on the remote screen (pixels) when

@@ -18,13 +18,17 @@ use chromiumoxide::cdp::browser_protocol::emulation::{
 use chromiumoxide::cdp::browser_protocol::input::{DispatchKeyEventParams, InsertTextParams};
 use chromiumoxide::cdp::browser_protocol::network::{EventRequestWillBeSent, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
-    EventFrameNavigated, EventLoadEventFired, GetNavigationHistoryParams, NavigateParams,
+    AddScriptToEvaluateOnNewDocumentParams, EventFrameNavigated, EventLoadEventFired,
+    GetNavigationHistoryParams, NavigateParams,
 };
+use chromiumoxide::cdp::js_protocol::runtime::{AddBindingParams, EventBindingCalled};
 use chromiumoxide::handler::HandlerConfig;
 use chromiumoxide::{Browser, Page};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
+
+use super::notes;
 
 /// A DevTools operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +213,37 @@ impl Cdp {
                 async move { main_document.then(|| e.request.url.clone()) }
             });
         Ok(futures_util::stream::select(requested, committed).boxed())
+    }
+
+    /// Installs the notes script ([`super::notes`]) in an isolated world
+    /// of every document of the tab, the current one included, and returns
+    /// what it reports.
+    pub async fn page_notes(&self) -> Result<BoxStream<'static, notes::PageNote>, CdpError> {
+        let events = self
+            .page
+            .event_listener::<EventBindingCalled>()
+            .await
+            .map_err(proto)?;
+        let binding = AddBindingParams::builder()
+            .name(notes::BINDING)
+            .execution_context_name(notes::WORLD)
+            .build()
+            .map_err(CdpError::Protocol)?;
+        self.page.execute(binding).await.map_err(proto)?;
+        let script = AddScriptToEvaluateOnNewDocumentParams {
+            source: notes::SCRIPT.into(),
+            world_name: Some(notes::WORLD.into()),
+            include_command_line_api: None,
+            run_immediately: Some(true),
+        };
+        self.page.execute(script).await.map_err(proto)?;
+        Ok(events
+            .filter_map(|e| async move {
+                (e.name == notes::BINDING)
+                    .then(|| notes::parse(&e.payload))
+                    .flatten()
+            })
+            .boxed())
     }
 
     /// Fires each time the tab finishes loading a page (its load event).

@@ -6,6 +6,7 @@
 
 pub mod cdp;
 pub mod keyboard;
+pub mod notes;
 pub mod procs;
 pub mod trust;
 pub mod viewport;
@@ -19,6 +20,7 @@ use airlock_proto::{
     BrowserEvent, BrowserInfo, BrowserSpec, ErrorCode, ErrorReply, Event, InputBatch, InputEvent,
     Screenshot,
 };
+use futures_util::stream::{BoxStream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,6 +47,8 @@ struct Shared {
     /// The screen the controlling viewer asked for: re-applied after a
     /// restart. Held while it is applied, so fits apply in order.
     viewport: tokio::sync::Mutex<Option<viewport::Fit>>,
+    /// What the page reports for the controlling viewer.
+    notes: notes::Notes,
 }
 
 #[derive(Debug)]
@@ -109,6 +113,7 @@ impl BrowserRole {
                 last_url: Mutex::new(None),
                 keyboard: Mutex::new(Keyboard::default()),
                 viewport: tokio::sync::Mutex::new(None),
+                notes: notes::Notes::default(),
             }),
             running: Mutex::new(None),
             tracker: TaskTracker::new(),
@@ -328,6 +333,11 @@ impl BrowserRole {
         Ok(())
     }
 
+    /// What the page reports for the controlling viewer ([`notes`]).
+    pub fn notes(&self) -> &notes::Notes {
+        &self.shared.notes
+    }
+
     /// A PNG of the display.
     pub async fn screenshot(&self) -> Result<Screenshot, ErrorReply> {
         let display = self.display()?;
@@ -476,7 +486,14 @@ impl Supervisor {
                     }
                 }
             }
-            let ended = self.watch(&mut chrome, xvfb).await;
+            let notes = match cdp.page_notes().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no focus or copy notes from the page");
+                    futures_util::stream::pending().boxed()
+                }
+            };
+            let ended = self.watch(&mut chrome, xvfb, notes).await;
             self.shared.cdp.send_replace(None);
             chrome.kill().await;
             match ended {
@@ -512,12 +529,18 @@ impl Supervisor {
     /// Runs until Chromium or Xvfb exits or the role stops; reports (once)
     /// that Chromium ran out of memory, which leaves it running but unable
     /// to show pages.
-    async fn watch(&self, chrome: &mut Supervised, xvfb: &mut Supervised) -> Ended {
+    async fn watch(
+        &self,
+        chrome: &mut Supervised,
+        xvfb: &mut Supervised,
+        mut notes: BoxStream<'static, notes::PageNote>,
+    ) -> Ended {
         let mut oom_reported = false;
         let oom_of = chrome.out_of_memory.clone();
         loop {
             let oom = first_oom(oom_of.clone());
             tokio::select! {
+                Some(note) = notes.next() => self.shared.notes.publish(note),
                 s = chrome.wait() => return Ended::Chromium(format!("{s:?} {}", chrome.last_error_line())),
                 s = xvfb.wait() => return Ended::Display(format!("{s:?} {}", xvfb.last_error_line())),
                 _ = self.cancel.cancelled() => return Ended::Stopped,

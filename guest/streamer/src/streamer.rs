@@ -370,8 +370,14 @@ impl Streamer {
             Signal::Error { message } => {
                 tracing::info!(viewer_id = %id, %message, "viewer reported an error");
             }
-            Signal::Answer { .. } | Signal::State { .. } => {
-                reporter.viewer_error(&id, "viewers send offers, not answers or states");
+            Signal::Answer { .. }
+            | Signal::State { .. }
+            | Signal::Focus { .. }
+            | Signal::Clipboard { .. } => {
+                reporter.viewer_error(
+                    &id,
+                    "viewers send offers, not answers, states, focus or clipboard",
+                );
             }
         }
     }

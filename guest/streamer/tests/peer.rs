@@ -648,6 +648,7 @@ impl Harness {
             ice_servers: vec![],
             ice_addresses: vec!["127.0.0.1".into()],
             http_proxy: None,
+            copy_out: false,
         };
         tune(&mut spec);
         pipe.send(&StreamerCommand::Start(spec))?;

@@ -503,6 +503,10 @@ impl std::fmt::Debug for ConfigSecret {
 pub struct LiveConfig {
     /// Frames per second captured and encoded.
     pub framerate: u32,
+    /// Text the controlling viewer copies in the remote page reaches its
+    /// clipboard. Off by default: a login page has little worth copying
+    /// out, and a page's text should not leave without the operator's say.
+    pub copy_out: bool,
     /// Target video bitrate (kbit/s, CBR).
     pub bitrate_kbps: u32,
     /// Frames per second of the JPEG fallback (viewers whose WebRTC does
@@ -556,6 +560,7 @@ impl Default for LiveConfig {
     fn default() -> Self {
         Self {
             framerate: 30,
+            copy_out: false,
             bitrate_kbps: 2500,
             jpeg_fps: 5,
             jpeg_quality: 60,

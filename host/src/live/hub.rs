@@ -490,6 +490,7 @@ impl Hub {
             ),
             ice_addresses: self.cfg.ice_addresses.clone(),
             http_proxy: None,
+            copy_out: self.cfg.copy_out,
         }
     }
 

@@ -29,6 +29,7 @@
     state: 'starting', framesRendered: 0, jpegFrames: 0, session: null, viewerId: null,
     controlling: false, streamer: null, connection: 'new', fallback: false, rttMs: null,
     peers: 0, iceRestarts: 0, socketOpens: 0, errors: [], pc: null, viewport: null,
+    remoteEditable: false, copies: 0,
   };
 
   let ended = false;
@@ -194,6 +195,8 @@
         return banner(m.message, 'error');
       case 'token': return onToken(m);
       case 'stats': hook.stats = m; return undefined;
+      case 'focus': return setKeyboard(!!m.editable);
+      case 'clipboard': return copyOut(String(m.text || ''));
       default: return undefined;
     }
   }
@@ -741,6 +744,27 @@
       if (ups.length) sendInput(ups);
       sendText(text);
     });
+  }
+
+  // ------------------------------------------------------------ page notes
+
+  // The remote page's focus decides whether a phone's on-screen keyboard
+  // shows: the keys element keeps the focus a tap gave it, and its
+  // inputmode switches the keyboard on when an editable element has the
+  // remote focus, off when not (physical keyboards type either way).
+  function setKeyboard(editable) {
+    hook.remoteEditable = editable;
+    ui.keys.inputMode = editable ? 'text' : 'none';
+  }
+
+  // Text the person copied in the remote page (only when the operator
+  // allows copying out): onto this device's clipboard.
+  function copyOut(text) {
+    if (!text || !navigator.clipboard) return;
+    navigator.clipboard.writeText(text).then(
+      () => { hook.copies += 1; },
+      () => banner('Copied text could not be put on your clipboard (this browser refused).', 'error'),
+    );
   }
 
   // ------------------------------------------------------------ viewport
