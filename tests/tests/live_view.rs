@@ -303,7 +303,8 @@ async fn on_a_phone_the_screen_shows_and_taps_typing_and_swipes_work() -> Result
 
 /// Waits until the remote screen and page have followed the phone's
 /// viewer: the video portrait, the remote page as wide as the viewer's
-/// screen area (CSS pixels) in portrait orientation. Returns the remote screen's size in pixels.
+/// screen area (CSS pixels) at the pixel ratio that fits 1280x1280, in
+/// portrait orientation. Returns the remote screen's size in pixels.
 async fn remote_page_follows_the_phone(viewer: &Tab, browser: &Tab) -> Result<(f64, f64)> {
     let stage = viewer
         .wait_for(
@@ -324,8 +325,7 @@ async fn remote_page_follows_the_phone(viewer: &Tab, browser: &Tab) -> Result<(f
         h > w && w >= 350.0,
         "the phone's screen area is {w}x{h} CSS pixels"
     );
-    // Drawn at ratio 1 for now (guest/src/browser/viewport.rs says why).
-    let scale = (1280.0 / w).min(1280.0 / h).min(1.0);
+    let scale = (1280.0 / w).min(1280.0 / h).min(3.0);
     let expect = format!(
         "Math.abs(innerWidth - {w}) <= 2 && Math.abs(devicePixelRatio - {scale}) < 0.01 \
          && matchMedia('(orientation: portrait)').matches"

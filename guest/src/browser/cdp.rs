@@ -15,7 +15,9 @@ use chromiumoxide::cdp::browser_protocol::browser::{
 use chromiumoxide::cdp::browser_protocol::emulation::{
     ClearDeviceMetricsOverrideParams, SetDeviceMetricsOverrideParams,
 };
-use chromiumoxide::cdp::browser_protocol::input::{DispatchKeyEventParams, InsertTextParams};
+use chromiumoxide::cdp::browser_protocol::input::{
+    DispatchKeyEventParams, DispatchMouseEventParams, InsertTextParams,
+};
 use chromiumoxide::cdp::browser_protocol::network::{EventRequestWillBeSent, ResourceType};
 use chromiumoxide::cdp::browser_protocol::page::{
     AddScriptToEvaluateOnNewDocumentParams, EventFrameNavigated, EventLoadEventFired,
@@ -29,6 +31,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::notes;
+use super::pointer::Emulation;
 
 /// A DevTools operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +144,13 @@ impl Cdp {
     /// the page at `fit.scale` (the viewer's pixel ratio; a mobile layout
     /// for touch devices). Chromium's own bar keeps its size: the page
     /// gets the rest.
-    pub async fn fill_screen(&self, fit: super::viewport::Fit) -> Result<(), CdpError> {
+    ///
+    /// Returns how the page is drawn when it is scaled (pointer events
+    /// over it must then come through [`Self::mouse`]).
+    pub async fn fill_screen(
+        &self,
+        fit: super::viewport::Fit,
+    ) -> Result<Option<Emulation>, CdpError> {
         self.page
             .execute(ClearDeviceMetricsOverrideParams::default())
             .await
@@ -174,7 +183,7 @@ impl Cdp {
             .await
             .map_err(proto)?;
         if fit.scale == 1.0 && !fit.mobile {
-            return Ok(());
+            return Ok(None);
         }
         let css = |px: i64| (px as f64 / fit.scale).floor() as i64;
         let mut metrics =
@@ -182,7 +191,19 @@ impl Cdp {
         metrics.screen_width = Some(css(w));
         metrics.screen_height = Some(css(h));
         self.page.execute(metrics).await.map_err(proto)?;
-        Ok(())
+        Ok((fit.scale != 1.0).then_some(Emulation {
+            scale: fit.scale,
+            bar: bar as i32,
+        }))
+    }
+
+    /// A mouse event for the tab, in CSS pixels ([`super::pointer`]).
+    pub async fn mouse(&self, event: DispatchMouseEventParams) -> Result<(), CdpError> {
+        self.page
+            .execute(event)
+            .await
+            .map(|_| ())
+            .map_err(|_| CdpError::Protocol("the tab did not take a mouse event".into()))
     }
 
     /// URLs the tab's main frame navigates to, from now on: each document

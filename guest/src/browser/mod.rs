@@ -7,6 +7,7 @@
 pub mod cdp;
 pub mod keyboard;
 pub mod notes;
+pub mod pointer;
 pub mod procs;
 pub mod trust;
 pub mod viewport;
@@ -49,6 +50,10 @@ struct Shared {
     viewport: tokio::sync::Mutex<Option<viewport::Fit>>,
     /// What the page reports for the controlling viewer.
     notes: notes::Notes,
+    /// How the page is drawn while it is scaled to the viewer's ratio.
+    emulation: Mutex<Option<pointer::Emulation>>,
+    /// The pointer's state for events routed to a scaled page.
+    pointer: Mutex<pointer::Pointer>,
 }
 
 #[derive(Debug)]
@@ -114,6 +119,8 @@ impl BrowserRole {
                 keyboard: Mutex::new(Keyboard::default()),
                 viewport: tokio::sync::Mutex::new(None),
                 notes: notes::Notes::default(),
+                emulation: Mutex::new(None),
+                pointer: Mutex::new(pointer::Pointer::default()),
             }),
             running: Mutex::new(None),
             tracker: TaskTracker::new(),
@@ -294,6 +301,46 @@ impl BrowserRole {
     }
 
     async fn point(&self, events: Vec<InputEvent>) -> Result<(), ErrorReply> {
+        let emulation = *self
+            .shared
+            .emulation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match emulation {
+            Some(emu) => self.point_scaled(emu, events).await,
+            None => self.point_x(events).await,
+        }
+    }
+
+    /// Pointer events while the page is scaled: those over the page through
+    /// DevTools, the rest (Chromium's bar) through XTest, in order.
+    async fn point_scaled(
+        &self,
+        emu: pointer::Emulation,
+        events: Vec<InputEvent>,
+    ) -> Result<(), ErrorReply> {
+        let now = Instant::now();
+        let steps: Vec<pointer::Step> = {
+            let mut p = self
+                .shared
+                .pointer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            events.iter().map(|e| p.route(emu, e, now)).collect()
+        };
+        let cdp = self.cdp(Duration::from_secs(5)).await?;
+        for step in steps {
+            match step {
+                pointer::Step::X(e) => self.point_x(vec![e]).await?,
+                pointer::Step::Page(m) => {
+                    cdp.mouse(m).await.map_err(|e| unavailable(e.to_string()))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn point_x(&self, events: Vec<InputEvent>) -> Result<(), ErrorReply> {
         let display = self.display()?;
         // X round trips block: keep them off the runtime thread. The last
         // one returns once the server has every event.

@@ -1,13 +1,14 @@
 //! The remote screen following the controlling viewer's viewport: a
 //! phone in portrait gets a portrait screen and the page's mobile layout,
-//! a desktop window gets a screen of its shape. (Not yet its pixel ratio:
-//! see [`BrowserRole::follow`].)
+//! a desktop window gets a screen of its shape, both at the viewer's pixel
+//! ratio as far as the bounds allow.
 //! The viewer sends its screen area in CSS pixels with its device pixel
 //! ratio ([`InputEvent::Viewport`]); [`fit`] turns that into a screen size
 //! within the browser's bounds, which RandR applies to Xvfb (the streamer
 //! follows the root window's size), and DevTools to Chromium: its window
 //! fills the screen, and the page is emulated at the viewer's CSS size and
-//! pixel ratio. Nothing restarts: the login page stays as it is. Called by
+//! pixel ratio (pointer events over a scaled page then go through
+//! [`super::pointer`]). Nothing restarts: the login page stays as it is. Called by
 //! [`super::BrowserRole::input`]; re-applied after a Chromium restart.
 
 use std::sync::PoisonError;
@@ -97,16 +98,6 @@ impl BrowserRole {
         let Some(max) = self.screen_bounds() else {
             return Ok(());
         };
-        // Drawn at the viewer's ratio, Chromium's emulated page takes X
-        // pointer events as CSS pixels unscaled (measured: a click at
-        // (300, 1000) on a ratio-2 page landed at CSS (300, 913), outside
-        // it), so taps miss. Until pointer events for the page go through
-        // DevTools in CSS pixels, the page is drawn at ratio 1: the shape
-        // and the mobile layout follow the viewer, the sharpness does not.
-        let wanted = Wanted {
-            scale: 1.0,
-            ..wanted
-        };
         let fit = fit(wanted, max);
         let mut last = self.shared.viewport.lock().await;
         if *last == Some(fit) {
@@ -159,9 +150,43 @@ pub(super) async fn apply(shared: &Shared, fit: Fit) -> Result<(), ErrorReply> {
         .borrow()
         .clone()
         .ok_or_else(|| unavailable("the browser is not running"))?;
-    cdp.fill_screen(fit)
+    let emulation = cdp
+        .fill_screen(fit)
         .await
-        .map_err(|e| unavailable(e.to_string()))
+        .map_err(|e| unavailable(e.to_string()))?;
+    *shared
+        .emulation
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = emulation;
+    if emulation.is_some() {
+        park_pointer(shared, fit.screen).await;
+    }
+    Ok(())
+}
+
+/// Moves the X pointer to the screen's corner, off the scaled page: the
+/// page's pointer events now come through DevTools, and the pointer the
+/// streamer draws would otherwise sit where the last XTest event left it.
+async fn park_pointer(shared: &Shared, (w, h): (u16, u16)) {
+    let Some(display) = shared
+        .display
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+    else {
+        return;
+    };
+    let corner = InputEvent::MouseMove {
+        x: i32::from(w) - 1,
+        y: i32::from(h) - 1,
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        display
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(&[corner])
+    })
+    .await;
 }
 
 #[cfg(test)]

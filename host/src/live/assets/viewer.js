@@ -772,8 +772,8 @@
   // The remote screen follows the stage's size (within airlockd's bounds;
   // a phone in portrait gets a portrait page, touch devices the mobile
   // layout): sent by the controlling viewer when it gets control and when
-  // the stage settles at a new size. The pixel ratio is sent too; the
-  // agent draws at ratio 1 for now (guest/src/browser/viewport.rs).
+  // the stage settles at a new size. The page is drawn at this device's
+  // pixel ratio as far as the bounds allow.
   let sentViewport = '';
   function sendViewport(force) {
     if (!hook.controlling || ended) return;
