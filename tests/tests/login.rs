@@ -170,16 +170,35 @@ async fn assert_no_canary(rig: &LoginRig, session: &str) -> Result<()> {
     let mut leaks = Vec::new();
     scan(d.dir.path(), &rig.canary, &mut leaks);
     ensure!(leaks.is_empty(), "the token is in {leaks:?}");
-    let shm: Vec<_> = std::fs::read_dir("/dev/shm")?
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("airlock-agent-")
-        })
-        .collect();
-    ensure!(shm.is_empty(), "agent state left in /dev/shm: {shm:?}");
+    // No VM of this airlockd left agent state (other tests' VMs run beside
+    // this one: only the ones its log names count), and no agent's state
+    // holds the token.
+    let log = d.log_tail(usize::MAX);
+    let vms = vm_ids(&log);
+    ensure!(!vms.is_empty(), "airlockd's log names no VM");
+    for vm in vms {
+        let state = std::path::PathBuf::from(format!("/dev/shm/airlock-agent-{vm}"));
+        ensure!(!state.exists(), "agent state left in {}", state.display());
+    }
+    for entry in std::fs::read_dir("/dev/shm")?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("airlock-agent-")
+        {
+            scan(&entry.path(), &rig.canary, &mut leaks);
+        }
+    }
+    ensure!(leaks.is_empty(), "the token is in {leaks:?}");
     Ok(())
+}
+
+/// The VM ids (`vm-` and 12 hex digits) a log mentions.
+fn vm_ids(log: &str) -> std::collections::BTreeSet<&str> {
+    log.match_indices("vm-")
+        .filter_map(|(i, _)| log.get(i..i + 15))
+        .filter(|id| id[3..].bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect()
 }
 
 fn scan(dir: &Path, needle: &str, leaks: &mut Vec<String>) {
