@@ -572,7 +572,7 @@ impl Default for LiveConfig {
             turn_ttl_secs: 3600,
             viewer_token_ttl_ms: 900_000,
             max_viewers: 4,
-            viewer_idle_ms: 15_000,
+            viewer_idle_ms: 6_000,
             connect_timeout_ms: 5000,
             legacy_answer_wait_ms: 5000,
             legacy_idle_ms: 30_000,
