@@ -56,6 +56,17 @@ struct Shared {
     pointer: Mutex<pointer::Pointer>,
 }
 
+impl Shared {
+    /// The X display connection while Xvfb runs.
+    fn display(&self) -> Result<Arc<Mutex<Display>>, ErrorReply> {
+        self.display
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| unavailable("the display is not running (start the browser first)"))
+    }
+}
+
 #[derive(Debug)]
 struct Running {
     info: BrowserInfo,
@@ -261,12 +272,7 @@ impl BrowserRole {
     }
 
     fn display(&self) -> Result<Arc<Mutex<Display>>, ErrorReply> {
-        self.shared
-            .display
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| unavailable("the display is not running (start the browser first)"))
+        self.shared.display()
     }
 
     /// Applies input events in order: the pointer through the X display

@@ -129,12 +129,7 @@ impl BrowserRole {
 
 /// Resizes the X screen, then Chromium's window and page.
 pub(super) async fn apply(shared: &Shared, fit: Fit) -> Result<(), ErrorReply> {
-    let display = shared
-        .display
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .ok_or_else(|| unavailable("the display is not running"))?;
+    let display = shared.display()?;
     let (w, h) = fit.screen;
     tokio::task::spawn_blocking(move || {
         display
@@ -168,12 +163,7 @@ pub(super) async fn apply(shared: &Shared, fit: Fit) -> Result<(), ErrorReply> {
 /// page's pointer events now come through DevTools, and the pointer the
 /// streamer draws would otherwise sit where the last XTest event left it.
 async fn park_pointer(shared: &Shared, (w, h): (u16, u16)) {
-    let Some(display) = shared
-        .display
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-    else {
+    let Ok(display) = shared.display() else {
         return;
     };
     let corner = InputEvent::MouseMove {
