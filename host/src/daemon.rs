@@ -1,6 +1,8 @@
-//! airlockd's life: prepare directories, clean up after a crashed
-//! predecessor, choose the backend, serve the API, and on SIGTERM/SIGINT
-//! stop serving and tear every VM down. Called by `main`.
+//! airlockd's life: prepare directories, take over the VMs and sessions an
+//! earlier airlockd left (or clean up after it), choose the backend, serve
+//! the API, and on SIGTERM/SIGINT stop serving and either leave the VMs
+//! running for the next airlockd (`vm.keep_on_exit`) or tear them down.
+//! Called by `main`.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
@@ -22,7 +24,6 @@ use crate::session::Sessions;
 use crate::store::CredentialStore;
 use crate::vm::backend::VmBackend;
 use crate::vm::firecracker::FirecrackerBackend;
-use crate::vm::layout::reconcile;
 use crate::vm::process::{HostBrowserIsolation, HostBrowserUser, ProcessBackend};
 use crate::vm::qemu::QemuBackend;
 use crate::vm::VmManager;
@@ -114,13 +115,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 .map_err(|source| DaemonError::Dir { path: dir, source })?;
         }
     }
-    let leftovers = reconcile(&config.paths.run_dir, &failed_dir);
-    if !leftovers.is_empty() {
-        tracing::warn!(
-            count = leftovers.len(),
-            "cleaned up VMs left by an earlier airlockd"
-        );
-    }
+    // Read before anything can create a VM directory beside them.
+    let found = crate::vm::adopt::scan(&config.paths.run_dir);
     let expected = crate::image::expected_agent(&config.vm)?;
     crate::image::warn_if_stale(&config.vm, &expected);
     let providers = Providers::load(&config.auth.providers_file, config.auth.demo)?;
@@ -162,6 +158,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         live.clone(),
         shutdown.child_token(),
     );
+    sessions.resume(found).await;
     let state = AppState {
         vms: vms.clone(),
         sessions: sessions.clone(),

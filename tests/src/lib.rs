@@ -17,7 +17,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -176,6 +176,9 @@ impl Settings {
             // Snapshots cost a minute of both cores to make: the tests
             // that are about them turn them on (`tests/snapshots.rs`).
             .set("snapshots", "enabled", "false")
+            // Tests check that nothing outlives airlockd; those about
+            // restarts (`tests/restart.rs`) turn this on.
+            .set("vm", "keep_on_exit", "false")
             // A fixed screen: tests place clicks by the remote page's
             // layout, which a viewer's viewport would change under them.
             // `live_view`'s phone test turns the following on.
@@ -237,8 +240,59 @@ pub struct Daemon {
     /// HTTP client as a viewer (or anyone) has it: no operator token.
     pub viewer_http: reqwest::Client,
     log: PathBuf,
+    netns: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// Login sessions started through this harness (printed on failure).
     pub sessions: std::sync::Mutex<Vec<String>>,
+}
+
+/// Starts airlockd on `config`, its log appended to `log`; returns its
+/// pid, its exit status (when it comes) and its stdout lines.
+#[allow(clippy::type_complexity)]
+fn spawn_airlockd(
+    config: &Path,
+    log: &Path,
+    netns: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+) -> Result<(i32, mpsc::Receiver<ExitStatus>, mpsc::Receiver<String>)> {
+    let a = artifacts()?;
+    let mut command = Command::new(&a.airlockd_bin);
+    if let Some(ns) = netns {
+        // SAFETY: between fork and exec the closure only calls
+        // setns(2), async-signal-safe, on a descriptor opened before.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || netns::enter(&ns));
+        }
+    }
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut child = command
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "airlock_host=debug,info")
+        // An error it exits with, not 40 lines of its backtrace, is
+        // what a failed start's log tail shows (panics keep theirs).
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("start {}", a.airlockd_bin.display()))?;
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (line_tx, line_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let (exit_tx, exited) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            let _ = exit_tx.send(status);
+        }
+    });
+    Ok((pid, exited, line_rx))
 }
 
 /// airlockd's stdout up to `airlockd ready`.
@@ -354,47 +408,12 @@ impl Daemon {
         let config = dir.path().join("airlockd.toml");
         std::fs::write(&config, settings.render())?;
         let log = dir.path().join("airlockd.log");
-        let mut command = Command::new(&a.airlockd_bin);
-        if let Some(ns) = settings.netns.clone() {
-            // SAFETY: between fork and exec the closure only calls
-            // setns(2), async-signal-safe, on a descriptor opened before.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                    netns::enter(&ns)
-                });
-            }
-        }
-        let mut child = command
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "airlock_host=debug,info")
-            // An error it exits with, not 40 lines of its backtrace, is
-            // what a failed start's log tail shows (panics keep theirs).
-            .env("RUST_LIB_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("start {}", a.airlockd_bin.display()))?;
-        let pid = child.id() as i32;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (line_tx, line_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = line_tx.send(line);
-            }
-        });
-        let (exit_tx, exited) = mpsc::channel();
-        std::thread::spawn(move || {
-            if let Ok(status) = child.wait() {
-                let _ = exit_tx.send(status);
-            }
-        });
         let mut auth = reqwest::header::HeaderMap::new();
         auth.insert(
             reqwest::header::AUTHORIZATION,
             format!("Bearer {token}").parse()?,
         );
+        let (pid, exited, line_rx) = spawn_airlockd(&config, &log, settings.netns.clone())?;
         let mut daemon = Self {
             sessions: std::sync::Mutex::default(),
             pid,
@@ -408,12 +427,20 @@ impl Daemon {
             http: client.default_headers(auth).build()?,
             viewer_http: reqwest::Client::new(),
             log,
+            netns: settings.netns,
         };
+        daemon.await_ready(line_rx).await?;
+        Ok(daemon)
+    }
+
+    /// Waits for airlockd's `ready` line and takes its listeners' addresses
+    /// from the lines before it.
+    async fn await_ready(&mut self, line_rx: mpsc::Receiver<String>) -> Result<()> {
         let lines = tokio::task::spawn_blocking(move || ready_lines(&line_rx)).await?;
         let lines = lines.map_err(|e| {
             anyhow!(
                 "airlockd did not start listening ({e}):\n{}",
-                daemon.log_tail(40)
+                self.log_tail(40)
             )
         })?;
         for line in lines {
@@ -421,15 +448,52 @@ impl Daemon {
                 continue;
             };
             match rest.split_once(' ') {
-                Some((url, "(viewers)")) => daemon.viewer_base = url.into(),
+                Some((url, "(viewers)")) => self.viewer_base = url.into(),
                 Some((url, "(operator)")) => match url.strip_prefix("unix:") {
-                    Some(path) => daemon.socket = path.into(),
-                    None => daemon.base = url.into(),
+                    Some(path) => self.socket = path.into(),
+                    None => self.base = url.into(),
                 },
                 _ => bail!("unexpected line from airlockd: {line}"),
             }
         }
-        Ok(daemon)
+        Ok(())
+    }
+
+    /// Ends this airlockd (`kill -9` when `crash`, else SIGTERM and its
+    /// exit awaited) and starts a new one on the same configuration and
+    /// directories; its listeners' addresses replace the old ones.
+    pub async fn restart(&mut self, crash: bool) -> Result<()> {
+        match crash {
+            true => self.kill9()?,
+            false => self.terminate().map(drop)?,
+        }
+        self.respawn().await
+    }
+
+    /// `kill -9` of airlockd; waits until it is gone.
+    pub fn kill9(&mut self) -> Result<()> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        kill(Pid::from_raw(self.pid), Signal::SIGKILL)?;
+        let status = self
+            .exited
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("airlockd did not die of SIGKILL within 30 s"))?;
+        self.exit = Some(status);
+        Ok(())
+    }
+
+    /// Starts airlockd again (after [`Daemon::kill9`] or
+    /// [`Daemon::terminate`]) on the same configuration and directories.
+    pub async fn respawn(&mut self) -> Result<()> {
+        ensure!(self.exit.is_some(), "airlockd still runs");
+        let config = self.dir.path().join("airlockd.toml");
+        let (pid, exited, line_rx) = spawn_airlockd(&config, &self.log, self.netns.clone())?;
+        self.pid = pid;
+        self.exited = exited;
+        self.exit = None;
+        self.await_ready(line_rx).await
     }
 
     /// airlockd's pid.
@@ -620,13 +684,51 @@ impl Drop for Daemon {
         if self.terminate().is_err() {
             let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
         }
-        // Backstop: nothing of this test may outlive it.
-        for line in processes_naming(self.dir.path(), None) {
-            if let Some(pid) = line.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+        // Backstop: nothing of this test may outlive it, nor anything
+        // those processes started (with `vm.keep_on_exit` airlockd leaves
+        // its VMs running, and a host-process agent's Chromium and login
+        // CLI name no directory of the test).
+        let roots: Vec<i32> = processes_naming(self.dir.path(), None)
+            .iter()
+            .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+            .collect();
+        for pid in with_descendants(&roots) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
+}
+
+/// `roots` and every process below them.
+fn with_descendants(roots: &[i32]) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut all = roots.to_vec();
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        all.extend(
+            parents
+                .iter()
+                .filter(|(pid, ppid)| *ppid == parent && !all.contains(pid))
+                .map(|(pid, _)| *pid)
+                .collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    all
 }
 
 /// Runs a test body against a fresh airlockd. When the body fails (an

@@ -134,11 +134,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// at a time; prints the sessions and airlockd's diagnostics when it fails.
 pub async fn with_rig(
     tune: impl FnOnce(Settings) -> Settings,
-    body: impl AsyncFnOnce(&LoginRig) -> Result<()>,
+    body: impl AsyncFnOnce(&mut LoginRig) -> Result<()>,
 ) -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let rig = LoginRig::start(tune).await?;
-    let result = body(&rig).await;
+    let mut rig = LoginRig::start(tune).await?;
+    let result = body(&mut rig).await;
     if result.is_err() {
         rig.daemon.print_sessions().await;
         rig.daemon.print_diagnostics();
@@ -158,6 +158,21 @@ impl Daemon {
     pub async fn start_session(&self, user: &str, provider: &str) -> Result<String> {
         let v = self.start_view(user, provider).await?;
         Ok(v["sessionId"].as_str().context("sessionId")?.to_string())
+    }
+
+    /// `GET /api/auth/session/:id`, expecting 200; returns the view.
+    pub async fn get_session(&self, id: &str) -> Result<Value> {
+        let (status, v) = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/auth/session/{id}"),
+                None,
+            )
+            .await?;
+        if status != 200 {
+            bail!("session {id}: {status} {v}");
+        }
+        Ok(v)
     }
 
     /// `POST /api/auth/session/:id/cancel`, expecting 200; returns the view.
@@ -350,18 +365,7 @@ impl Daemon {
     /// As [`Daemon::sign_in_and`], once the sign-in page is on screen
     /// (vendors' authorization pages live at their own paths).
     pub async fn sign_in_on_shown_page(&self, id: &str, allow: bool) -> Result<()> {
-        self.input(
-            id,
-            json!([
-                text("alice"),
-                key(TAB, true),
-                key(TAB, false),
-                text("correct horse"),
-                key(RETURN, true),
-                key(RETURN, false),
-            ]),
-        )
-        .await?;
+        self.input(id, sign_in_keys()).await?;
         self.wait_page(id, "/authorize/login", 1).await?;
         let mut first = Vec::new();
         if !allow {
@@ -409,6 +413,19 @@ impl Daemon {
         }
         bail!("the consent page never took the Enter key")
     }
+}
+
+/// What the person types on the fake vendor's sign-in page: alice, Tab,
+/// her password, Enter.
+pub fn sign_in_keys() -> Value {
+    json!([
+        text("alice"),
+        key(TAB, true),
+        key(TAB, false),
+        text("correct horse"),
+        key(RETURN, true),
+        key(RETURN, false),
+    ])
 }
 
 /// The view's steps, each as often as it happened (a step repeated at

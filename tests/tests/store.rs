@@ -638,6 +638,71 @@ async fn debug_is_redacted(fx: Fixture) -> Result<()> {
     Ok(())
 }
 
+/// A login session's credential is stored once: handed over again (after
+/// a restart), the first record comes back and nothing is added.
+async fn one_record_per_session(fx: Fixture) -> Result<()> {
+    let store = fx.open().await?;
+    let first = store
+        .put_for_session("ses-1", "alice", "codex", &bundle("t1"))
+        .await?;
+    let again = store
+        .put_for_session("ses-1", "alice", "codex", &bundle("t1"))
+        .await?;
+    ensure!(again.id == first.id, "a second record for one session");
+    let other = store
+        .put_for_session("ses-2", "alice", "codex", &bundle("t2"))
+        .await?;
+    ensure!(other.id != first.id);
+    let plain = store.put("alice", "codex", &bundle("t3")).await?;
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM credential_records")
+        .fetch_one(store.pool())
+        .await?;
+    ensure!(n == 3, "{n} records");
+    let (latest, _) = store.latest("alice", "codex").await?.context("latest")?;
+    ensure!(latest.id == plain.id);
+    Ok(())
+}
+
+/// Session rows: saved, replaced, listed open first then the most recently
+/// ended, and ended ones past their retention forgotten.
+async fn session_rows(fx: Fixture) -> Result<()> {
+    use airlock_host::store::SessionRow;
+    let store = fx.open().await?;
+    let row = |id: &str, ended: bool, at: i64| SessionRow {
+        id: id.into(),
+        user_id: "alice".into(),
+        state: if ended { "completed" } else { "awaiting_user" }.into(),
+        ended,
+        view: format!("{{\"sessionId\":\"{id}\"}}"),
+        created_at_ms: at,
+        updated_at_ms: at,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    store.save_session(&row("open", false, now)).await?;
+    store
+        .save_session(&row("old", true, now - 10_000_000))
+        .await?;
+    store.save_session(&row("done-1", true, now - 2)).await?;
+    store.save_session(&row("done-2", true, now - 1)).await?;
+    let mut changed = row("open", false, now);
+    changed.state = "captured".into();
+    store.save_session(&changed).await?;
+    let rows = store.load_sessions(2, 1_000_000).await?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    ensure!(ids == ["open", "done-1", "done-2"], "{ids:?}");
+    ensure!(rows[0].state == "captured" && !rows[0].ended);
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM login_sessions")
+        .fetch_one(store.pool())
+        .await?;
+    ensure!(
+        n == 3,
+        "the session past its retention is forgotten ({n} rows)"
+    );
+    Ok(())
+}
+
 macro_rules! on_both_backends {
     ($($behaviour:ident),* $(,)?) => {
         mod sqlite {
@@ -671,6 +736,8 @@ on_both_backends!(
     delivery,
     nonces_never_repeat,
     debug_is_redacted,
+    one_record_per_session,
+    session_rows,
 );
 
 // ---- the key file alone, and SQLite files ----

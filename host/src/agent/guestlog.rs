@@ -52,6 +52,25 @@ impl GuestLog {
         max_bytes: u64,
         rate_per_sec: u32,
     ) -> std::io::Result<Self> {
+        Self::open(path, vm_id, max_bytes, rate_per_sec, false)
+    }
+
+    /// As [`GuestLog::create`]; with `append`, continues the log a VM
+    /// taken over from an earlier airlockd has (counted against the cap).
+    pub fn open(
+        path: &Path,
+        vm_id: &str,
+        max_bytes: u64,
+        rate_per_sec: u32,
+        append: bool,
+    ) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)?;
+        let written = file.metadata()?.len();
         Ok(Self {
             vm_id: vm_id.to_string(),
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -59,8 +78,8 @@ impl GuestLog {
             rate_per_sec,
             outputs: Mutex::default(),
             state: Mutex::new(State {
-                file: Some(File::create(path)?),
-                written: 0,
+                file: Some(file),
+                written,
                 window_start: Instant::now(),
                 in_window: 0,
                 suppressed: 0,

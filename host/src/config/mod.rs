@@ -209,6 +209,10 @@ pub struct VmConfig {
     pub guest_log_rate_per_sec: u32,
     /// Log directories of failed VMs kept; the oldest beyond are deleted.
     pub failed_logs_keep: usize,
+    /// VMs keep running when airlockd exits (SIGTERM, a crash), and the
+    /// next airlockd takes them over: users' CLI VMs and the browser VMs
+    /// of logins in progress. Off: airlockd stops every VM on SIGTERM.
+    pub keep_on_exit: bool,
 }
 
 impl Default for VmConfig {
@@ -251,6 +255,7 @@ impl Default for VmConfig {
             console_tail_lines: 30,
             guest_log_rate_per_sec: 20,
             failed_logs_keep: 200,
+            keep_on_exit: true,
         }
     }
 }

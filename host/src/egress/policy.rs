@@ -14,8 +14,10 @@ use std::str::FromStr;
 use airlock_proto::egress::{is_host_name, EgressClient, EgressOpen};
 
 /// An allowed destination: `host:port`, `*.example.com:443` (any
-/// subdomain), `host:*` (any port); IPv6 addresses in brackets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// subdomain), `host:*` (any port); IPv6 addresses in brackets. Kept in a
+/// VM's record as that text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct DestPattern {
     host: String,
     any_subdomain: bool,
@@ -76,6 +78,34 @@ impl FromStr for DestPattern {
     }
 }
 
+impl TryFrom<String> for DestPattern {
+    type Error = PatternError;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<DestPattern> for String {
+    fn from(p: DestPattern) -> Self {
+        p.to_string()
+    }
+}
+
+impl std::fmt::Display for DestPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let star = if self.any_subdomain { "*." } else { "" };
+        let host = match self.host.contains(':') {
+            true => format!("[{}]", self.host),
+            false => self.host.clone(),
+        };
+        match self.port {
+            Some(p) => write!(f, "{star}{host}:{p}"),
+            None => write!(f, "{star}{host}:*"),
+        }
+    }
+}
+
 impl DestPattern {
     /// True when `host`:`port` is this destination.
     pub fn matches(&self, host: &str, port: u16) -> bool {
@@ -130,7 +160,7 @@ impl Routes {
 }
 
 /// What one VM may reach.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct EgressPolicy {
     /// For whom, in refusals ("provider codex").
     pub label: String,
@@ -215,6 +245,23 @@ impl EgressPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_print_as_they_parse() {
+        for text in [
+            "example.com:443",
+            "*.openai.com:443",
+            "host.test:*",
+            "[::1]:8080",
+            "10.0.0.1:53",
+        ] {
+            let p: DestPattern = text.parse().unwrap();
+            assert_eq!(p.to_string(), text);
+            let json = serde_json::to_string(&p).unwrap();
+            assert_eq!(serde_json::from_str::<DestPattern>(&json).unwrap(), p);
+        }
+        assert!(serde_json::from_str::<DestPattern>("\"no port\"").is_err());
+    }
 
     fn open(client: EgressClient, host: &str, port: u16) -> EgressOpen {
         EgressOpen {

@@ -85,18 +85,16 @@ pub(super) async fn deliver_for_session(
     match deliver(ctx, user, credential_id, bundle, &merged, timeout).await {
         Ok(vm) => {
             crate::audit::credential_delivered(user, &h.view().provider, credential_id, &vm);
-            completed(ctx, h, &vm)
+            completed(ctx, h, &vm).await
         }
         Err(DeliveryError::Pending(why)) => ctx.record(h, None, "deliveryPending", Some(why)),
         Err(DeliveryError::Failed(why)) => {
-            h.view.send_modify(|v| v.error = Some(why.clone()));
-            ctx.record(h, Some(SessionState::Failed), "state", Some(why));
-            ctx.ended(&h.view().session_id);
+            super::run::finish(ctx, h, SessionState::Failed, why).await;
         }
     }
 }
 
-fn completed(ctx: &Inner, h: &SessionHandle, vm: &str) {
+async fn completed(ctx: &Inner, h: &SessionHandle, vm: &str) {
     h.view.send_modify(|v| v.cli_vm_id = Some(vm.to_string()));
     ctx.record(
         h,
@@ -105,6 +103,7 @@ fn completed(ctx: &Inner, h: &SessionHandle, vm: &str) {
         Some(format!("written to CLI VM {vm} and verified")),
     );
     ctx.record(h, Some(SessionState::Completed), "state", None);
+    ctx.save_now(h).await;
     ctx.ended(&h.view().session_id);
 }
 
@@ -303,7 +302,7 @@ async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) {
                 crate::audit::credential_delivered(user, &record.provider, &record.id, vm);
                 if let Some(h) = ctx.session_of_credential(&record.id) {
                     if h.view().state == SessionState::Stored {
-                        completed(ctx, &h, vm);
+                        completed(ctx, &h, vm).await;
                     }
                 }
             }

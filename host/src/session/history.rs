@@ -8,7 +8,7 @@
 //! is cut to a bounded length on a character boundary. Used by
 //! [`super::Inner::record`].
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::SessionState;
 
@@ -21,7 +21,7 @@ const KEPT_FROM_START: usize = 16;
 pub const MAX_DETAIL_BYTES: usize = 1024;
 
 /// One entry of a session's history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Step {
     /// When (RFC 3339); of its last repetition when it repeated.
@@ -34,7 +34,7 @@ pub struct Step {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// How many times it happened again right after.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub repeated: u32,
 }
 

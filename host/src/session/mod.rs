@@ -9,6 +9,8 @@
 mod delivery;
 mod history;
 mod merge;
+mod persist;
+mod resume;
 mod run;
 
 pub use history::Step;
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use airlock_proto::{InputBatch, LoginFlow, Operation, Reply, Screenshot};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +34,7 @@ use crate::store::CredentialStore;
 use crate::vm::{VmError, VmManager};
 
 /// Where a session is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
     /// Accepted; nothing started yet.
@@ -95,8 +97,8 @@ pub struct ProviderSummary {
     pub flow: &'static str,
 }
 
-/// A session as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+/// A session as the API shows it (and as it is saved, see [`persist`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionView {
     /// Its id.
@@ -133,7 +135,7 @@ pub struct SessionView {
     /// 128, a step repeated at once counted in its `repeated`.
     pub steps: Vec<Step>,
     /// Steps dropped from between the first and the latest.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub steps_omitted: u64,
 }
 
@@ -208,7 +210,12 @@ pub(crate) struct Inner {
     /// Held while finding or creating a user's CLI VM, so two sessions of
     /// one user never create two.
     cli_vm_lock: Mutex<()>,
+    /// Sessions changed since they were last saved.
+    dirty: persist::Dirty,
     tracker: TaskTracker,
+    /// The task saving sessions, which outlives the sessions' tasks.
+    writer: TaskTracker,
+    writer_stop: CancellationToken,
     shutdown: CancellationToken,
 }
 
@@ -258,11 +265,24 @@ impl Sessions {
             ended: Mutex::default(),
             delivering: Mutex::default(),
             cli_vm_lock: Mutex::default(),
+            dirty: persist::Dirty::default(),
             tracker: TaskTracker::new(),
+            writer: TaskTracker::new(),
+            writer_stop: CancellationToken::new(),
             shutdown,
         });
         inner.tracker.spawn(delivery::watch_cli_vms(inner.clone()));
+        inner
+            .writer
+            .spawn(persist::writer(inner.clone(), inner.writer_stop.clone()));
         Self { inner }
+    }
+
+    /// Takes over what an earlier airlockd left: its VMs (found by
+    /// [`crate::vm::adopt::scan`]) and its sessions, each carried on or
+    /// ended with the reason.
+    pub async fn resume(&self, found: Vec<crate::vm::adopt::Found>) {
+        resume::resume(&self.inner, found).await;
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<SessionHandle>>> {
@@ -359,6 +379,7 @@ impl Sessions {
             sessions.insert(id.clone(), handle.clone());
             handle
         };
+        self.inner.dirty.mark(&id);
         tracing::info!(session_id = %id, user_id, provider, "login session starting");
         self.inner
             .tracker
@@ -439,16 +460,27 @@ impl Sessions {
     }
 
     /// Cancels every session and waits for them (and pending deliveries),
-    /// then for the live views' tasks.
+    /// then for the last saves and the live views' tasks. With
+    /// `vm.keep_on_exit` a session in progress is not cancelled but left
+    /// as it is, for the next airlockd to carry on.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+        self.inner.writer_stop.cancel();
+        self.inner.writer.close();
+        self.inner.writer.wait().await;
         self.inner.live.shutdown().await;
     }
 }
 
 impl Inner {
+    /// True when airlockd is exiting and leaves sessions in progress (and
+    /// their VMs) to the next airlockd.
+    fn detaching(&self) -> bool {
+        self.shutdown.is_cancelled() && self.vms.config().vm.keep_on_exit
+    }
+
     /// Records an event in a session: a state change when `state` is set.
     fn record(
         &self,
@@ -474,6 +506,7 @@ impl Inner {
             };
             history::push(&mut v.steps, &mut v.steps_omitted, step);
         });
+        self.dirty.mark(&h.view.borrow().session_id);
     }
 
     /// Remembers that a session ended, forgetting the oldest ended ones

@@ -4,7 +4,9 @@
 //! CLI dies, time runs out, or the session is cancelled), store it, stop
 //! the live view, destroy the browser VM (keeping its logs if the session
 //! failed), and deliver. Live-view events go to the session's hub. Spawned
-//! by [`super::Sessions::start`].
+//! by [`super::Sessions::start`]; [`resume`] carries on, after a restart of
+//! airlockd, a login an earlier airlockd left (spawned by
+//! [`super::resume`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,13 +37,106 @@ enum End {
     Failed(String),
     Cancelled,
     Expired(String),
+    /// airlockd is exiting and leaves the login, as it is, to the next
+    /// one (`vm.keep_on_exit`).
+    Detached,
 }
 
 /// Runs the session to its end.
 pub(super) async fn run(ctx: Arc<Inner>, h: Arc<SessionHandle>, provider: Provider) {
-    let id = h.view().session_id;
     let (tx, mut events) = mpsc::channel(64);
     let end = drive(&ctx, &h, &provider, tx, &mut events).await;
+    conclude(ctx, h, end, events).await;
+}
+
+/// Carries on a login that an earlier airlockd left waiting for the
+/// person (or with its credential captured but not stored) in browser VM
+/// `vm`, which this airlockd took over; the VM's events arrive on
+/// `events`. The agent sends a credential it has not seen acknowledged
+/// again on its new connection, so none is lost to the restart.
+pub(super) async fn resume(
+    ctx: Arc<Inner>,
+    h: Arc<SessionHandle>,
+    provider: Provider,
+    vm: String,
+    mut events: mpsc::Receiver<Event>,
+) {
+    let detail = format!("airlockd restarted; the login goes on in browser VM {vm}");
+    ctx.record(&h, None, "resumed", Some(detail));
+    let end = carry_on(&ctx, &h, &provider, &vm, &mut events).await;
+    conclude(ctx, h, end, events).await;
+}
+
+async fn carry_on(
+    ctx: &Inner,
+    h: &SessionHandle,
+    provider: &Provider,
+    vm: &str,
+    events: &mut mpsc::Receiver<Event>,
+) -> End {
+    let wait = Instant::now() + Duration::from_millis(ctx.cfg.browser_timeout_ms);
+    let settled = tokio::select! {
+        r = settle(ctx, vm, wait) => match r {
+            Ok(v) => v,
+            Err(end) => return end,
+        },
+        _ = h.cancel.cancelled() => return cancelled(ctx),
+    };
+    if settled.state != VmState::Ready {
+        let why = settled
+            .error
+            .unwrap_or_else(|| format!("it is {:?}", settled.state));
+        let why = why.lines().next().unwrap_or_default().to_string();
+        return End::Failed(format!(
+            "airlockd restarted, and this login's browser VM did not come back ({why}); start a new login"
+        ));
+    }
+    let view = h.view();
+    let deadline = expiry(&view.expires_at);
+    let stream_now = view.state == SessionState::AwaitingUser;
+    follow(ctx, h, provider, vm, events, deadline, stream_now).await
+}
+
+/// The instant of an RFC 3339 expiry (now if it passed or is unreadable).
+fn expiry(rfc3339: &str) -> Instant {
+    let left = humantime::parse_rfc3339(rfc3339)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+        .unwrap_or_default();
+    Instant::now() + left
+}
+
+/// How a session ends when its cancel token fires: cancelled, unless
+/// airlockd is exiting and leaves it to the next one.
+fn cancelled(ctx: &Inner) -> End {
+    match ctx.detaching() {
+        true => End::Detached,
+        false => End::Cancelled,
+    }
+}
+
+/// Ends the live view, releases the browser VM and records the end (or,
+/// for a session left to the next airlockd, only closes the viewers).
+async fn conclude(
+    ctx: Arc<Inner>,
+    h: Arc<SessionHandle>,
+    end: End,
+    mut events: mpsc::Receiver<Event>,
+) {
+    let id = h.view().session_id;
+    // While airlockd exits leaving its VMs, a login that broke on that
+    // (a VM call cut short, a wait ended early) is not over: the next
+    // airlockd carries it on or ends it with a reason.
+    let end = match end {
+        End::Stored { .. } => end,
+        _ if ctx.detaching() => End::Detached,
+        end => end,
+    };
+    if let End::Detached = end {
+        h.hub.close("airlockd is restarting; this login goes on once it is back (ask for a new viewer link)");
+        tracing::info!(session_id = %id, state = ?h.view().state, "login session left for the next airlockd");
+        return;
+    }
     end_live_view(&h, &end, &mut events).await;
     release_browser(&ctx, &h, &end).await;
     match end {
@@ -52,14 +147,13 @@ pub(super) async fn run(ctx: Arc<Inner>, h: Arc<SessionHandle>, provider: Provid
             let user = h.view().user_id;
             delivery::deliver_for_session(&ctx, &h, &user, &credential_id, &bundle).await;
         }
-        End::Failed(reason) => finish(&ctx, &h, super::SessionState::Failed, reason),
-        End::Cancelled => finish(
-            &ctx,
-            &h,
-            SessionState::Cancelled,
-            "cancelled on request".into(),
-        ),
-        End::Expired(reason) => finish(&ctx, &h, SessionState::Expired, reason),
+        End::Failed(reason) => finish(&ctx, &h, super::SessionState::Failed, reason).await,
+        End::Cancelled => {
+            let reason = "cancelled on request".into();
+            finish(&ctx, &h, SessionState::Cancelled, reason).await
+        }
+        End::Expired(reason) => finish(&ctx, &h, SessionState::Expired, reason).await,
+        End::Detached => {}
     }
     tracing::info!(session_id = %id, state = ?h.view().state, "login session ended");
 }
@@ -81,13 +175,16 @@ async fn end_live_view(h: &SessionHandle, end: &End, events: &mut mpsc::Receiver
         End::Failed(why) => format!("the login failed: {why}"),
         End::Cancelled => "the session was cancelled".to_string(),
         End::Expired(why) => why.clone(),
+        End::Detached => "airlockd is restarting".to_string(),
     };
     h.hub.close(&reason);
 }
 
-fn finish(ctx: &Inner, h: &SessionHandle, state: SessionState, reason: String) {
+/// Ends the session in `state` with `reason`, saved at once.
+pub(super) async fn finish(ctx: &Inner, h: &SessionHandle, state: SessionState, reason: String) {
     h.view.send_modify(|v| v.error = Some(reason.clone()));
     ctx.record(h, Some(state), "state", Some(reason));
+    ctx.save_now(h).await;
     ctx.ended(&h.view().session_id);
 }
 
@@ -143,7 +240,7 @@ async fn drive(
             Ok(vm) => vm,
             Err(end) => return end,
         },
-        _ = h.cancel.cancelled() => return End::Cancelled,
+        _ = h.cancel.cancelled() => return cancelled(ctx),
         _ = tokio::time::sleep_until(browser_deadline.into()) => {
             return End::Failed(format!("the browser did not start within {} s", ctx.cfg.browser_timeout_ms / 1000));
         }
@@ -160,7 +257,7 @@ async fn drive(
             provider.display_name
         ));
     }
-    follow(ctx, h, provider, &vm, events, user_deadline).await
+    follow(ctx, h, provider, &vm, events, user_deadline, false).await
 }
 
 /// What the session's browser VM may reach: its provider's destinations
@@ -346,7 +443,9 @@ fn vm_started(v: &crate::vm::VmView) -> String {
     detail
 }
 
-/// Follows the login until it ends.
+/// Follows the login until it ends; starts the live view at once when
+/// `stream_now` (a login carried on at `awaiting_user`), else once the
+/// sign-in page is open.
 async fn follow(
     ctx: &Inner,
     h: &SessionHandle,
@@ -354,6 +453,7 @@ async fn follow(
     vm: &str,
     events: &mut mpsc::Receiver<Event>,
     deadline: Instant,
+    stream_now: bool,
 ) -> End {
     let mut denied: Option<String> = None;
     let trouble = vm_trouble(&ctx.vms, vm);
@@ -364,7 +464,11 @@ async fn follow(
     // person saw it no sooner). Awaited in this loop, so the agent's events
     // keep flowing meanwhile.
     let mut stream_start: Option<BoxFuture<'static, Result<(), String>>> = None;
-    let mut stream_requested = false;
+    let mut stream_requested = stream_now;
+    if stream_now {
+        let (hub, vm) = (h.hub.clone(), vm.to_string());
+        stream_start = Some(Box::pin(async move { hub.start_stream(&vm).await }));
+    }
     loop {
         let event = tokio::select! {
             r = async { stream_start.as_mut().expect("guarded").await }, if stream_start.is_some() => {
@@ -378,6 +482,9 @@ async fn follow(
             },
             why = &mut trouble => return End::Failed(why),
             _ = h.cancel.cancelled() => {
+                if ctx.detaching() {
+                    return End::Detached;
+                }
                 let session_id = h.view().session_id;
                 let _ = ctx.vms.call(vm, Operation::CancelLogin { session_id }, Duration::from_secs(5)).await;
                 return End::Cancelled;
@@ -577,7 +684,11 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
     };
     let bundle = CredentialBundle { files };
     let view = h.view();
-    match ctx.store.put(&view.user_id, &view.provider, &bundle).await {
+    let stored = ctx
+        .store
+        .put_for_session(&view.session_id, &view.user_id, &view.provider, &bundle)
+        .await;
+    match stored {
         Ok(record) => {
             let (session, user, provider) = (&view.session_id, &view.user_id, &view.provider);
             crate::audit::credential_stored(session, user, provider, &record.id);
@@ -589,6 +700,9 @@ async fn store(ctx: &Inner, h: &SessionHandle, provider: &Provider, c: CapturedC
                 "state",
                 Some(format!("encrypted with key {}", record.key_id)),
             );
+            // Saved before the agent hears the credential is stored: a
+            // restart after that finds the session waiting for delivery.
+            ctx.save_now(h).await;
             End::Stored {
                 credential_id: record.id,
                 bundle,

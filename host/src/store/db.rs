@@ -81,6 +81,8 @@ pub(crate) struct NewRow<'a> {
     pub(crate) nonce: &'a [u8],
     pub(crate) ciphertext: &'a [u8],
     pub(crate) created_at_ms: i64,
+    /// The login session it came from, when it came from one.
+    pub(crate) session_id: Option<&'a str>,
 }
 
 /// Connects to `url` and brings its schema up to date.
@@ -220,8 +222,8 @@ pub fn redact_url(url: &str) -> String {
 
 const INSERT: &str = "\
 INSERT INTO credential_records
-    (id, user_id, provider, version, key_id, nonce, ciphertext, created_at_ms)
-SELECT $1, $2, $3, COALESCE(MAX(version), 0) + 1, $4, $5, $6, $7
+    (id, user_id, provider, version, key_id, nonce, ciphertext, created_at_ms, session_id)
+SELECT $1, $2, $3, COALESCE(MAX(version), 0) + 1, $4, $5, $6, $7, $8
 FROM credential_records
 WHERE user_id = $2 AND provider = $3";
 
@@ -240,6 +242,11 @@ SELECT id, user_id, provider, key_id, created_at_ms, delivered_at_ms, delivered_
        nonce, ciphertext
 FROM credential_records
 WHERE id = $1";
+
+const BY_SESSION: &str = "\
+SELECT id, user_id, provider, key_id, created_at_ms, delivered_at_ms, delivered_vm
+FROM credential_records
+WHERE session_id = $1";
 
 const KEY_IDS: &str = "SELECT DISTINCT key_id FROM credential_records ORDER BY key_id";
 
@@ -269,6 +276,7 @@ pub(crate) async fn insert(pool: &AnyPool, row: &NewRow<'_>) -> Result<(), Store
             .bind(row.nonce)
             .bind(row.ciphertext)
             .bind(row.created_at_ms)
+            .bind(row.session_id)
             .execute(pool)
             .await;
         match result {
@@ -317,6 +325,19 @@ pub(crate) async fn by_id(pool: &AnyPool, id: &str) -> Result<Option<EncryptedRo
         .await
         .map_err(db_err("reading a credential record"))?;
     row.map(|r| encrypted_row(&r)).transpose()
+}
+
+/// The record a login session stored, if it stored one.
+pub(crate) async fn by_session(
+    pool: &AnyPool,
+    session_id: &str,
+) -> Result<Option<StoredRecord>, StoreError> {
+    let row = sqlx::query(BY_SESSION)
+        .bind(session_id)
+        .fetch_optional(pool)
+        .await
+        .map_err(db_err("reading a session's credential record"))?;
+    row.map(|r| record(&r)).transpose()
 }
 
 /// The distinct key ids stored records use.

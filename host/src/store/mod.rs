@@ -9,8 +9,11 @@
 //! and [`CredentialStore::mark_delivered`]. Operators rotate keys with
 //! [`rotate_key`].
 //!
+//! The same database keeps the login sessions ([`SessionRow`]), so that a
+//! restarted airlockd finds them.
+//!
 //! Layout: `keys` (the key file), `crypto` (sealing, scrubbed buffers),
-//! `db` (connection, migrations, queries). Nothing secret reaches an error,
+//! `db` (connection, migrations, queries), `sessions` (the sessions' rows). Nothing secret reaches an error,
 //! a log line or a `Debug` output: keys, plaintext and file contents are
 //! held in types that redact themselves, and decryption failures name only
 //! the record.
@@ -18,6 +21,7 @@
 mod crypto;
 mod db;
 mod keys;
+mod sessions;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -31,6 +35,7 @@ use serde::{Deserialize, Serialize};
 /// Hides a password in a database URL (for printing configs and logs).
 pub use db::redact_url;
 pub use keys::{rotate_key, KeyError};
+pub use sessions::SessionRow;
 /// The sqlx crate the store is built on, so that callers holding
 /// [`CredentialStore::pool`] (other tables of airlockd, tests) use the
 /// same version.
@@ -295,9 +300,71 @@ impl CredentialStore {
         })
     }
 
+    /// Saves a login session's row (inserted or replaced).
+    pub async fn save_session(&self, row: &SessionRow) -> Result<(), StoreError> {
+        let _write = self.inner.write_guard().await;
+        sessions::save(&self.inner.pool, row)
+            .await
+            .inspect_err(count_error)
+    }
+
+    /// The sessions not ended (oldest first), then the `ended` most
+    /// recently ended; sessions ended more than `retain_ms` ago are
+    /// forgotten first.
+    pub async fn load_sessions(
+        &self,
+        ended: usize,
+        retain_ms: i64,
+    ) -> Result<Vec<SessionRow>, StoreError> {
+        {
+            let _write = self.inner.write_guard().await;
+            let gone = sessions::prune(&self.inner.pool, now_ms() - retain_ms)
+                .await
+                .inspect_err(count_error)?;
+            if gone > 0 {
+                tracing::info!(sessions = gone, "forgot login sessions that ended long ago");
+            }
+        }
+        sessions::load(&self.inner.pool, ended)
+            .await
+            .inspect_err(count_error)
+    }
+
     /// Encrypts and stores a new credential version for (user, provider).
     pub async fn put(
         &self,
+        user_id: &str,
+        provider: &str,
+        bundle: &CredentialBundle,
+    ) -> Result<StoredRecord, StoreError> {
+        self.insert(None, user_id, provider, bundle).await
+    }
+
+    /// Like [`CredentialStore::put`] for the credential of login session
+    /// `session_id`, stored once: when the session already stored one (a
+    /// browser VM sends its credential again after a restart), that record
+    /// is returned and nothing is added.
+    pub async fn put_for_session(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        provider: &str,
+        bundle: &CredentialBundle,
+    ) -> Result<StoredRecord, StoreError> {
+        let stored = db::by_session(&self.inner.pool, session_id)
+            .await
+            .inspect_err(count_error)?;
+        if let Some(record) = stored {
+            tracing::info!(record_id = %record.id, session_id, "this session's credential is stored already");
+            return Ok(record);
+        }
+        self.insert(Some(session_id), user_id, provider, bundle)
+            .await
+    }
+
+    async fn insert(
+        &self,
+        session_id: Option<&str>,
         user_id: &str,
         provider: &str,
         bundle: &CredentialBundle,
@@ -317,6 +384,7 @@ impl CredentialStore {
             nonce: &sealed.nonce,
             ciphertext: &sealed.ciphertext,
             created_at_ms,
+            session_id,
         };
         {
             let _write = self.inner.write_guard().await;

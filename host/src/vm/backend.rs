@@ -18,6 +18,7 @@ use tokio::process::Child;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
+use super::adopt::Adopted;
 use super::console::Console;
 use super::layout::{LayoutError, VmDir};
 use super::VmKind;
@@ -217,6 +218,21 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
         let _ = dir;
         Box::pin(async { Err(BackendError::Unsupported(self.info().backend)) })
     }
+
+    /// Takes over a VM an earlier airlockd started (its processes,
+    /// watched, in `procs`): its console again, and nothing else started.
+    fn adopt<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        procs: Vec<Adopted>,
+    ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
+        let _ = (spec, procs);
+        Box::pin(async {
+            Err(BackendError::Unsupported(
+                "this backend (taking over a running VM)",
+            ))
+        })
+    }
 }
 
 /// What saving a VM took.
@@ -241,12 +257,16 @@ pub struct VmProcess {
 }
 
 /// A launched VM: its processes, console, and the tasks that pump their
-/// output. Dropping it kills the processes (`kill_on_drop`) and stops the
-/// tasks, so a launch that fails halfway leaves nothing behind.
+/// output. Dropping it kills the processes it started (`kill_on_drop`) and
+/// stops the tasks, so a launch that fails halfway leaves nothing behind;
+/// [`RunningVm::detach`] leaves them running for the next airlockd.
 #[derive(Debug)]
 pub struct RunningVm {
-    /// Processes, the VMM first.
+    /// Processes this airlockd started, the VMM first.
     pub processes: Vec<VmProcess>,
+    /// Processes an earlier airlockd started (a VM taken over), the VMM
+    /// first; a VM has these or `processes`, not both.
+    pub adopted: Vec<Adopted>,
     /// Console capture.
     pub console: Console,
     /// The acceleration it runs with (`kvm`/`tcg`), when applicable.
@@ -265,6 +285,7 @@ impl RunningVm {
         let io_cancel = CancellationToken::new();
         Self {
             processes: Vec::new(),
+            adopted: Vec::new(),
             console,
             accel,
             io_tasks: TaskTracker::new(),
@@ -282,14 +303,37 @@ impl RunningVm {
 
     /// Pid of the VMM process.
     pub fn vmm_pid(&self) -> Option<u32> {
-        self.processes.first().and_then(|p| p.child.id())
+        match self.processes.first() {
+            Some(p) => p.child.id(),
+            None => self.adopted.first().and_then(Adopted::id),
+        }
+    }
+
+    /// The pids of its processes by role, VMM first (for its record).
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        let started = self.processes.iter().map(|p| (p.name, p.child.id()));
+        let adopted = self.adopted.iter().map(|a| (a.name, a.id()));
+        started
+            .chain(adopted)
+            .filter_map(|(name, pid)| Some((name, pid?)))
+            .collect()
+    }
+
+    /// Leaves its processes running (airlockd is exiting and a later one
+    /// takes the VM over); stops only the output pumps.
+    pub fn detach(mut self) {
+        for p in std::mem::take(&mut self.processes) {
+            // Dropping the child would kill it (`kill_on_drop`).
+            std::mem::forget(p.child);
+        }
+        self.io_cancel.cancel();
     }
 
     /// Waits until any of the VM's processes exits; describes which and how.
     /// Cancel-safe.
     pub async fn wait_exit(&mut self) -> String {
         if self.processes.is_empty() {
-            return std::future::pending().await;
+            return self.wait_adopted().await;
         }
         let waits = self.processes.iter_mut().map(|p| {
             Box::pin(async move {
@@ -301,6 +345,37 @@ impl RunningVm {
         match status {
             Ok(s) => format!("{name} exited ({})", describe_status(s)),
             Err(e) => format!("cannot wait for {name}: {e}"),
+        }
+    }
+
+    /// [`RunningVm::wait_exit`] for a VM taken over: its processes are not
+    /// children, so their exit status is not known.
+    async fn wait_adopted(&mut self) -> String {
+        if self.adopted.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self.adopted.iter_mut().map(|a| {
+            Box::pin(async move {
+                a.wait().await;
+                a.name
+            })
+        });
+        let (name, _, _) = futures_util::future::select_all(waits).await;
+        format!("{name} exited")
+    }
+
+    /// Stops the processes of a VM taken over, as [`RunningVm::stop`]
+    /// does its children.
+    async fn stop_adopted(&mut self, grace: Duration) {
+        for a in &self.adopted {
+            a.terminate();
+        }
+        for a in &mut self.adopted {
+            if tokio::time::timeout(grace, a.wait()).await.is_err() {
+                kill_tree(a.name, a.id());
+                a.kill();
+                a.wait().await;
+            }
         }
     }
 
@@ -316,19 +391,12 @@ impl RunningVm {
         }
         for p in &mut self.processes {
             if tokio::time::timeout(grace, p.child.wait()).await.is_err() {
-                if let Some(pid) = p.child.id() {
-                    let killed = super::proctree::kill_tree(pid as i32);
-                    tracing::warn!(
-                        process = p.name,
-                        pid,
-                        killed,
-                        "did not stop within its grace; killed with everything it started"
-                    );
-                }
+                kill_tree(p.name, p.child.id());
                 let _ = p.child.start_kill();
                 let _ = p.child.wait().await;
             }
         }
+        self.stop_adopted(grace).await;
         for path in &self.leftovers {
             let _ = std::fs::remove_dir_all(path);
         }
@@ -349,15 +417,31 @@ impl RunningVm {
         self.processes
             .iter_mut()
             .any(|p| !matches!(p.child.try_wait(), Ok(None)))
+            || self.adopted.iter_mut().any(Adopted::has_exited)
     }
 
     /// Waits up to `grace` for the VMM to exit on its own (after the agent
     /// was asked to power off); true when it did.
     pub async fn wait_vmm(&mut self, grace: Duration) -> bool {
-        match self.processes.first_mut() {
-            Some(p) => tokio::time::timeout(grace, p.child.wait()).await.is_ok(),
-            None => true,
+        match (self.processes.first_mut(), self.adopted.first_mut()) {
+            (Some(p), _) => tokio::time::timeout(grace, p.child.wait()).await.is_ok(),
+            (None, Some(a)) => tokio::time::timeout(grace, a.wait()).await.is_ok(),
+            (None, None) => true,
         }
+    }
+}
+
+/// Kills a process that did not stop within its grace, with everything
+/// it started.
+fn kill_tree(name: &str, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        let killed = super::proctree::kill_tree(pid as i32);
+        tracing::warn!(
+            process = name,
+            pid,
+            killed,
+            "did not stop within its grace; killed with everything it started"
+        );
     }
 }
 

@@ -5,8 +5,10 @@
 //! memory fails with that reason, not with a timeout).
 //!
 //! Backends feed it: QEMU through a Unix socket airlockd listens on before
-//! QEMU starts (so not a byte of early boot is lost), the process backend
-//! through the agent's stdout and stderr. The console is guest-controlled
+//! QEMU starts (so not a byte of early boot is lost; QEMU dials it again
+//! when a later airlockd takes the VM over), the process backend through a
+//! FIFO the agent's stdout and stderr write to (which a later airlockd
+//! opens again). The console is guest-controlled
 //! text, so the tail handed out is stripped of escape sequences.
 
 use std::fs::File;
@@ -61,12 +63,26 @@ fn oom_victim(line: &[u8]) -> String {
 impl Console {
     /// Creates `log_path` and a capture that writes at most `max_bytes` to it.
     pub fn create(log_path: &Path, max_bytes: u64) -> std::io::Result<Self> {
-        let file = File::create(log_path)?;
+        Ok(Self::over(File::create(log_path)?, 0, max_bytes))
+    }
+
+    /// A capture appending to the existing `log_path` of a VM taken over
+    /// from an earlier airlockd (what it wrote counts against the cap).
+    pub fn append(log_path: &Path, max_bytes: u64) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log_path)?;
+        let written = file.metadata()?.len();
+        Ok(Self::over(file, written, max_bytes))
+    }
+
+    fn over(file: File, written: u64, max_bytes: u64) -> Self {
         let (init_tx, init_at) = watch::channel(None);
-        Ok(Self {
+        Self {
             sink: Arc::new(Mutex::new(Sink {
                 file: Some(file),
-                written: 0,
+                written,
                 max: max_bytes,
                 dropped: 0,
                 tail: Vec::with_capacity(TAIL_BYTES),
@@ -75,7 +91,7 @@ impl Console {
             init_at,
             init_tx: Arc::new(init_tx),
             oom: Arc::new(watch::channel(None).0),
-        })
+        }
     }
 
     /// The first process the guest's kernel killed for lack of memory.

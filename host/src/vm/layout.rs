@@ -1,7 +1,7 @@
 //! Files of one VM: `<run_dir>/vms/<id>/` holds its sockets, logs and pid
 //! file while it runs; logs of a failed VM move to
-//! `<state_dir>/failed-vms/<id>/`. Also cleans up after an airlockd that
-//! died with VMs running (called once at startup by the daemon).
+//! `<state_dir>/failed-vms/<id>/`. Also cleans up a VM an earlier airlockd
+//! left that cannot be taken over (see [`super::adopt`]).
 
 use std::fs;
 use std::io::Write;
@@ -59,6 +59,18 @@ impl VmDir {
             .create(&root)
             .map_err(|e| LayoutError::new("create", &root, e))?;
         Ok(Self { root })
+    }
+
+    /// The directory of VM `id` under `run_dir`, not created.
+    pub fn of(run_dir: &Path, id: &str) -> Self {
+        Self {
+            root: run_dir.join("vms").join(id),
+        }
+    }
+
+    /// The directory of a VM an earlier airlockd created.
+    pub fn existing(root: PathBuf) -> Self {
+        Self { root }
     }
 
     /// The directory.
@@ -159,29 +171,21 @@ fn move_file(src: &Path, dst: &Path) -> Result<(), LayoutError> {
     fs::remove_file(src).map_err(|e| LayoutError::new("remove", src, e))
 }
 
-/// Kills processes recorded by VMs of an earlier airlockd that did not
-/// stop them, keeps those VMs' logs, and removes their directories.
-/// Returns the ids cleaned up.
-pub fn reconcile(run_dir: &Path, failed_dir: &Path) -> Vec<String> {
-    let Ok(entries) = fs::read_dir(run_dir.join("vms")) else {
-        return Vec::new();
-    };
-    let mut cleaned = Vec::new();
-    for entry in entries.flatten() {
-        let dir = VmDir { root: entry.path() };
-        let id = entry.file_name().to_string_lossy().into_owned();
-        let killed = kill_recorded(&dir);
-        let reason = format!("airlockd stopped without tearing this VM down; killed {killed} leftover process(es) at the next start");
-        if let Err(e) = dir.keep_logs(failed_dir, &reason) {
-            tracing::warn!(vm_id = %id, error = %e, "cannot keep logs of a leftover VM");
-        }
-        if let Err(e) = dir.remove() {
-            tracing::warn!(vm_id = %id, error = %e, "cannot remove a leftover VM directory");
-        }
-        tracing::warn!(vm_id = %id, killed, "cleaned up a VM left by an earlier airlockd");
-        cleaned.push(id);
+/// Cleans up a VM an earlier airlockd left and this one cannot take
+/// over: kills its recorded processes still running, keeps its logs with
+/// `why`, and removes its directory. Returns how many processes it killed.
+pub fn clean_lost(dir: &VmDir, failed_dir: &Path, why: &str) -> usize {
+    let id = dir.id();
+    let killed = kill_recorded(dir);
+    let reason = format!("{why}; killed {killed} leftover process(es) when airlockd started again");
+    if let Err(e) = dir.keep_logs(failed_dir, &reason) {
+        tracing::warn!(vm_id = %id, error = %e, "cannot keep logs of a leftover VM");
     }
-    cleaned
+    if let Err(e) = dir.remove() {
+        tracing::warn!(vm_id = %id, error = %e, "cannot remove a leftover VM directory");
+    }
+    tracing::warn!(vm_id = %id, killed, why, "cleaned up a VM left by an earlier airlockd");
+    killed
 }
 
 /// SIGKILLs each recorded pid whose command line still names this VM's
@@ -247,7 +251,7 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_kills_only_processes_of_that_dir() {
+    fn clean_lost_kills_only_processes_of_that_dir() {
         let run = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         let dir = VmDir::create(run.path(), "vm-old").unwrap();
@@ -263,8 +267,8 @@ mod tests {
             .unwrap();
         dir.record_pids(&[("vmm", ours.id()), ("vhost", other.id())])
             .unwrap();
-        let cleaned = reconcile(run.path(), state.path());
-        assert_eq!(cleaned, vec!["vm-old".to_string()]);
+        assert_eq!(clean_lost(&dir, state.path(), "its QEMU is gone"), 1);
+        assert!(!dir.root().exists());
         assert!(ours.wait().unwrap().code().is_none(), "killed by a signal");
         assert!(
             other.try_wait().unwrap().is_none(),
@@ -272,6 +276,7 @@ mod tests {
         );
         other.kill().unwrap();
         other.wait().unwrap();
-        assert!(state.path().join("vm-old/error.txt").exists());
+        let why = fs::read_to_string(state.path().join("vm-old/error.txt")).unwrap();
+        assert!(why.contains("its QEMU is gone"), "{why}");
     }
 }

@@ -5,6 +5,7 @@
 //! requests to the connected agent.
 
 pub mod accel;
+pub mod adopt;
 pub mod backend;
 pub mod clock;
 pub mod console;
@@ -20,6 +21,7 @@ pub mod ramfile;
 pub mod restore;
 pub mod snapshot;
 mod supervisor;
+mod takeover;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -164,6 +166,10 @@ pub struct VmView {
     /// Set when the guest's kernel ran out of memory and killed a process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out_of_memory: Option<String>,
+    /// When this airlockd took the running VM over from an earlier one
+    /// (RFC 3339); its timings are then those of the takeover.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adopted_at: Option<String>,
 }
 
 /// A VM operation failed.
@@ -237,6 +243,17 @@ struct Launch {
     boot: Boot,
     /// [`Origin::Pool`]: a VM for the warm pool, created without an owner.
     origin: Origin,
+    /// A VM an earlier airlockd left running, to take over.
+    takeover: Option<Takeover>,
+}
+
+/// A VM an earlier airlockd left running.
+#[derive(Debug)]
+struct Takeover {
+    /// What it booted (from its record).
+    image: String,
+    /// Its processes, watched.
+    procs: Vec<adopt::Adopted>,
 }
 
 impl Launch {
@@ -244,6 +261,7 @@ impl Launch {
         Self {
             boot,
             origin: Origin::Boot,
+            takeover: None,
         }
     }
 }
@@ -269,6 +287,8 @@ struct VmHandle {
     /// Set while its state is saved: the agent's connection breaks on
     /// purpose then, and the VM is deleted after.
     saving: std::sync::atomic::AtomicBool,
+    /// What a later airlockd needs to take it over, once it runs.
+    record: Mutex<Option<adopt::VmRecord>>,
     stop: CancellationToken,
     finished: CancellationToken,
 }
@@ -457,6 +477,7 @@ impl VmManager {
                 state: snap.state(),
             },
             origin: Origin::Snapshot,
+            takeover: None,
         };
         self.create_inner(req, events, egress, launch)
     }
@@ -543,6 +564,7 @@ impl VmManager {
             logs_dir: None,
             egress: None,
             out_of_memory: None,
+            adopted_at: None,
         };
         // A browser VM without a network of its own has a gateway; a CLI
         // VM only when the operator says so (egress.cli_vms).
@@ -559,6 +581,7 @@ impl VmManager {
             keep_logs: Mutex::new(None),
             egress,
             saving: Default::default(),
+            record: Mutex::new(None),
             stop: self.inner.shutdown.child_token(),
             finished: CancellationToken::new(),
         });

@@ -226,6 +226,7 @@ impl VmManager {
                 state: snap.state(),
             },
             origin: Origin::Pool,
+            takeover: None,
         };
         self.create_inner(req, None, template_policy(), launch)
     }
@@ -262,6 +263,7 @@ impl VmManager {
                 v.owner = req.user_id.clone();
                 v.pooled = false;
             });
+            handle.refresh_record(&self.inner.config.paths.run_dir);
             let view = handle.current();
             let _ = self.inner.states.send(view.clone());
             self.inner

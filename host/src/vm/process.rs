@@ -12,7 +12,9 @@
 //! loopback, so Chromium and a login CLI get out only through the egress
 //! gateway as in a browser VM, and its own mounts, optionally with an
 //! image's `/usr/local` (`vm.unsafe_host_browser_usr_local`). Its stdout
-//! and stderr are the VM's "console".
+//! and stderr are the VM's "console": a FIFO in the VM's directory, which
+//! airlockd holds open for reading and writing, so the agent never sees it
+//! close and a later airlockd that takes the VM over reads it again.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -122,25 +124,7 @@ impl ProcessBackend {
         let Some(user) = self.browser_user else {
             return Ok(());
         };
-        // The egress gateway's socket exists when this backend isolates the
-        // browser (it is bound before the launch, like the agent's).
-        let egress = spec
-            .dir
-            .agent_listener(super::supervisor::egress_port(spec.agent_port));
-        for path in [
-            spec.dir.root().to_path_buf(),
-            spec.dir.agent_listener(spec.agent_port),
-        ]
-        .into_iter()
-        .chain(egress.exists().then_some(egress))
-        {
-            nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| {
-                BackendError::Io {
-                    context: format!("give {} to the host-browser account", path.display()),
-                    source: e.into(),
-                }
-            })?;
-        }
+        give_to(user, spec)?;
         if !self.isolation.isolated {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
             return Ok(());
@@ -170,13 +154,36 @@ impl ProcessBackend {
                 source,
             },
         )?;
+        let fifo = dir.file(CONSOLE_FIFO);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(
+            |e| BackendError::Io {
+                context: format!("create {}", fifo.display()),
+                source: e.into(),
+            },
+        )?;
+        // The reading end first: opening the writing end would block
+        // until one exists.
+        let reader = open_fifo(&fifo)?;
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .map_err(|source| BackendError::Io {
+                context: format!("open {}", fifo.display()),
+                source,
+            })?;
+        let writer2 = writer.try_clone().map_err(|source| BackendError::Io {
+            context: format!("open {}", fifo.display()),
+            source,
+        })?;
         let mut cmd = Command::new(&self.agent_binary);
+        // Its own process group: it outlives airlockd (see `super::adopt`).
         cmd.args(["--mode", "process", "--log-level", "debug", "--unix"])
             .arg(dir.agent_listener(spec.agent_port))
             .current_dir(dir.root())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(writer)
+            .stderr(writer2)
+            .process_group(0)
             .kill_on_drop(true);
         self.confine(spec, &mut cmd)?;
         // Its runtime files (Chromium's profile, login homes) go where
@@ -184,22 +191,12 @@ impl ProcessBackend {
         // it does (as a host process nothing else would).
         let state = agent_state_dir(&spec.vm_id);
         cmd.env(airlock_proto::AGENT_STATE_DIR_ENV, &state);
-        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
+        let child = cmd.spawn().map_err(|source| BackendError::Spawn {
             program: self.agent_binary.display().to_string(),
             source,
         })?;
         let mut vm = RunningVm::new(console.clone(), None);
-        {
-            let (tracker, cancel) = vm.io();
-            if let Some(out) = child.stdout.take() {
-                let (c, k) = (console.clone(), cancel.clone());
-                tracker.spawn(async move { c.pump(out, &k).await });
-            }
-            if let Some(err) = child.stderr.take() {
-                let c = console.clone();
-                tracker.spawn(async move { c.pump(err, &cancel).await });
-            }
-        }
+        pump(&vm, &console, reader);
         vm.leftovers.push(state);
         let pid = child.id().unwrap_or_default();
         vm.processes.push(VmProcess {
@@ -207,6 +204,79 @@ impl ProcessBackend {
             child,
         });
         dir.record_pids(&[("agent", pid)])?;
+        Ok(vm)
+    }
+}
+
+/// Gives a browser VM's directory and the sockets its agent dials (bound
+/// by airlockd, at launch and again when a later airlockd takes it over)
+/// to the account the agent runs as.
+fn give_to(user: HostBrowserUser, spec: &LaunchSpec) -> Result<(), BackendError> {
+    // The egress gateway's socket exists when this backend isolates the
+    // browser (it is bound before the launch, like the agent's).
+    let egress = spec
+        .dir
+        .agent_listener(super::supervisor::egress_port(spec.agent_port));
+    for path in [
+        spec.dir.root().to_path_buf(),
+        spec.dir.agent_listener(spec.agent_port),
+    ]
+    .into_iter()
+    .chain(egress.exists().then_some(egress))
+    {
+        nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| {
+            BackendError::Io {
+                context: format!("give {} to the host-browser account", path.display()),
+                source: e.into(),
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// The agent's stdout and stderr, in the VM's directory.
+const CONSOLE_FIFO: &str = "console.fifo";
+
+/// Opens the console FIFO for reading and writing: never blocks, and never
+/// reads an end while airlockd holds it.
+fn open_fifo(path: &Path) -> Result<tokio::net::unix::pipe::Receiver, BackendError> {
+    tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)
+        .map_err(|source| BackendError::Io {
+            context: format!("open {}", path.display()),
+            source,
+        })
+}
+
+/// Pumps the console FIFO into `console` until the VM stops.
+fn pump(vm: &RunningVm, console: &Console, reader: tokio::net::unix::pipe::Receiver) {
+    let (tracker, cancel) = vm.io();
+    let c = console.clone();
+    tracker.spawn(async move { c.pump(reader, &cancel).await });
+}
+
+impl ProcessBackend {
+    async fn adopt_inner(
+        &self,
+        spec: &LaunchSpec,
+        procs: Vec<super::adopt::Adopted>,
+    ) -> Result<RunningVm, BackendError> {
+        let dir = &spec.dir;
+        let console = Console::append(&dir.file("console.log"), self.console_max_bytes).map_err(
+            |source| BackendError::Io {
+                context: "open console.log".into(),
+                source,
+            },
+        )?;
+        if let (VmKind::Browser, Some(user)) = (spec.kind, self.browser_user) {
+            give_to(user, spec)?;
+        }
+        let reader = open_fifo(&dir.file(CONSOLE_FIFO))?;
+        let mut vm = RunningVm::new(console.clone(), None);
+        pump(&vm, &console, reader);
+        vm.adopted = procs;
+        vm.leftovers.push(agent_state_dir(&spec.vm_id));
         Ok(vm)
     }
 }
@@ -231,6 +301,14 @@ impl VmBackend for ProcessBackend {
 
     fn isolates_network(&self, kind: VmKind) -> bool {
         kind == VmKind::Browser && self.isolation.isolated && self.browser_user.is_some()
+    }
+
+    fn adopt<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        procs: Vec<super::adopt::Adopted>,
+    ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
+        Box::pin(self.adopt_inner(spec, procs))
     }
 
     fn info(&self) -> BackendInfo {

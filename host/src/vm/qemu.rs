@@ -119,13 +119,27 @@ impl QemuBackend {
         Ok(())
     }
 
-    /// The VM's console capture, served before QEMU connects to it.
-    fn start_console(&self, dir: &VmDir, accel: Accel) -> Result<RunningVm, BackendError> {
-        let console = Console::create(&dir.file("console.log"), self.vm.console_max_bytes)
-            .map_err(|source| BackendError::Io {
-                context: "create console.log".into(),
-                source,
-            })?;
+    /// The VM's console capture, served before QEMU connects to it (for a
+    /// VM taken over, in place of the earlier airlockd's: QEMU dials again).
+    fn start_console(
+        &self,
+        dir: &VmDir,
+        accel: Accel,
+        taken_over: bool,
+    ) -> Result<RunningVm, BackendError> {
+        let log = dir.file("console.log");
+        let max = self.vm.console_max_bytes;
+        let console = match taken_over {
+            true => {
+                let _ = std::fs::remove_file(dir.console_socket());
+                Console::append(&log, max)
+            }
+            false => Console::create(&log, max),
+        }
+        .map_err(|source| BackendError::Io {
+            context: "create console.log".into(),
+            source,
+        })?;
         let console_listener =
             UnixListener::bind(dir.console_socket()).map_err(|source| BackendError::Io {
                 context: "bind the console socket".into(),
@@ -173,8 +187,19 @@ impl QemuBackend {
     async fn launch_inner(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
         self.check_inputs(&spec.boot)?;
         let accel = self.detect_accel().await.accel;
-        let mut vm = self.start_console(&spec.dir, accel)?;
+        let mut vm = self.start_console(&spec.dir, accel, false)?;
         self.start_processes(spec, accel, &mut vm).await?;
+        Ok(vm)
+    }
+
+    async fn adopt_inner(
+        &self,
+        spec: &LaunchSpec,
+        procs: Vec<super::adopt::Adopted>,
+    ) -> Result<RunningVm, BackendError> {
+        let accel = self.detect_accel().await.accel;
+        let mut vm = self.start_console(&spec.dir, accel, true)?;
+        vm.adopted = procs;
         Ok(vm)
     }
 
@@ -196,7 +221,7 @@ impl QemuBackend {
                 BackendError::Restore(format!("cannot copy the snapshot's guest RAM: {e}"))
             })?;
         let accel = self.detect_accel().await.accel;
-        let mut vm = self.start_console(&spec.dir, accel)?;
+        let mut vm = self.start_console(&spec.dir, accel, false)?;
         self.start_processes(spec, accel, &mut vm).await?;
         let qmp_socket = spec.dir.qmp_socket();
         let program = self.qemu.binary.display().to_string();
@@ -529,6 +554,14 @@ impl VmBackend for QemuBackend {
         Box::pin(self.resume_inner(dir))
     }
 
+    fn adopt<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        procs: Vec<super::adopt::Adopted>,
+    ) -> BoxFuture<'a, Result<RunningVm, BackendError>> {
+        Box::pin(self.adopt_inner(spec, procs))
+    }
+
     fn info(&self) -> BackendInfo {
         let d = self.accel.get();
         BackendInfo {
@@ -554,11 +587,14 @@ fn spawn_logged(
     };
     let out = std::fs::File::create(log).map_err(io_err)?;
     let err = out.try_clone().map_err(io_err)?;
+    // Its own process group: a signal to airlockd's group (Ctrl-C in a
+    // terminal) does not reach the VMs, which outlive airlockd.
     Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| BackendError::Spawn {
@@ -632,7 +668,12 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
     }
     push(&[
         "-chardev",
-        &format!("socket,id=console,path={}", dir.console_socket().display()),
+        // reconnect: when airlockd restarts, QEMU dials the next one's
+        // console socket (output meanwhile is dropped, not buffered).
+        &format!(
+            "socket,id=console,path={},reconnect=1",
+            dir.console_socket().display()
+        ),
     ]);
     push(&["-serial", "chardev:console"]);
     if let Some(fw) = &q.firmware {

@@ -21,7 +21,7 @@ use crate::egress::policy::EgressPolicy;
 use crate::image::GoldenImage;
 
 /// How a browser VM started, as sessions and `/health` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Origin {
     /// Booted from its image.

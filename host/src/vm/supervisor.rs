@@ -32,7 +32,8 @@ use crate::egress::gateway::Gateway;
 /// How a VM's life ended.
 #[derive(Debug)]
 enum Outcome {
-    /// Stopped on request (DELETE or daemon shutdown).
+    /// Stopped on request (DELETE or daemon shutdown; see
+    /// [`Supervisor::detaches`] for VMs left running at shutdown).
     Stopped,
     /// Broken; the reason goes into the VM's error.
     Failed(String),
@@ -52,6 +53,13 @@ pub(super) struct Supervisor {
     origin: Origin,
     requested: Instant,
     id: String,
+    /// The processes of a VM an earlier airlockd started, taken over
+    /// instead of launching (taken when the supervisor starts it).
+    takeover: std::sync::Mutex<Option<Vec<super::adopt::Adopted>>>,
+    /// Taking a running VM over (no launch, no refresh, no boot timings).
+    adopting: bool,
+    /// What it booted, for the handshake's refusals.
+    image: String,
     /// The acceptor and agent connection tasks of this VM.
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -69,6 +77,11 @@ impl Supervisor {
         requested: Instant,
     ) -> Self {
         let id = handle.view.borrow().id.clone();
+        let image = match &launch.takeover {
+            Some(t) => t.image.clone(),
+            None => launch.boot.describe(&inner.config.vm.initramfs),
+        };
+        let adopting = launch.takeover.is_some();
         Self {
             inner,
             handle,
@@ -76,6 +89,9 @@ impl Supervisor {
             origin: launch.origin,
             requested,
             id,
+            takeover: std::sync::Mutex::new(launch.takeover.map(|t| t.procs)),
+            adopting,
+            image,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         }
@@ -135,7 +151,7 @@ impl Supervisor {
         HandshakeConfig {
             vm_id: self.id.clone(),
             expected: self.inner.expected.clone(),
-            image: self.boot.describe(&vm.initramfs),
+            image: self.image.clone(),
             max_frame: vm.max_frame_bytes,
             hello_timeout: Duration::from_millis(vm.hello_timeout_ms),
             ready_timeout: Duration::from_millis(vm.ready_timeout_ms),
@@ -160,11 +176,12 @@ impl Supervisor {
 
     async fn boot_and_serve(&self, dir: &VmDir) -> (Outcome, Option<RunningVm>) {
         let cfg = &self.inner.config.vm;
-        let log = match GuestLog::create(
+        let log = match GuestLog::open(
             &dir.file("agent.log"),
             &self.id,
             cfg.agent_log_max_bytes,
             cfg.guest_log_rate_per_sec,
+            self.adopting,
         ) {
             Ok(log) => Arc::new(log),
             Err(e) => {
@@ -175,7 +192,7 @@ impl Supervisor {
             }
         };
         // Listen before the VM starts: the agent dials as soon as it runs.
-        let listener = match UnixListener::bind(dir.agent_listener(cfg.agent_port)) {
+        let listener = match self.bind(&dir.agent_listener(cfg.agent_port)) {
             Ok(l) => l,
             Err(e) => {
                 return (
@@ -224,9 +241,10 @@ impl Supervisor {
         let vmm_started = Instant::now();
         self.update(|v| {
             v.vmm_pid = vm.vmm_pid();
-            v.accel = vm.accel.clone();
+            v.accel = vm.accel.clone().or(v.accel.take());
             v.timings.request_to_vmm_ms = Some(ms(vmm_started - self.requested));
         });
+        self.write_record(&vm, dir);
         let outcome = match self.boot(&mut vm, &mut events, vmm_started).await {
             Ok(()) => {
                 self.restore_ended(Ok(()));
@@ -242,6 +260,46 @@ impl Supervisor {
         (outcome, Some(vm))
     }
 
+    /// Binds a socket the VM's side dials; a VM taken over has the
+    /// earlier airlockd's socket file there, which nobody answers any more.
+    fn bind(&self, path: &std::path::Path) -> std::io::Result<UnixListener> {
+        if self.adopting {
+            let _ = std::fs::remove_file(path);
+        }
+        UnixListener::bind(path)
+    }
+
+    /// Records what a later airlockd needs to take this VM over.
+    fn write_record(&self, vm: &RunningVm, dir: &VmDir) {
+        let view = self.handle.view.borrow().clone();
+        let processes = vm
+            .pids()
+            .into_iter()
+            .filter_map(|(name, pid)| super::adopt::record_of(name, pid))
+            .collect();
+        let record = super::adopt::VmRecord {
+            id: self.id.clone(),
+            kind: view.kind,
+            origin: view.origin,
+            pooled: view.pooled,
+            owner: view.owner,
+            memory_mib: view.memory_mib,
+            vcpus: view.vcpus,
+            accel: view.accel,
+            created_at: view.created_at,
+            image: self.image.clone(),
+            agent_port: self.inner.config.vm.agent_port,
+            egress: self.handle.egress.as_ref().map(|(p, _)| (*p.get()).clone()),
+            processes,
+        };
+        *self
+            .handle
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(record);
+        self.handle.save_record(dir);
+    }
+
     /// Tells the snapshots' keeper how a VM restored from one started.
     fn restore_ended(&self, result: Result<(), &str>) {
         if let (Boot::Restore { state, .. }, Some(restorer)) =
@@ -254,6 +312,14 @@ impl Supervisor {
     /// Boots the VM, or restores it from its snapshot and lets it run.
     async fn start(&self, spec: &LaunchSpec) -> Result<RunningVm, BackendError> {
         let backend = self.inner.backend_for(spec.kind);
+        let takeover = self
+            .takeover
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(procs) = takeover {
+            return backend.adopt(spec, procs).await;
+        }
         let vm = match &spec.boot {
             Boot::Restore { .. } => {
                 let t = Instant::now();
@@ -334,7 +400,8 @@ impl Supervisor {
             return Ok(());
         };
         let port = egress_port(self.inner.config.vm.agent_port);
-        let listener = UnixListener::bind(dir.agent_listener(port))
+        let listener = self
+            .bind(&dir.agent_listener(port))
             .map_err(|e| format!("cannot listen for the VM's egress: {e}"))?;
         let gateway = Gateway {
             egress: self.inner.egress.clone(),
@@ -378,10 +445,14 @@ impl Supervisor {
         let timeout = Duration::from_millis(self.inner.config.vm.boot_timeout_ms);
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let since = match self.adopting {
+            true => "airlockd took the running VM over",
+            false => "the VM starting",
+        };
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(AgentEvent::Connected(acc)) => {
-                    if self.origin != Origin::Boot {
+                    if self.origin != Origin::Boot && !self.adopting {
                         self.refresh(&acc).await?;
                     }
                     self.ready(*acc, vm, vmm_started);
@@ -392,7 +463,7 @@ impl Supervisor {
             },
             exit = vm.wait_exit() => Err(Outcome::Failed(format!("the VM stopped before its agent said hello: {exit}"))),
             _ = &mut deadline => Err(Outcome::Failed(format!(
-                "the agent did not say hello within {timeout:?} of the VM starting (is it dialling port {}?)",
+                "the agent did not say hello within {timeout:?} of {since} (is it dialling port {}?)",
                 self.inner.config.vm.agent_port
             ))),
             _ = self.handle.stop.cancelled() => Err(Outcome::Stopped),
@@ -408,8 +479,9 @@ impl Supervisor {
             v.agent_version = Some(h.agent_version.clone());
             v.agent_build_id = Some(h.build_id.clone());
             let t = &mut v.timings;
-            // A restored VM's agent started in the template, long ago.
-            if self.origin == Origin::Boot {
+            // A restored VM's agent started in the template, long ago; a
+            // VM taken over booted under an earlier airlockd.
+            if self.origin == Origin::Boot && !self.adopting {
                 t.vmm_to_init_ms = init_at.map(|i| ms(i.saturating_duration_since(vmm_started)));
                 t.guest_uptime_at_init_ms = Some(h.uptime_at_start_ms);
                 t.init_to_hello_ms = Some(h.uptime_at_hello_ms - h.uptime_at_start_ms);
@@ -423,6 +495,10 @@ impl Supervisor {
             Origin::Snapshot => 1,
             Origin::Pool => 2,
         };
+        if self.adopting {
+            tracing::info!(vm_id = %self.id, agent = %h.agent_version, took_ms = ?t.request_to_ready_ms, "VM taken over from an earlier airlockd");
+            return;
+        }
         crate::metrics::global().vm_ready[origin].observe(acc.ready_at - self.requested);
         tracing::info!(vm_id = %self.id, agent = %h.agent_version, request_to_ready_ms = ?t.request_to_ready_ms, "VM ready");
     }
@@ -480,7 +556,40 @@ impl Supervisor {
         }
     }
 
+    /// Whether a VM stopped because airlockd is exiting stays running for
+    /// the next airlockd to take over (`vm.keep_on_exit`): all but those
+    /// of the warm pool (which starts afresh) and browser VMs without an
+    /// owner (a snapshot's template).
+    fn detaches(&self, outcome: &Outcome) -> bool {
+        let v = self.handle.view.borrow();
+        matches!(outcome, Outcome::Stopped)
+            && self.inner.config.vm.keep_on_exit
+            && self.inner.shutdown.is_cancelled()
+            && !v.pooled
+            && !(v.kind == VmKind::Browser && v.owner.is_none())
+    }
+
+    /// Leaves the VM running: its processes, directory and record stay;
+    /// only this airlockd's side (agent connection, listeners, console
+    /// pumps) goes.
+    async fn detach(&self, vm: RunningVm) {
+        if let Some(agent) = self.handle.agent() {
+            agent.close();
+        }
+        self.handle.set_agent(None);
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        let pid = vm.vmm_pid();
+        vm.detach();
+        tracing::info!(vm_id = %self.id, vmm_pid = ?pid, "VM left running for the next airlockd");
+    }
+
     async fn teardown(&self, outcome: Outcome, vm: Option<RunningVm>, dir: &VmDir) {
+        let vm = match vm {
+            Some(vm) if self.detaches(&outcome) => return self.detach(vm).await,
+            vm => vm,
+        };
         let agent = self.handle.agent();
         self.handle.set_agent(None);
         let mut tail = String::new();
