@@ -604,3 +604,85 @@ async fn providers_are_listed_and_an_unknown_one_is_refused() -> Result<()> {
     )
     .await
 }
+
+/// The CLI VM's copy of the fake credential: its SHA-256, or `None` while
+/// it has none.
+async fn credential_in(d: &Daemon, vm: &str) -> Result<Option<String>> {
+    let out = d.exec(vm, &["sha256sum", FAKE_CREDENTIAL]).await?;
+    Ok((out["exitCode"] == 0).then(|| {
+        out["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_new_cli_vm_gets_the_newest_credential_and_a_refreshed_copy_stays() -> Result<()> {
+    with_rig(
+        |s| s.set("vm", "keep_on_exit", "true"),
+        async |rig| {
+            let done = complete(rig, FAKE_CREDENTIAL).await?;
+            let d = &mut rig.daemon;
+            let first = done["cliVmId"].as_str().context("cliVmId")?.to_string();
+            let (_, bundle) = store(d).await?.latest(USER, FAKE).await?.context("stored")?;
+            let stored = hex(bundle.files[0].contents.expose());
+            d.delete_vm(&first).await?;
+            // A new CLI VM of the user (the test image has no home disk:
+            // nothing of the first VM is in it) gets the credential once
+            // it is ready.
+            let vm = d
+                .ready_vm(serde_json::json!({"kind": "cli", "userId": USER}))
+                .await?;
+            let id = vm["id"].as_str().context("id")?.to_string();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let got = loop {
+                if let Some(sum) = credential_in(d, &id).await? {
+                    break sum;
+                }
+                ensure!(std::time::Instant::now() < deadline, "never delivered to {id}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            ensure!(got == stored, "the new VM got another credential");
+            let (record, _) = store(d).await?.latest(USER, FAKE).await?.context("stored")?;
+            ensure!(record.delivered_vm.as_deref() == Some(id.as_str()));
+            // The CLI refreshes its token there: that copy is newer than
+            // the stored one and stays, also when the VM is seen ready
+            // again (taken over by a restarted airlockd).
+            let refreshed = format!(
+                "printf '{{\"accessToken\":\"refreshed\",\"refreshToken\":\"r2\"}}' > {FAKE_CREDENTIAL}"
+            );
+            d.exec(&id, &["sh", "-c", &refreshed]).await?;
+            let mine = credential_in(d, &id).await?.context("written")?;
+            let log = d.dir.path().join("airlockd.log");
+            let before = std::fs::metadata(&log)?.len() as usize;
+            d.restart(true).await?;
+            let back = d.wait_state(&id, "ready", Duration::from_secs(60)).await?;
+            ensure!(back["adoptedAt"].is_string(), "{back}");
+            // Once the new airlockd has looked at the VM's files:
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = std::fs::read(&log)?;
+                let after = String::from_utf8_lossy(text.get(before..).unwrap_or_default());
+                let seen = after
+                    .lines()
+                    .find(|l| l.contains("has the user's newest credentials") && l.contains(&id));
+                if let Some(line) = seen {
+                    ensure!(line.contains("written=0"), "{line}");
+                    break;
+                }
+                ensure!(std::time::Instant::now() < deadline, "the VM's files were never looked at");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            ensure!(
+                credential_in(d, &id).await? == Some(mine),
+                "the refreshed credential was overwritten by the stored one"
+            );
+            Ok(())
+        },
+    )
+    .await
+}

@@ -38,6 +38,21 @@ async fn boots_a_vm_runs_uname_and_round_trips_a_file() -> Result<()> {
             "the VM runs this build's agent"
         );
         assert_eq!(vm["accel"], "tcg");
+        // QEMU runs under its seccomp sandbox, and a CLI VM's may start no
+        // process.
+        let pid = vm["vmmPid"].as_u64().context("vmmPid")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            "QEMU is not under a seccomp filter"
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains("spawn=deny"),
+            "a CLI VM's QEMU may spawn processes"
+        );
         for key in [
             "requestToVmmMs",
             "vmmToInitMs",

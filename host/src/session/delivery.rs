@@ -2,21 +2,23 @@
 //! session stores its credential, it goes to the user's CLI VM (created
 //! on demand): each file written atomically with mode 0600 through the
 //! agent, whose reply's hash must match what was sent (nothing secret is
-//! read back out of the VM). A CLI VM that is not up in
-//! time leaves the credential stored; a background task delivers it when a
-//! CLI VM of that user becomes ready. Called by [`super::run`]; the watcher
-//! is started by [`super::Sessions::new`].
+//! read back out of the VM). A CLI VM that is not up in time leaves the
+//! credential stored; a background task delivers it when a CLI VM of that
+//! user becomes ready, and gives every CLI VM of a user that becomes ready
+//! the files of the user's newest credentials it lacks. Called by
+//! [`super::run`]; the watcher is started by [`super::Sessions::new`].
 
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use airlock_proto::limits::MAX_FILE_BYTES;
-use airlock_proto::{Operation, ReadFileRequest, Reply, SecretBytes, WriteFileRequest};
+use airlock_proto::{ErrorCode, Operation, ReadFileRequest, Reply, SecretBytes, WriteFileRequest};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{merge, Inner, SessionHandle, SessionState};
+use crate::agent::AgentError;
 use crate::store::CredentialBundle;
 use crate::vm::{CreateVm, VmError, VmKind, VmState, VmView};
 
@@ -245,10 +247,14 @@ async fn read_persons_copy(
     }
 }
 
-/// Delivers stored, undelivered credentials whenever a CLI VM of their
-/// user becomes ready. Runs until airlockd shuts down.
+/// Brings a user's stored credentials into each CLI VM of theirs that
+/// becomes ready ([`bring`]). Runs until airlockd shuts down.
 pub(super) async fn watch_cli_vms(ctx: std::sync::Arc<Inner>) {
     let mut states = ctx.vms.subscribe_states();
+    // CLI VMs served since they became ready: a ready VM's view changes
+    // for other reasons too, and each change is no reason to look again.
+    // Only live VMs are in it (a VM leaves it with its readiness).
+    let mut served: HashSet<String> = HashSet::new();
     loop {
         let changed = tokio::select! {
             r = states.recv() => match r {
@@ -264,41 +270,41 @@ pub(super) async fn watch_cli_vms(ctx: std::sync::Arc<Inner>) {
             _ = ctx.shutdown.cancelled() => return,
         };
         for view in changed {
-            if let (VmKind::Cli, VmState::Ready, Some(user)) =
-                (view.kind, view.state, view.owner.as_deref())
-            {
-                deliver_pending(&ctx, user, &view.id).await;
+            if view.kind != VmKind::Cli || view.state != VmState::Ready {
+                served.remove(&view.id);
+                continue;
+            }
+            let Some(user) = view.owner.as_deref() else {
+                continue;
+            };
+            // A failure leaves it unserved: the next change of the VM
+            // tries again.
+            if !served.contains(&view.id) && deliver_pending(&ctx, user, &view.id).await {
+                served.insert(view.id.clone());
             }
         }
     }
 }
 
-async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) {
-    let records = match ctx.store.undelivered(user).await {
+/// Brings each provider's newest stored credential of `user` into CLI VM
+/// `vm`; false when one could not be.
+async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) -> bool {
+    let records = match ctx.store.newest(user).await {
         Ok(r) => r,
         Err(e) => {
-            return tracing::warn!(user_id = user, error = %e, "cannot list credentials to deliver")
+            tracing::warn!(user_id = user, error = %e, "cannot list credentials to deliver");
+            return false;
         }
     };
+    let (mut all, mut written) = (true, 0);
     for record in records {
         let Some(_claim) = Claim::take(&ctx.delivering, &record.id) else {
             continue;
         };
-        let result = async {
-            let (_, bundle) = ctx
-                .store
-                .get(&record.id)
-                .await
-                .map_err(|e| DeliveryError::Failed(e.to_string()))?;
-            write_and_verify(ctx, vm, &bundle, &merged_paths(ctx, &record.provider)).await?;
-            ctx.store
-                .mark_delivered(&record.id, vm)
-                .await
-                .map_err(|e| DeliveryError::Failed(e.to_string()))
-        }
-        .await;
-        match result {
-            Ok(()) => {
+        match bring(ctx, vm, &record).await {
+            Ok(false) => {}
+            Ok(true) => {
+                written += 1;
                 crate::audit::credential_delivered(user, &record.provider, &record.id, vm);
                 if let Some(h) = ctx.session_of_credential(&record.id) {
                     if h.view().state == SessionState::Stored {
@@ -307,8 +313,78 @@ async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) {
                 }
             }
             Err(e) => {
-                tracing::warn!(user_id = user, vm_id = vm, error = %e, "cannot deliver a stored credential")
+                all = false;
+                tracing::warn!(user_id = user, vm_id = vm, error = %e, "cannot deliver a stored credential");
             }
         }
+    }
+    if all {
+        tracing::info!(
+            user_id = user,
+            vm_id = vm,
+            written,
+            "the CLI VM has the user's newest credentials"
+        );
+    }
+    all
+}
+
+/// Brings `record` into CLI VM `vm`: all of it when it was never
+/// delivered; else only the files the VM lacks (a new VM without the
+/// user's home disk lacks them all). A file the VM has stays as it is: the
+/// CLI may have refreshed its token there since, and the stored copy would
+/// be older. True when something was written.
+async fn bring(
+    ctx: &Inner,
+    vm: &str,
+    record: &crate::store::StoredRecord,
+) -> Result<bool, DeliveryError> {
+    let (_, mut bundle) = ctx
+        .store
+        .get(&record.id)
+        .await
+        .map_err(|e| DeliveryError::Failed(e.to_string()))?;
+    if record.delivered_at_ms.is_some() {
+        let mut missing = Vec::new();
+        for f in std::mem::take(&mut bundle.files) {
+            if !exists(ctx, vm, &f.path).await? {
+                missing.push(f);
+            }
+        }
+        bundle.files = missing;
+    }
+    if bundle.files.is_empty() {
+        return Ok(false);
+    }
+    write_and_verify(ctx, vm, &bundle, &merged_paths(ctx, &record.provider)).await?;
+    ctx.store
+        .mark_delivered(&record.id, vm)
+        .await
+        .map_err(|e| DeliveryError::Failed(e.to_string()))?;
+    Ok(true)
+}
+
+/// Whether `path` exists in CLI VM `vm`, asked without reading it: a read
+/// of at most 0 bytes is refused as too large for any file with contents,
+/// so nothing of a credential leaves the VM.
+async fn exists(ctx: &Inner, vm: &str, path: &str) -> Result<bool, DeliveryError> {
+    let probe = ReadFileRequest {
+        path: path.into(),
+        max_bytes: 0,
+    };
+    match ctx
+        .vms
+        .call(vm, Operation::ReadFile(probe), FILE_WAIT)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(VmError::Agent {
+            source: AgentError::Guest(reply),
+            ..
+        }) if reply.code == ErrorCode::TooLarge => Ok(true),
+        Err(e) => Err(DeliveryError::Failed(format!(
+            "cannot look for {path} in CLI VM {vm}: {e}"
+        ))),
     }
 }

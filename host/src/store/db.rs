@@ -253,12 +253,11 @@ const KEY_IDS: &str = "SELECT DISTINCT key_id FROM credential_records ORDER BY k
 const MARK_DELIVERED: &str = "\
 UPDATE credential_records SET delivered_at_ms = $1, delivered_vm = $2 WHERE id = $3";
 
-const UNDELIVERED: &str = "\
+const NEWEST: &str = "\
 SELECT c.id, c.user_id, c.provider, c.key_id, c.created_at_ms, c.delivered_at_ms,
        c.delivered_vm
 FROM credential_records c
 WHERE c.user_id = $1
-  AND c.delivered_at_ms IS NULL
   AND c.version = (SELECT MAX(m.version) FROM credential_records m
                    WHERE m.user_id = c.user_id AND m.provider = c.provider)
 ORDER BY c.provider";
@@ -368,16 +367,13 @@ pub(crate) async fn mark_delivered(
     Ok(done.rows_affected() > 0)
 }
 
-/// Per provider of the user, the newest row when it is undelivered.
-pub(crate) async fn undelivered(
-    pool: &AnyPool,
-    user_id: &str,
-) -> Result<Vec<StoredRecord>, StoreError> {
-    let rows = sqlx::query(UNDELIVERED)
+/// Per provider of the user, the newest row.
+pub(crate) async fn newest(pool: &AnyPool, user_id: &str) -> Result<Vec<StoredRecord>, StoreError> {
+    let rows = sqlx::query(NEWEST)
         .bind(user_id)
         .fetch_all(pool)
         .await
-        .map_err(db_err("listing undelivered credential records"))?;
+        .map_err(db_err("listing a user's newest credential records"))?;
     rows.iter().map(record).collect()
 }
 

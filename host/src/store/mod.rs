@@ -5,7 +5,7 @@
 //! airlockd opens one [`CredentialStore`] at startup from the `[store]`
 //! section of its config ([`StoreConfig`]); the login flow calls
 //! [`CredentialStore::put`] when a browser VM hands over credentials, and
-//! delivery calls [`CredentialStore::latest`] / [`CredentialStore::undelivered`]
+//! delivery calls [`CredentialStore::latest`] / [`CredentialStore::newest`]
 //! and [`CredentialStore::mark_delivered`]. Operators rotate keys with
 //! [`rotate_key`].
 //!
@@ -458,7 +458,15 @@ impl CredentialStore {
     /// undelivered version behind a newer one is not listed: only the
     /// newest is worth delivering.
     pub async fn undelivered(&self, user_id: &str) -> Result<Vec<StoredRecord>, StoreError> {
-        db::undelivered(&self.inner.pool, user_id)
+        let mut newest = self.newest(user_id).await?;
+        newest.retain(|r| r.delivered_at_ms.is_none());
+        Ok(newest)
+    }
+
+    /// For each provider of the user, the newest record, delivered or not
+    /// (metadata only), ordered by provider.
+    pub async fn newest(&self, user_id: &str) -> Result<Vec<StoredRecord>, StoreError> {
+        db::newest(&self.inner.pool, user_id)
             .await
             .inspect_err(count_error)
     }

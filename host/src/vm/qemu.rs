@@ -628,6 +628,17 @@ pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel)
         false => format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
     };
     push(&["-object", &backend]);
+    if q.sandbox {
+        // Saving and loading a browser VM's state runs `cat` (exec:
+        // migration), so only those VMs may start a process.
+        let spawn = match file_backed_ram(q, spec) {
+            true => "allow",
+            false => "deny",
+        };
+        let policy =
+            format!("on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny,spawn={spawn}");
+        push(&["-sandbox", &policy]);
+    }
     push(&[
         "-nodefaults",
         "-no-user-config",
