@@ -10,6 +10,9 @@ CREATE TABLE login_sessions (
     -- The session as the API shows it (JSON): steps, VM ids, credential
     -- record id. Nothing secret: no credential, no viewer token.
     view          TEXT   NOT NULL,
+    -- Its viewer tokens still valid, as SHA-256 digests with expiries
+    -- (JSON), so that its viewer links work after a restart.
+    viewer_tokens TEXT   NOT NULL,
     created_at_ms BIGINT NOT NULL,
     updated_at_ms BIGINT NOT NULL
 );

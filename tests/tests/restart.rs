@@ -306,7 +306,15 @@ async fn completed_without_loss(rig: &LoginRig, id: &str, cli: &(String, u32)) -
 /// the person then signs in.
 async fn login_awaiting_the_person_goes_on(crash: bool) -> Result<()> {
     with_rig(login_settings, async |rig| {
-        let id = rig.daemon.start_session(USER, FAKE).await?;
+        let started = rig.daemon.start_view(USER, FAKE).await?;
+        let id = started["sessionId"]
+            .as_str()
+            .context("sessionId")?
+            .to_string();
+        let token = started["viewerToken"]
+            .as_str()
+            .context("viewerToken")?
+            .to_string();
         rig.daemon.wait_page(&id, "/authorize", 1).await?;
         let cli = ready_cli_vm(&rig.daemon).await?;
         let browser = rig.daemon.get_session(&id).await?["browserVmId"]
@@ -316,6 +324,20 @@ async fn login_awaiting_the_person_goes_on(crash: bool) -> Result<()> {
         rig.daemon.restart(crash).await?;
         let v = rig.daemon.get_session(&id).await?;
         ensure!(state_is(&v, "awaiting_user"), "after the restart: {v}");
+        // The person's viewer link from before the restart still opens the
+        // session (its token was kept as a digest); a made-up one does not.
+        let d = &rig.daemon;
+        for (which, tok, want) in [
+            ("the link from before", token.as_str(), 200),
+            ("a made-up token", "not-a-token-of-this-session", 403),
+        ] {
+            let url = format!("{}/session/{id}?token={tok}", d.viewer_base);
+            let status = d.viewer_http.get(url).send().await?.status();
+            ensure!(
+                status == want,
+                "viewer page with {which}: {status}, not {want}"
+            );
+        }
         let vm = rig
             .daemon
             .wait_state(&browser, "ready", Duration::from_secs(60))

@@ -674,6 +674,7 @@ async fn session_rows(fx: Fixture) -> Result<()> {
         state: if ended { "completed" } else { "awaiting_user" }.into(),
         ended,
         view: format!("{{\"sessionId\":\"{id}\"}}"),
+        viewer_tokens: "[]".into(),
         created_at_ms: at,
         updated_at_ms: at,
     };

@@ -105,6 +105,8 @@ pub async fn viewer_token(
         })?
     };
     let link = app.live.mint(&id, body.ttl_ms.map(Duration::from_millis))?;
+    // Saved with the session: the link outlives a restart of airlockd.
+    app.sessions.touch(&id);
     let mut value = serde_json::to_value(&link).unwrap_or_default();
     value["sessionId"] = id.into();
     Ok((StatusCode::CREATED, Json(value)).into_response())

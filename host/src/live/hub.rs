@@ -192,6 +192,17 @@ impl Hub {
         Ok(hub)
     }
 
+    /// Digests of the viewer tokens still valid, to keep the session's
+    /// links working across a restart of airlockd.
+    pub fn token_digests(&self) -> Vec<token::TokenDigest> {
+        self.lock().tokens.digests(SystemTime::now())
+    }
+
+    /// Takes the tokens of this session an earlier airlockd issued.
+    pub fn restore_tokens(&self, digests: &[token::TokenDigest]) {
+        self.lock().tokens.restore(digests);
+    }
+
     /// Viewers connected now.
     pub fn viewers(&self) -> usize {
         self.lock().viewers.len()

@@ -2,7 +2,8 @@
 //! that lets a person watch and drive one session's browser.
 //!
 //! Each session holds its own [`TokenSet`], so a token only ever opens the
-//! session it was minted for. Tokens are 256 bits from the system CSPRNG
+//! session it was minted for. Across a restart of airlockd a session keeps
+//! its tokens by their SHA-256 digests ([`TokenDigest`]), never the tokens. Tokens are 256 bits from the system CSPRNG
 //! (base64url), expire, are compared in constant time, and never appear in
 //! `Debug` output. Viewer ids (short, not secret) come from here too. Used
 //! by [`super::hub`].
@@ -14,6 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 /// Tokens kept per session; minting more forgets the oldest.
 const MAX_TOKENS: usize = 16;
@@ -90,10 +92,33 @@ pub struct IssuedToken {
     pub expires: SystemTime,
 }
 
-/// The tokens of one session.
+/// A token as it is kept across a restart of airlockd (with its session,
+/// see `session::persist`): its SHA-256 and its expiry. The token itself
+/// is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenDigest {
+    /// SHA-256 of the token, lowercase hex.
+    pub sha256: String,
+    /// Its expiry (Unix ms).
+    pub expires_ms: u64,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The tokens of one session: those minted here, and those of an earlier
+/// airlockd known by their digests.
 #[derive(Debug, Default)]
 pub struct TokenSet {
     issued: VecDeque<IssuedToken>,
+    restored: Vec<([u8; 32], SystemTime)>,
 }
 
 impl TokenSet {
@@ -128,6 +153,12 @@ impl TokenSet {
                 found = Some(t.expires);
             }
         }
+        let hashed = digest(presented);
+        for (d, expires) in &self.restored {
+            if constant_time_eq(d, &hashed) {
+                found = Some(*expires);
+            }
+        }
         match found {
             None => Err(TokenError::Wrong),
             Some(expires) if expires <= now => Err(TokenError::Expired(
@@ -144,7 +175,39 @@ impl TokenSet {
 
     /// True when no token is valid any more.
     pub fn all_expired(&self, now: SystemTime) -> bool {
-        self.issued.iter().all(|t| t.expires <= now)
+        self.issued.iter().all(|t| t.expires <= now) && self.restored.iter().all(|(_, e)| *e <= now)
+    }
+
+    /// The digests of the tokens still valid at `now`, to keep them valid
+    /// across a restart.
+    pub fn digests(&self, now: SystemTime) -> Vec<TokenDigest> {
+        let issued = self
+            .issued
+            .iter()
+            .map(|t| (digest(t.token.expose()), t.expires));
+        issued
+            .chain(self.restored.iter().copied())
+            .filter(|(_, e)| *e > now)
+            .map(|(d, e)| TokenDigest {
+                sha256: d.iter().map(|b| format!("{b:02x}")).collect(),
+                expires_ms: unix_ms(e),
+            })
+            .collect()
+    }
+
+    /// Takes the tokens an earlier airlockd issued (by digest), at most
+    /// [`MAX_TOKENS`]; a malformed digest is skipped.
+    pub fn restore(&mut self, digests: &[TokenDigest]) {
+        for d in digests.iter().rev().take(MAX_TOKENS) {
+            let bytes: Option<Vec<u8>> = (0..d.sha256.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(d.sha256.get(i..i + 2)?, 16).ok())
+                .collect();
+            if let Some(Ok(hash)) = bytes.map(<[u8; 32]>::try_from) {
+                let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(d.expires_ms);
+                self.restored.push((hash, expires));
+            }
+        }
     }
 }
 
@@ -222,6 +285,37 @@ mod tests {
             set.check(Some(first.token.expose()), now),
             Err(TokenError::Wrong)
         );
+    }
+
+    #[test]
+    fn tokens_outlive_a_restart_by_their_digests_only() {
+        let now = SystemTime::now();
+        let mut before = TokenSet::default();
+        let t = before.issue(now, TTL).unwrap();
+        let old = before.issue(now - TTL * 2, TTL).unwrap();
+        let kept = before.digests(now);
+        assert_eq!(kept.len(), 1, "the expired one is not kept");
+        let text = serde_json::to_string(&kept).unwrap();
+        assert!(!text.contains(t.token.expose()), "no token at rest");
+        let mut after = TokenSet::default();
+        after.restore(&serde_json::from_str::<Vec<TokenDigest>>(&text).unwrap());
+        let expires = after.check(Some(t.token.expose()), now).unwrap();
+        assert_eq!(unix_ms(expires), unix_ms(now + TTL));
+        assert_eq!(
+            after.check(Some(old.token.expose()), now),
+            Err(TokenError::Wrong)
+        );
+        let mut truncated = t.token.expose().to_string();
+        truncated.pop();
+        assert_eq!(after.check(Some(&truncated), now), Err(TokenError::Wrong));
+        assert!(after.latest(now).is_none(), "no link can be shown for it");
+        assert!(!after.all_expired(now));
+        assert!(after.all_expired(now + TTL));
+        after.restore(&[TokenDigest {
+            sha256: "zz".into(),
+            expires_ms: 1,
+        }]);
+        assert_eq!(after.digests(now).len(), 1, "a malformed digest is skipped");
     }
 
     #[test]

@@ -387,6 +387,12 @@ impl Sessions {
         Ok(view)
     }
 
+    /// Marks a session changed outside its own task (a viewer link minted),
+    /// to be saved with the next batch.
+    pub fn touch(&self, id: &str) {
+        self.inner.dirty.mark(id);
+    }
+
     /// The state of every session remembered (running and ended).
     pub fn states(&self) -> Vec<SessionState> {
         self.sessions()

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, SessionHandle, SessionView};
+use crate::live::token::TokenDigest;
 use crate::store::SessionRow;
 
 /// Least time between two batches of writes.
@@ -53,8 +54,14 @@ fn ms_of(rfc3339: &str) -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The row of a view.
-pub(super) fn row_of(view: &SessionView) -> Result<SessionRow, serde_json::Error> {
+/// The row of a session: its view and its viewer tokens' digests (an
+/// ended session's links open nothing, so it keeps none).
+pub(super) fn row_of(h: &SessionHandle) -> Result<SessionRow, serde_json::Error> {
+    let view = &h.view();
+    let tokens = match view.state.is_final() {
+        true => Vec::new(),
+        false => h.hub.token_digests(),
+    };
     let state = serde_json::to_value(view.state)?;
     Ok(SessionRow {
         id: view.session_id.clone(),
@@ -62,46 +69,47 @@ pub(super) fn row_of(view: &SessionView) -> Result<SessionRow, serde_json::Error
         state: state.as_str().unwrap_or_default().to_string(),
         ended: view.state.is_final(),
         view: serde_json::to_string(view)?,
+        viewer_tokens: serde_json::to_string(&tokens)?,
         created_at_ms: ms_of(&view.created_at),
         updated_at_ms: ms_of(&view.updated_at),
     })
 }
 
-/// The view a row holds.
-pub(super) fn view_of(row: &SessionRow) -> Result<SessionView, serde_json::Error> {
-    serde_json::from_str(&row.view)
+/// The view a row holds, and its viewer tokens' digests.
+pub(super) fn view_of(
+    row: &SessionRow,
+) -> Result<(SessionView, Vec<TokenDigest>), serde_json::Error> {
+    Ok((
+        serde_json::from_str(&row.view)?,
+        serde_json::from_str(&row.viewer_tokens)?,
+    ))
 }
 
 impl Inner {
-    /// Saves the session's view now (for what a crash must not lose).
+    /// Saves the session now (for what a crash must not lose).
     pub(super) async fn save_now(&self, h: &SessionHandle) {
-        let view = h.view();
-        self.save(&view).await;
-    }
-
-    async fn save(&self, view: &SessionView) {
-        let row = match row_of(view) {
+        let row = match row_of(h) {
             Ok(row) => row,
             Err(e) => {
-                return tracing::warn!(session_id = %view.session_id, error = %e, "cannot encode a login session to save it")
+                return tracing::warn!(session_id = %h.view().session_id, error = %e, "cannot encode a login session to save it")
             }
         };
         if let Err(e) = self.store.save_session(&row).await {
-            tracing::warn!(session_id = %view.session_id, error = %e, "cannot save a login session: a restart of airlockd would not find this change");
+            tracing::warn!(session_id = %row.id, error = %e, "cannot save a login session: a restart of airlockd would not find this change");
         }
     }
 
     /// Saves the marked sessions.
     async fn save_marked(&self) {
         for id in self.dirty.take() {
-            let view = self
+            let handle = self
                 .sessions
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&id)
-                .map(|h| h.view());
-            if let Some(view) = view {
-                self.save(&view).await;
+                .cloned();
+            if let Some(h) = handle {
+                self.save_now(&h).await;
             }
         }
     }

@@ -87,7 +87,7 @@ pub(super) async fn resume(ctx: &Arc<Inner>, found: Vec<Found>) {
     let mut deliver = Vec::new();
     let mut end = Vec::new();
     for row in rows {
-        let view = match persist::view_of(&row) {
+        let (view, tokens) = match persist::view_of(&row) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(session_id = %row.id, error = %e, "a saved login session does not parse; skipped");
@@ -96,6 +96,8 @@ pub(super) async fn resume(ctx: &Arc<Inner>, found: Vec<Found>) {
         };
         let plan = plan(&view, &running);
         let Some(h) = ctx.reopen(view) else { continue };
+        // The person's viewer links from before the restart open it still.
+        h.hub.restore_tokens(&tokens);
         match plan {
             Plan::Ended => {
                 let why = h.view().error.unwrap_or_else(|| "the login is over".into());

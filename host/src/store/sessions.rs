@@ -20,6 +20,8 @@ pub struct SessionRow {
     pub ended: bool,
     /// Its view (JSON).
     pub view: String,
+    /// Its viewer tokens' digests (JSON).
+    pub viewer_tokens: String,
     /// When it was created (Unix ms).
     pub created_at_ms: i64,
     /// When it last changed (Unix ms).
@@ -27,17 +29,19 @@ pub struct SessionRow {
 }
 
 const UPSERT: &str = "\
-    INSERT INTO login_sessions (id, user_id, state, ended, view, created_at_ms, updated_at_ms) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7) \
+    INSERT INTO login_sessions \
+        (id, user_id, state, ended, view, viewer_tokens, created_at_ms, updated_at_ms) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
     ON CONFLICT (id) DO UPDATE SET state = excluded.state, ended = excluded.ended, \
-        view = excluded.view, updated_at_ms = excluded.updated_at_ms";
+        view = excluded.view, viewer_tokens = excluded.viewer_tokens, \
+        updated_at_ms = excluded.updated_at_ms";
 
 const OPEN: &str = "\
-    SELECT id, user_id, state, ended, view, created_at_ms, updated_at_ms \
+    SELECT id, user_id, state, ended, view, viewer_tokens, created_at_ms, updated_at_ms \
     FROM login_sessions WHERE ended = 0 ORDER BY created_at_ms";
 
 const RECENTLY_ENDED: &str = "\
-    SELECT id, user_id, state, ended, view, created_at_ms, updated_at_ms \
+    SELECT id, user_id, state, ended, view, viewer_tokens, created_at_ms, updated_at_ms \
     FROM login_sessions WHERE ended = 1 ORDER BY updated_at_ms DESC LIMIT $1";
 
 const PRUNE: &str = "DELETE FROM login_sessions WHERE ended = 1 AND updated_at_ms < $1";
@@ -54,6 +58,7 @@ pub(crate) async fn save(pool: &AnyPool, row: &SessionRow) -> Result<(), StoreEr
         .bind(&row.state)
         .bind(i64::from(row.ended))
         .bind(&row.view)
+        .bind(&row.viewer_tokens)
         .bind(row.created_at_ms)
         .bind(row.updated_at_ms)
         .execute(pool)
@@ -99,6 +104,7 @@ fn row(r: &sqlx::any::AnyRow) -> Result<SessionRow, StoreError> {
         state: r.try_get("state").map_err(&decode)?,
         ended: r.try_get::<i64, _>("ended").map_err(&decode)? != 0,
         view: r.try_get("view").map_err(&decode)?,
+        viewer_tokens: r.try_get("viewer_tokens").map_err(&decode)?,
         created_at_ms: r.try_get("created_at_ms").map_err(&decode)?,
         updated_at_ms: r.try_get("updated_at_ms").map_err(&decode)?,
     })
