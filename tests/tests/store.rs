@@ -690,6 +690,10 @@ async fn session_rows(fx: Fixture) -> Result<()> {
     let mut changed = row("open", false, now);
     changed.state = "captured".into();
     store.save_session(&changed).await?;
+    // A save that lost a race to a newer one changes nothing: an older
+    // view, or a session not ended over an ended one.
+    store.save_session(&row("open", false, now - 5)).await?;
+    store.save_session(&row("done-2", false, now)).await?;
     let rows = store.load_sessions(2, 1_000_000).await?;
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     ensure!(ids == ["open", "done-1", "done-2"], "{ids:?}");

@@ -133,7 +133,7 @@ async fn conclude(
         end => end,
     };
     if let End::Detached = end {
-        h.hub.close("airlockd is restarting; this login goes on once it is back (ask for a new viewer link)");
+        h.hub.close("airlockd is restarting; this login goes on once it is back: open the viewer link again then");
         tracing::info!(session_id = %id, state = ?h.view().state, "login session left for the next airlockd");
         return;
     }

@@ -34,7 +34,9 @@ const UPSERT: &str = "\
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
     ON CONFLICT (id) DO UPDATE SET state = excluded.state, ended = excluded.ended, \
         view = excluded.view, viewer_tokens = excluded.viewer_tokens, \
-        updated_at_ms = excluded.updated_at_ms";
+        updated_at_ms = excluded.updated_at_ms \
+    WHERE login_sessions.updated_at_ms <= excluded.updated_at_ms \
+        AND NOT (login_sessions.ended = 1 AND excluded.ended = 0)";
 
 const OPEN: &str = "\
     SELECT id, user_id, state, ended, view, viewer_tokens, created_at_ms, updated_at_ms \
@@ -50,7 +52,9 @@ fn db_err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
     move |source| StoreError::Database { op, source }
 }
 
-/// Inserts or replaces the row of `row.id`.
+/// Inserts or replaces the row of `row.id`; a save that lost a race to a
+/// newer one (an older `updated_at_ms`, or a session not ended over an
+/// ended one) changes nothing.
 pub(crate) async fn save(pool: &AnyPool, row: &SessionRow) -> Result<(), StoreError> {
     sqlx::query(UPSERT)
         .bind(&row.id)
