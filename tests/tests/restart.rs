@@ -149,6 +149,16 @@ async fn outlives_two_restarts(backend: &str) -> Result<()> {
                 false => d.terminate().map(drop)?,
             }
             ensure!(alive(vm.pid), "the VM died with airlockd ({how})");
+            if crash {
+                // The next airlockd's agent port is another: a VM taken
+                // over keeps the one it was started with.
+                let config = d.dir.path().join("airlockd.toml");
+                let text = std::fs::read_to_string(&config)?;
+                std::fs::write(
+                    &config,
+                    text.replacen("[vm]\n", "[vm]\nagent_port = 1030\n", 1),
+                )?;
+            }
             let before = std::fs::metadata(&console)?.len() as usize;
             d.respawn().await?;
             taken_over(d, &vm).await.context(how)?;

@@ -254,6 +254,9 @@ struct Takeover {
     image: String,
     /// Its processes, watched.
     procs: Vec<adopt::Adopted>,
+    /// The vsock port its agent dials (from its record: the configured
+    /// one may have changed since).
+    agent_port: u32,
 }
 
 impl Launch {

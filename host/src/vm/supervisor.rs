@@ -60,6 +60,9 @@ pub(super) struct Supervisor {
     adopting: bool,
     /// What it booted, for the handshake's refusals.
     image: String,
+    /// The vsock port its agent dials: the configured one, or for a VM
+    /// taken over the one it was started with.
+    agent_port: u32,
     /// The acceptor and agent connection tasks of this VM.
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -82,6 +85,10 @@ impl Supervisor {
             None => launch.boot.describe(&inner.config.vm.initramfs),
         };
         let adopting = launch.takeover.is_some();
+        let agent_port = match &launch.takeover {
+            Some(t) => t.agent_port,
+            None => inner.config.vm.agent_port,
+        };
         Self {
             inner,
             handle,
@@ -92,6 +99,7 @@ impl Supervisor {
             takeover: std::sync::Mutex::new(launch.takeover.map(|t| t.procs)),
             adopting,
             image,
+            agent_port,
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         }
@@ -169,7 +177,7 @@ impl Supervisor {
                     .handle
                     .egress
                     .as_ref()
-                    .map(|_| egress_port(vm.agent_port)),
+                    .map(|_| egress_port(self.agent_port)),
             },
         }
     }
@@ -192,7 +200,7 @@ impl Supervisor {
             }
         };
         // Listen before the VM starts: the agent dials as soon as it runs.
-        let listener = match self.bind(&dir.agent_listener(cfg.agent_port)) {
+        let listener = match self.bind(&dir.agent_listener(self.agent_port)) {
             Ok(l) => l,
             Err(e) => {
                 return (
@@ -222,7 +230,7 @@ impl Supervisor {
             dir: dir.clone(),
             memory_mib: self.handle.view.borrow().memory_mib,
             vcpus: self.handle.view.borrow().vcpus,
-            agent_port: cfg.agent_port,
+            agent_port: self.agent_port,
             boot,
             kind: self.handle.view.borrow().kind,
             background: self.handle.view.borrow().pooled,
@@ -288,7 +296,7 @@ impl Supervisor {
             accel: view.accel,
             created_at: view.created_at,
             image: self.image.clone(),
-            agent_port: self.inner.config.vm.agent_port,
+            agent_port: self.agent_port,
             egress: self.handle.egress.as_ref().map(|(p, _)| (*p.get()).clone()),
             processes,
         };
@@ -399,7 +407,7 @@ impl Supervisor {
         let Some((policy, stats)) = &self.handle.egress else {
             return Ok(());
         };
-        let port = egress_port(self.inner.config.vm.agent_port);
+        let port = egress_port(self.agent_port);
         let listener = self
             .bind(&dir.agent_listener(port))
             .map_err(|e| format!("cannot listen for the VM's egress: {e}"))?;
@@ -464,7 +472,7 @@ impl Supervisor {
             exit = vm.wait_exit() => Err(Outcome::Failed(format!("the VM stopped before its agent said hello: {exit}"))),
             _ = &mut deadline => Err(Outcome::Failed(format!(
                 "the agent did not say hello within {timeout:?} of {since} (is it dialling port {}?)",
-                self.inner.config.vm.agent_port
+                self.agent_port
             ))),
             _ = self.handle.stop.cancelled() => Err(Outcome::Stopped),
         }

@@ -101,6 +101,7 @@ impl VmManager {
             takeover: Some(Takeover {
                 image: r.image,
                 procs,
+                agent_port: r.agent_port,
             }),
         };
         let sv = supervisor::Supervisor::new(self.inner.clone(), handle, launch, Instant::now());
