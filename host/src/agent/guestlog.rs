@@ -44,19 +44,10 @@ pub struct GuestLog {
 }
 
 impl GuestLog {
-    /// Creates `path`; at most `max_bytes` are written to it, and at most
-    /// `rate_per_sec` lines a second are echoed to airlockd's log.
-    pub fn create(
-        path: &Path,
-        vm_id: &str,
-        max_bytes: u64,
-        rate_per_sec: u32,
-    ) -> std::io::Result<Self> {
-        Self::open(path, vm_id, max_bytes, rate_per_sec, false)
-    }
-
-    /// As [`GuestLog::create`]; with `append`, continues the log a VM
-    /// taken over from an earlier airlockd has (counted against the cap).
+    /// Creates `path` (with `append`, continues the log a VM taken over
+    /// from an earlier airlockd has, counted against the cap); at most
+    /// `max_bytes` are written to it, and at most `rate_per_sec` lines a
+    /// second are echoed to airlockd's log.
     pub fn open(
         path: &Path,
         vm_id: &str,
@@ -188,7 +179,7 @@ mod tests {
     fn caps_file_and_rate() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.log");
-        let log = GuestLog::create(&path, "vm-1", 100, 3).unwrap();
+        let log = GuestLog::open(&path, "vm-1", 100, 3, false).unwrap();
         let echoed = (0..50).filter(|i| log.record(&format!("line {i}"))).count();
         assert_eq!(echoed, 3);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -198,7 +189,7 @@ mod tests {
     #[test]
     fn program_output_goes_to_its_own_file() {
         let dir = tempfile::tempdir().unwrap();
-        let log = GuestLog::create(&dir.path().join("agent.log"), "vm-1", 1000, 3).unwrap();
+        let log = GuestLog::open(&dir.path().join("agent.log"), "vm-1", 1000, 3, false).unwrap();
         let line = |target: &str, message: &str| LogLine {
             level: LogLevel::Info,
             uptime_ms: 1500,

@@ -80,7 +80,7 @@ async fn carry_on(
             Ok(v) => v,
             Err(end) => return end,
         },
-        _ = h.cancel.cancelled() => return cancelled(ctx),
+        _ = h.cancel.cancelled() => return End::Cancelled,
     };
     if settled.state != VmState::Ready {
         let why = settled
@@ -106,15 +106,6 @@ fn expiry(rfc3339: &str) -> Instant {
     Instant::now() + left
 }
 
-/// How a session ends when its cancel token fires: cancelled, unless
-/// airlockd is exiting and leaves it to the next one.
-fn cancelled(ctx: &Inner) -> End {
-    match ctx.detaching() {
-        true => End::Detached,
-        false => End::Cancelled,
-    }
-}
-
 /// Ends the live view, releases the browser VM and records the end (or,
 /// for a session left to the next airlockd, only closes the viewers).
 async fn conclude(
@@ -124,9 +115,10 @@ async fn conclude(
     mut events: mpsc::Receiver<Event>,
 ) {
     let id = h.view().session_id;
-    // While airlockd exits leaving its VMs, a login that broke on that
-    // (a VM call cut short, a wait ended early) is not over: the next
-    // airlockd carries it on or ends it with a reason.
+    // While airlockd exits leaving its VMs, a login that ended on that
+    // (cancelled with every session, a VM call cut short, a wait ended
+    // early) is not over: the next airlockd carries it on or ends it with
+    // a reason. Only here is that decided.
     let end = match end {
         End::Stored { .. } => end,
         _ if ctx.detaching() => End::Detached,
@@ -240,7 +232,7 @@ async fn drive(
             Ok(vm) => vm,
             Err(end) => return end,
         },
-        _ = h.cancel.cancelled() => return cancelled(ctx),
+        _ = h.cancel.cancelled() => return End::Cancelled,
         _ = tokio::time::sleep_until(browser_deadline.into()) => {
             return End::Failed(format!("the browser did not start within {} s", ctx.cfg.browser_timeout_ms / 1000));
         }
@@ -482,6 +474,7 @@ async fn follow(
             },
             why = &mut trouble => return End::Failed(why),
             _ = h.cancel.cancelled() => {
+                // Leaving it to the next airlockd: the CLI must go on.
                 if ctx.detaching() {
                     return End::Detached;
                 }
