@@ -57,7 +57,19 @@ if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
     echo "setup: adding the x86_64-unknown-linux-musl target"
     rustup target add x86_64-unknown-linux-musl
 fi
-if ! vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_VSOCK_VERSION"; then
+# Installed where QEMU's unprivileged account can run it (not ~/.cargo).
+if ! /usr/local/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_VSOCK_VERSION"; then
     echo "setup: installing vhost-device-vsock $VHOST_VSOCK_VERSION"
     cargo install --locked --version "$VHOST_VSOCK_VERSION" vhost-device-vsock
+    sudo_if_needed install -m 0755 "${CARGO_HOME:-$HOME/.cargo}/bin/vhost-device-vsock" /usr/local/bin/
+fi
+# The account QEMU and vhost-device-vsock run as (qemu.run_as), in the kvm
+# group when the host has one.
+if ! id airlock-vm >/dev/null 2>&1; then
+    echo "setup: creating the account airlock-vm"
+    sudo_if_needed useradd --system --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin airlock-vm
+fi
+if getent group kvm >/dev/null && ! id -nG airlock-vm | grep -qw kvm; then
+    sudo_if_needed usermod -a -G kvm airlock-vm
 fi

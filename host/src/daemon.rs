@@ -22,9 +22,11 @@ use crate::providers::Providers;
 use crate::server::{Server, ServerError};
 use crate::session::Sessions;
 use crate::store::CredentialStore;
+use crate::vm::account::VmAccount;
 use crate::vm::backend::VmBackend;
+use crate::vm::confine::Confinement;
 use crate::vm::firecracker::FirecrackerBackend;
-use crate::vm::process::{HostBrowserIsolation, HostBrowserUser, ProcessBackend};
+use crate::vm::process::{HostBrowserIsolation, ProcessBackend};
 use crate::vm::qemu::QemuBackend;
 use crate::vm::VmManager;
 
@@ -58,6 +60,9 @@ pub enum DaemonError {
     /// The credential store cannot be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// VM processes cannot be confined as configured.
+    #[error("cannot confine VM processes: {0}")]
+    Confine(String),
     /// Host-process browsers cannot be set up safely.
     #[error("unsafe host browser: {0}")]
     HostBrowser(String),
@@ -103,10 +108,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             source,
         })?;
     }
-    if config.vm.unsafe_host_browser {
-        // A host-process browser's agent runs as another account and must
-        // reach its own VM directory (which it is given); search-only, so
-        // it cannot list or enter the others.
+    if config.vm.unsafe_host_browser || vms_run_as_another_account(&config) {
+        // A host-process browser's agent, or QEMU, runs as another account
+        // and must reach its own VM's directory (which it is given);
+        // search-only, so it cannot list or enter the others.
         for dir in [
             config.paths.run_dir.clone(),
             config.paths.run_dir.join("vms"),
@@ -259,6 +264,14 @@ async fn demo_oauth(
     Ok((Some((server, app)), egress))
 }
 
+/// True when QEMU runs as `qemu.run_as` (airlockd is root and some VMs
+/// use QEMU).
+fn vms_run_as_another_account(config: &Config) -> bool {
+    let qemu = config.vm.backend == BackendKind::Qemu
+        || config.vm.browser_backend == Some(BackendKind::Qemu);
+    qemu && !config.qemu.run_as.is_empty() && nix::unistd::geteuid().is_root()
+}
+
 fn make_backend(
     kind: BackendKind,
     config: &Arc<Config>,
@@ -267,10 +280,17 @@ fn make_backend(
 ) -> Result<Arc<dyn VmBackend>, DaemonError> {
     Ok(match kind {
         BackendKind::Qemu => {
+            let confine = Confinement::from_config(&config.qemu, &config.paths.run_dir)
+                .map_err(DaemonError::Confine)?;
+            let mut qemu_config = config.qemu.clone();
+            confine
+                .resolve_binaries(&mut qemu_config)
+                .map_err(DaemonError::Confine)?;
             let qemu = Arc::new(QemuBackend::new(
-                config.qemu.clone(),
+                qemu_config,
                 config.vm.clone(),
                 config.paths.state_dir.clone(),
+                confine,
             ));
             // Decide KVM/TCG now, so the first VM does not pay for the probe.
             let (probe, stop) = (qemu.clone(), shutdown.clone());
@@ -298,12 +318,15 @@ fn make_backend(
 
 /// The account host-process browsers run as, after checking it can reach
 /// the agent, the streamer beside it and the login's extra `PATH`.
-fn host_browser_user(config: &Config) -> Result<Option<HostBrowserUser>, DaemonError> {
+fn host_browser_user(config: &Config) -> Result<Option<VmAccount>, DaemonError> {
     if !config.vm.unsafe_host_browser {
         return Ok(None);
     }
-    let user = HostBrowserUser::lookup(&config.vm.unsafe_host_browser_user)
-        .map_err(DaemonError::HostBrowser)?;
+    let user = VmAccount::lookup(
+        &config.vm.unsafe_host_browser_user,
+        "vm.unsafe_host_browser_user",
+    )
+    .map_err(DaemonError::HostBrowser)?;
     if config.vm.unsafe_host_browser_isolated && user.is_none() {
         return Err(DaemonError::HostBrowser(
             "vm.unsafe_host_browser_isolated needs airlockd to run as root (the agent unshares namespaces and mounts before it drops to vm.unsafe_host_browser_user)".into(),

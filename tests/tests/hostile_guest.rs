@@ -51,7 +51,7 @@ fn encode(m: &GuestMessage) -> Result<Vec<u8>> {
 
 /// The agent's socket of VM `vm`.
 fn socket(d: &Daemon, vm: &str) -> PathBuf {
-    d.run_dir().join(format!("vms/{vm}/vsock.sock_1024"))
+    d.run_dir().join(format!("vms/{vm}/vmm/vsock.sock_1024"))
 }
 
 /// Connects in the agent's place: hello, the host's welcome, ready.

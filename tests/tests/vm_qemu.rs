@@ -23,6 +23,126 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_default()
 }
 
+/// The v1 cgroup directory of `pid` in `controller`'s hierarchy, when
+/// this host mounts one.
+fn v1_cgroup_of(pid: u32, controller: &str) -> Result<Option<std::path::PathBuf>> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    Ok(own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == controller).then(|| {
+            let mount = std::path::Path::new("/sys/fs/cgroup").join(controller);
+            mount.join(path.trim_start_matches('/'))
+        })
+    }))
+}
+
+fn read_trimmed(path: &std::path::Path) -> Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("read {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+/// QEMU and vhost-device-vsock run as `qemu.run_as`, never root, each VM
+/// in a cgroup of its own with its memory and CPU limits (cgroup v1 here;
+/// required, so a host where it cannot be made fails the test), which is
+/// gone with the VM.
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_processes_run_unprivileged_in_a_cgroup_of_their_own() -> Result<()> {
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists();
+    let cgroups = if v1 { "required" } else { "auto" };
+    let settings = qemu().set("qemu", "cgroups", &format!("\"{cgroups}\""));
+    with_daemon(settings, async |d| {
+        let account = std::process::Command::new("id")
+            .args(["-u", "airlock-vm"])
+            .output()?;
+        let uid = String::from_utf8(account.stdout)?.trim().to_string();
+        assert!(
+            !uid.is_empty(),
+            "no airlock-vm account (scripts/setup.sh makes it)"
+        );
+        let (_, health) = d.request(Method::GET, "/health", None).await?;
+        let how = str_of(&health, "confinement");
+        assert!(
+            how.starts_with("as airlock-vm, each VM in its own cgroup"),
+            "{health}"
+        );
+        let vm = d
+            .ready_vm(json!({"kind": "cli", "memoryMib": 256, "vcpus": 1}))
+            .await?;
+        let id = str_of(&vm, "id").to_string();
+        let dir = d.run_dir().join("vms").join(&id);
+        let pids = std::fs::read_to_string(dir.join("pids"))?;
+        let pids: Vec<u32> = pids
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect();
+        assert_eq!(pids.len(), 2, "QEMU and vhost-device-vsock: {pids:?}");
+        let mut cgroups = Vec::new();
+        for pid in &pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let ids = |key: &str| -> Vec<String> {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .map(|r| r.split_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default()
+            };
+            assert_eq!(
+                ids("Uid:"),
+                vec![uid.clone(); 4],
+                "pid {pid} runs as {:?}",
+                ids("Uid:")
+            );
+            assert!(
+                !ids("Gid:").contains(&"0".to_string()),
+                "pid {pid} keeps gid 0"
+            );
+            assert!(
+                !ids("Groups:").contains(&"0".to_string()),
+                "pid {pid} keeps group root"
+            );
+            if v1 {
+                let memory = v1_cgroup_of(*pid, "memory")?.context("no memory cgroup")?;
+                let cpu = v1_cgroup_of(*pid, "cpu")?.context("no cpu cgroup")?;
+                assert!(
+                    memory.ends_with(&id) && cpu.ends_with(&id),
+                    "pid {pid} in {memory:?} and {cpu:?}"
+                );
+                cgroups.push((memory, cpu));
+            }
+        }
+        if let Some((memory, cpu)) = cgroups.first() {
+            // 256 MiB of guest RAM and qemu.memory_overhead_mib (512).
+            assert_eq!(
+                read_trimmed(&memory.join("memory.limit_in_bytes"))?,
+                (768u64 << 20).to_string()
+            );
+            // One core per vCPU and qemu.cpu_overhead_percent (50).
+            assert_eq!(read_trimmed(&cpu.join("cpu.cfs_quota_us"))?, "150000");
+            assert_eq!(read_trimmed(&cpu.join("cpu.cfs_period_us"))?, "100000");
+        } else {
+            eprintln!("this host mounts no cgroup v1 memory hierarchy: limits not checked");
+        }
+        // The VM's directory stays root's (its record is trusted later),
+        // open only to the account's group; its sockets are in vmm/.
+        let meta = std::fs::metadata(&dir)?;
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o710));
+        assert_eq!(std::fs::metadata(dir.join("vmm"))?.uid().to_string(), uid);
+        d.delete_vm(&id).await?;
+        for (memory, cpu) in &cgroups {
+            assert!(
+                !memory.exists() && !cpu.exists(),
+                "the VM's cgroup is left: {memory:?}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn boots_a_vm_runs_uname_and_round_trips_a_file() -> Result<()> {
     with_daemon(qemu(), async |d| {
@@ -341,7 +461,7 @@ async fn bad_frames_from_a_guest_drop_only_that_connection() -> Result<()> {
     with_daemon(qemu().set("vm", "hello_timeout_ms", "2000"), async |d| {
         let vm = d.ready_vm(json!({"kind": "cli"})).await?;
         let id = str_of(&vm, "id").to_string();
-        let sock = d.run_dir().join(format!("vms/{id}/vsock.sock_1024"));
+        let sock = d.run_dir().join(format!("vms/{id}/vmm/vsock.sock_1024"));
         let within = Duration::from_secs(5);
 
         // An oversized frame header: dropped before any payload is read.

@@ -14,7 +14,9 @@ mod listen;
 mod vmm;
 
 pub use listen::{ServerConfig, ViewerConfig};
-pub use vmm::{AccelChoice, FirecrackerConfig, JailerConfig, QemuConfig, SnapshotsConfig};
+pub use vmm::{
+    AccelChoice, CgroupMode, FirecrackerConfig, JailerConfig, QemuConfig, SnapshotsConfig,
+};
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]

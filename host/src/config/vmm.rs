@@ -47,9 +47,35 @@ pub struct QemuConfig {
     pub tcg_tb_size_mib: u32,
     /// QEMU's seccomp sandbox (`-sandbox`): no obsolete system calls, no
     /// privilege changes, no scheduling or resource-limit changes, and no
-    /// new processes, except in browser VMs on a machine with hotplug,
-    /// whose state is saved and loaded through `exec:` migration.
+    /// new processes.
     pub sandbox: bool,
+    /// The unprivileged account QEMU and vhost-device-vsock run as when
+    /// airlockd is root (`scripts/setup` creates it). Empty: as root, which
+    /// a guest escaping QEMU would then be.
+    pub run_as: String,
+    /// A cgroup per VM with memory and CPU limits: `auto` (when airlockd
+    /// is root and the hierarchy allows it, otherwise a warning), `required`
+    /// (airlockd refuses to start without) or `off`.
+    pub cgroups: CgroupMode,
+    /// Host memory a VM may use beyond its guest RAM (MiB): QEMU itself,
+    /// TCG's translation cache (`tcg_tb_size_mib`), vhost-device-vsock.
+    /// A VM over its limit is killed by the kernel, not the host.
+    pub memory_overhead_mib: u64,
+    /// CPU a VM may use beyond one core per vCPU (percent of a core), for
+    /// QEMU's I/O and helper threads.
+    pub cpu_overhead_percent: u32,
+}
+
+/// Whether VMs get cgroups of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// When possible.
+    Auto,
+    /// Always; airlockd refuses to start otherwise.
+    Required,
+    /// Never.
+    Off,
 }
 
 impl Default for QemuConfig {
@@ -65,6 +91,10 @@ impl Default for QemuConfig {
             accel_probe_timeout_ms: 8_000,
             tcg_tb_size_mib: 256,
             sandbox: true,
+            run_as: "airlock-vm".into(),
+            cgroups: CgroupMode::Auto,
+            memory_overhead_mib: 512,
+            cpu_overhead_percent: 50,
         }
     }
 }

@@ -142,6 +142,9 @@ pub enum BackendError {
     /// QEMU's control socket failed.
     #[error(transparent)]
     Qmp(#[from] super::qmp::QmpError),
+    /// The VM's cgroup could not be set up.
+    #[error(transparent)]
+    Cgroup(#[from] super::cgroup::CgroupError),
     /// Other I/O.
     #[error("{context}: {source}")]
     Io {
@@ -165,6 +168,9 @@ pub struct BackendInfo {
     /// Why that acceleration was chosen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accel_reason: Option<String>,
+    /// The account VM processes run as and their cgroups, when confined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confinement: Option<String>,
 }
 
 /// A way of running VMs.
@@ -217,6 +223,26 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
         let _ = dir;
         Box::pin(async { Err(BackendError::Unsupported(self.info().backend)) })
+    }
+
+    /// Removes what this backend keeps for VM `vm_id` outside its
+    /// directory (its cgroup), killing whatever still runs there; called
+    /// once the VM's processes are gone. Returns how many it killed.
+    fn release(&self, vm_id: &str) -> usize {
+        let _ = vm_id;
+        0
+    }
+
+    /// Gives a VM started in the background (`LaunchSpec::background`)
+    /// the CPU weight of the foreground, as its processes' nice value is.
+    fn foreground(&self, vm_id: &str, vcpus: u32) {
+        let _ = (vm_id, vcpus);
+    }
+
+    /// At start, once the VMs that could be were taken over (`kept`):
+    /// releases every other VM this backend still has something of.
+    fn release_others(&self, kept: &[String]) {
+        let _ = kept;
     }
 
     /// Takes over a VM an earlier airlockd started (its processes,

@@ -50,15 +50,17 @@ pub struct VmDir {
 }
 
 impl VmDir {
-    /// Creates `<run_dir>/vms/<id>/` (mode 0700).
+    /// Creates `<run_dir>/vms/<id>/` and its `vmm/` (mode 0700).
     pub fn create(run_dir: &Path, id: &str) -> Result<Self, LayoutError> {
         let root = run_dir.join("vms").join(id);
+        let dir = Self { root };
+        let vmm = dir.vmm_dir();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&root)
-            .map_err(|e| LayoutError::new("create", &root, e))?;
-        Ok(Self { root })
+            .create(&vmm)
+            .map_err(|e| LayoutError::new("create", &vmm, e))?;
+        Ok(dir)
     }
 
     /// The directory of VM `id` under `run_dir`, not created.
@@ -78,24 +80,33 @@ impl VmDir {
         &self.root
     }
 
+    /// Where the VMM and its helpers create their sockets: a directory
+    /// of their own, so they need no write access to this one (which
+    /// holds the logs and the record a later airlockd trusts).
+    pub fn vmm_dir(&self) -> PathBuf {
+        self.root.join("vmm")
+    }
+
     /// QEMU <-> vhost-device-vsock control socket.
     pub fn vhost_socket(&self) -> PathBuf {
-        self.root.join("vhost.sock")
+        self.vmm_dir().join("vhost.sock")
     }
 
     /// The hybrid vsock socket (`uds_path`): host-initiated connections.
+    /// The vsock device binds it, so it lives in [`VmDir::vmm_dir`], and
+    /// with it the `<uds_path>_<port>` listeners airlockd binds.
     pub fn vsock_uds(&self) -> PathBuf {
-        self.root.join("vsock.sock")
+        self.vmm_dir().join("vsock.sock")
     }
 
     /// `<uds_path>_<port>`: where guest-initiated connections arrive.
     pub fn agent_listener(&self, port: u32) -> PathBuf {
-        self.root.join(format!("vsock.sock_{port}"))
+        self.vmm_dir().join(format!("vsock.sock_{port}"))
     }
 
     /// QEMU's control socket (QMP).
     pub fn qmp_socket(&self) -> PathBuf {
-        self.root.join("qmp.sock")
+        self.vmm_dir().join("qmp.sock")
     }
 
     /// Serial console socket (airlockd listens, QEMU connects).

@@ -5,9 +5,12 @@
 //! requests to the connected agent.
 
 pub mod accel;
+pub mod account;
 pub mod adopt;
 pub mod backend;
+pub mod cgroup;
 pub mod clock;
+pub mod confine;
 pub mod console;
 pub mod firecracker;
 pub mod home;

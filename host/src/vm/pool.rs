@@ -167,10 +167,18 @@ impl Pool {
 /// then its clock brought in line again (measured at nice 19 beside busy
 /// VMs, the refresh's round trips could be long, and its bound loose).
 async fn foreground(vms: VmManager, handle: Arc<VmHandle>, pid: Option<u32>) {
-    let vm_id = handle.view.borrow().id.clone();
+    let (vm_id, vcpus) = {
+        let v = handle.view.borrow();
+        (v.id.clone(), v.vcpus)
+    };
     if let Some(pid) = pid {
         renice(&vm_id, pid).await;
     }
+    // In a cgroup of its own, a VM's weight is its cgroup's, not its
+    // threads' nice values.
+    vms.inner
+        .backend_for(VmKind::Browser)
+        .foreground(&vm_id, vcpus);
     let Some(agent) = handle.agent() else { return };
     match super::clock::sync(&agent).await {
         Ok(synced) => {

@@ -1,5 +1,5 @@
 //! The process backend: the agent runs as a plain host process and dials
-//! the same `<dir>/vsock.sock_<port>` listener over a Unix socket, with the
+//! the same `<dir>/vmm/vsock.sock_<port>` listener over a Unix socket, with the
 //! same protocol. No isolation from the host's network: for tests of host
 //! logic, and for fast tests of the browser role (only with
 //! `vm.unsafe_host_browser`). A browser "VM" then gets an empty
@@ -16,26 +16,18 @@
 //! airlockd holds open for reading and writing, so the agent never sees it
 //! close and a later airlockd that takes the VM over reads it again.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
 
+use super::account::VmAccount;
 use super::VmKind;
 
 use super::backend::{
     BackendError, BackendInfo, BoxFuture, LaunchSpec, RunningVm, VmBackend, VmProcess,
 };
 use super::console::Console;
-
-/// The account a host-process browser runs as.
-#[derive(Debug, Clone, Copy)]
-pub struct HostBrowserUser {
-    uid: Uid,
-    gid: Gid,
-}
 
 /// How a host-process browser is confined beyond its account.
 #[derive(Debug, Clone, Default)]
@@ -46,50 +38,13 @@ pub struct HostBrowserIsolation {
     pub usr_local: Option<PathBuf>,
 }
 
-impl HostBrowserUser {
-    /// The account `name`; `None` when airlockd is not root (it cannot
-    /// switch, and runs the browser as itself).
-    pub fn lookup(name: &str) -> Result<Option<Self>, String> {
-        if !nix::unistd::geteuid().is_root() {
-            return Ok(None);
-        }
-        match User::from_name(name) {
-            Ok(Some(u)) => Ok(Some(Self {
-                uid: u.uid,
-                gid: u.gid,
-            })),
-            _ => Err(format!(
-                "vm.unsafe_host_browser_user {name:?} is not an account on this host"
-            )),
-        }
-    }
-
-    /// Refuses `path` unless this account can reach it (every directory
-    /// above it searchable by others).
-    pub fn check_reachable(&self, path: &Path) -> Result<(), String> {
-        let mut dir = path.parent();
-        while let Some(d) = dir {
-            let mode = std::fs::metadata(d).map(|m| m.mode()).unwrap_or(0);
-            if mode & 0o001 == 0 {
-                return Err(format!(
-                    "{} is out of reach of the unprivileged host-browser account: {} is not searchable by others",
-                    path.display(),
-                    d.display()
-                ));
-            }
-            dir = d.parent();
-        }
-        Ok(())
-    }
-}
-
 /// Runs the agent binary as a child process.
 #[derive(Debug)]
 pub struct ProcessBackend {
     agent_binary: PathBuf,
     console_max_bytes: u64,
     /// For browser VMs: run as this account (when set).
-    browser_user: Option<HostBrowserUser>,
+    browser_user: Option<VmAccount>,
     /// For browser VMs: namespaces (only with `browser_user`).
     isolation: HostBrowserIsolation,
 }
@@ -101,7 +56,7 @@ impl ProcessBackend {
     pub fn new(
         agent_binary: PathBuf,
         console_max_bytes: u64,
-        browser_user: Option<HostBrowserUser>,
+        browser_user: Option<VmAccount>,
         isolation: HostBrowserIsolation,
     ) -> Self {
         Self {
@@ -121,18 +76,18 @@ impl ProcessBackend {
         cmd.env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("LANG", "C.UTF-8");
-        let Some(user) = self.browser_user else {
+        let Some(user) = &self.browser_user else {
             return Ok(());
         };
         give_to(user, spec)?;
         if !self.isolation.isolated {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+            cmd.uid(user.uid().as_raw()).gid(user.gid().as_raw());
             return Ok(());
         }
         // The agent needs root for the namespaces and drops to the
         // account itself before it talks to anyone.
         cmd.arg("--isolate-as")
-            .arg(format!("{}:{}", user.uid, user.gid));
+            .arg(format!("{}:{}", user.uid(), user.gid()));
         if let Some(tree) = &self.isolation.usr_local {
             cmd.arg("--usr-local").arg(tree);
         }
@@ -211,7 +166,7 @@ impl ProcessBackend {
 /// Gives a browser VM's directory and the sockets its agent dials (bound
 /// by airlockd, at launch and again when a later airlockd takes it over)
 /// to the account the agent runs as.
-fn give_to(user: HostBrowserUser, spec: &LaunchSpec) -> Result<(), BackendError> {
+fn give_to(user: &VmAccount, spec: &LaunchSpec) -> Result<(), BackendError> {
     // The egress gateway's socket exists when this backend isolates the
     // browser (it is bound before the launch, like the agent's).
     let egress = spec
@@ -219,16 +174,15 @@ fn give_to(user: HostBrowserUser, spec: &LaunchSpec) -> Result<(), BackendError>
         .agent_listener(super::supervisor::egress_port(spec.agent_port));
     for path in [
         spec.dir.root().to_path_buf(),
+        spec.dir.vmm_dir(),
         spec.dir.agent_listener(spec.agent_port),
     ]
     .into_iter()
     .chain(egress.exists().then_some(egress))
     {
-        nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| {
-            BackendError::Io {
-                context: format!("give {} to the host-browser account", path.display()),
-                source: e.into(),
-            }
+        user.give(&path).map_err(|source| BackendError::Io {
+            context: format!("give {} to the host-browser account", path.display()),
+            source,
         })?;
     }
     Ok(())
@@ -269,7 +223,7 @@ impl ProcessBackend {
                 source,
             },
         )?;
-        if let (VmKind::Browser, Some(user)) = (spec.kind, self.browser_user) {
+        if let (VmKind::Browser, Some(user)) = (spec.kind, &self.browser_user) {
             give_to(user, spec)?;
         }
         let reader = open_fifo(&dir.file(CONSOLE_FIFO))?;
@@ -316,6 +270,7 @@ impl VmBackend for ProcessBackend {
             backend: "process",
             accel: None,
             accel_reason: None,
+            confinement: None,
         }
     }
 }

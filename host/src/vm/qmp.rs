@@ -5,6 +5,7 @@
 //! client at a time, so callers connect, act and drop the client.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -112,16 +113,62 @@ impl Qmp {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        let mut msg = serde_json::to_vec(&json!({"execute": command, "arguments": arguments}))
-            .map_err(|e| QmpError::Protocol(e.to_string()))?;
-        msg.push(b'\n');
+        let msg = message(command, arguments)?;
         self.wr
             .write_all(&msg)
             .await
-            .map_err(|source| QmpError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|source| self.io_error(source))?;
+        self.answer(command, timeout).await
+    }
+
+    /// Hands QEMU the descriptor `fd` under `name` (`getfd`), for a later
+    /// command that names it (an `fd:` migration); QEMU keeps its own
+    /// copy, so the caller may close `fd` afterwards.
+    pub async fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: RawFd,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let msg = message("getfd", json!({ "fdname": name }))?;
+        let stream: &UnixStream = self.wr.as_ref();
+        // The descriptor rides on the command's first byte; QEMU reads
+        // both with one recvmsg.
+        let sent = within(timeout, "take a descriptor", async {
+            loop {
+                stream.writable().await?;
+                let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    let iov = [std::io::IoSlice::new(&msg)];
+                    let fds = [fd];
+                    let cmsg = [ControlMessage::ScmRights(&fds)];
+                    sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                        .map_err(std::io::Error::from)
+                });
+                match r {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        })
+        .await?
+        .map_err(|source| self.io_error(source))?;
+        self.wr
+            .write_all(&msg[sent..])
+            .await
+            .map_err(|source| self.io_error(source))?;
+        self.answer("getfd", timeout).await.map(drop)
+    }
+
+    fn io_error(&self, source: std::io::Error) -> QmpError {
+        QmpError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The answer to `command`, keeping events that come first.
+    async fn answer(&mut self, command: &str, timeout: Duration) -> Result<Value, QmpError> {
         within(timeout, &format!("answer {command}"), async {
             loop {
                 let v = self.read().await?;
@@ -164,6 +211,14 @@ impl Qmp {
         })
         .await?
     }
+}
+
+/// One QMP command as sent.
+fn message(command: &str, arguments: Value) -> Result<Vec<u8>, QmpError> {
+    let mut msg = serde_json::to_vec(&json!({"execute": command, "arguments": arguments}))
+        .map_err(|e| QmpError::Protocol(e.to_string()))?;
+    msg.push(b'\n');
+    Ok(msg)
 }
 
 async fn within<T>(

@@ -613,6 +613,11 @@ impl Supervisor {
                 .console
                 .tail_lines(self.inner.config.vm.console_tail_lines);
         }
+        let kind = self.handle.view.borrow().kind;
+        let killed = self.inner.backend_for(kind).release(&self.id);
+        if killed > 0 {
+            tracing::warn!(vm_id = %self.id, killed, "killed processes left in the VM's cgroup");
+        }
         if let Some(agent) = agent {
             agent.close();
         }

@@ -45,6 +45,10 @@ impl VmManager {
                 }
             }
         }
+        self.inner.backend.release_others(&taken);
+        if let Some(b) = &self.inner.browser_backend {
+            b.release_others(&taken);
+        }
         taken
     }
 

@@ -147,7 +147,8 @@ impl Jail {
     pub fn link_listeners(&self, dir: &VmDir, uds_name: &str) -> Result<(), JailError> {
         use std::os::unix::fs::FileTypeExt;
         let prefix = format!("{uds_name}_");
-        let entries = fs::read_dir(dir.root()).map_err(io("list", dir.root()))?;
+        let vmm = dir.vmm_dir();
+        let entries = fs::read_dir(&vmm).map_err(io("list", &vmm))?;
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -320,7 +321,7 @@ mod tests {
         );
         assert_eq!(fs::read(jail.host_path("/vmlinux")).unwrap(), b"elf");
         let _agent = std::os::unix::net::UnixListener::bind(dir.agent_listener(1024)).unwrap();
-        fs::write(dir.file("vsock.sock_not_a_socket"), b"").unwrap();
+        fs::write(dir.vmm_dir().join("vsock.sock_not_a_socket"), b"").unwrap();
         jail.link_listeners(&dir, "vsock.sock").unwrap();
         let linked = jail.host_path("/vsock.sock_1024");
         std::os::unix::net::UnixStream::connect(&linked).expect("the link reaches the listener");

@@ -3,7 +3,7 @@
 //!
 //! Firecracker's vsock device is the hybrid one vhost-device-vsock copies,
 //! so the agent channel is the same as under QEMU: the guest dials CID 2
-//! and arrives at `<dir>/vsock.sock_<port>`. The guest's serial console is
+//! and arrives at `<dir>/vmm/vsock.sock_<port>`. The guest's serial console is
 //! Firecracker's stdout, pumped into the VM's [`Console`]. The requests
 //! themselves are data ([`plan`]), checked against Firecracker v1.15.1's
 //! Swagger contract in tests; [`api`] sends them. Used by the VM
@@ -647,6 +647,7 @@ impl VmBackend for FirecrackerBackend {
             backend: "firecracker",
             accel: Some("kvm".into()),
             accel_reason: Some("Firecracker runs on KVM only".into()),
+            confinement: None,
         }
     }
 }

@@ -7,7 +7,11 @@
 //! the serial console to a socket airlockd already listens on. Used by the
 //! VM supervisor through [`super::backend::VmBackend`].
 
+mod args;
+
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -20,25 +24,22 @@ use tokio::net::UnixListener;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
+use args::hotplug_vsock;
+pub use args::{qemu_args, BootFiles};
+
 use super::accel::{self, Accel, AccelDecision, ProbeInputs};
+use super::account::VmAccount;
 use super::backend::{
     file_tail, BackendError, BackendInfo, Boot, BoxFuture, LaunchSpec, RunningVm, SaveStats,
     VmBackend, VmProcess,
 };
+use super::cgroup::VmCgroup;
+use super::confine::Confinement;
 use super::console::Console;
 use super::layout::VmDir;
 use super::qmp::{Qmp, QmpError};
 use super::{ramfile, VmKind};
 use crate::config::{QemuConfig, VmConfig};
-
-/// Kernel parameters that shorten boot by about 0.4 s under TCG (measured:
-/// kernel uptime at /init 2.36 s -> 1.95 s) without weakening the guest:
-/// skip the crypto self-tests and the PS/2 and extra UART probes, trust the
-/// CPU's RNG for early entropy (QEMU backs RDRAND with the host's), no soft
-/// lockup watchdog (a slow TCG vCPU trips it). CPU vulnerability
-/// mitigations stay on: browser VMs run untrusted pages.
-const BOOT_SPEEDUPS: &str =
-    "cryptomgr.notests i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 random.trust_cpu=on nowatchdog";
 
 /// How long vhost-device-vsock gets to create its socket.
 const VHOST_READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,6 +58,8 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 const VSOCK_DEVICE: &str = "vsock";
 const VHOST_CHARDEV: &str = "vhost";
 const VSOCK_PORT: &str = "rp-vsock";
+/// The name a saved state's descriptor gets in QEMU (`getfd`).
+const STATE_FD: &str = "state";
 
 /// Runs VMs under QEMU.
 #[derive(Debug)]
@@ -66,19 +69,89 @@ pub struct QemuBackend {
     state_dir: PathBuf,
     accel: Arc<OnceCell<AccelDecision>>,
     version: OnceCell<String>,
+    confine: Confinement,
 }
 
 impl QemuBackend {
-    /// A backend with the given settings; acceleration is decided on first
-    /// use (or by [`QemuBackend::detect_accel`]).
-    pub fn new(qemu: QemuConfig, vm: VmConfig, state_dir: PathBuf) -> Self {
+    /// A backend with the given settings, its VMs' processes confined by
+    /// `confine`; acceleration is decided on first use (or by
+    /// [`QemuBackend::detect_accel`]).
+    pub fn new(qemu: QemuConfig, vm: VmConfig, state_dir: PathBuf, confine: Confinement) -> Self {
         Self {
             qemu,
             vm,
             state_dir,
             accel: Arc::default(),
             version: OnceCell::new(),
+            confine,
         }
+    }
+
+    fn account(&self) -> Option<&VmAccount> {
+        self.confine.account.as_ref()
+    }
+
+    /// Lets the VM's account reach what it must in the VM's directory,
+    /// and nothing else there: the directory stays airlockd's (its logs
+    /// and the record a later airlockd trusts), searchable by the
+    /// account's group; QEMU and vhost-device-vsock create their sockets
+    /// in `vmm/`, the account's own; the sockets airlockd listens on
+    /// (console; agent and egress, in `vmm/` beside the vsock device's
+    /// own) become the account's so it may connect.
+    /// Run at launch and again when a VM is taken over (its sockets are
+    /// bound anew).
+    fn give_dir(&self, spec: &LaunchSpec) -> Result<(), BackendError> {
+        let dir = &spec.dir;
+        let vmm = dir.vmm_dir();
+        let io = |context: String| move |source| BackendError::Io { context, source };
+        let Some(account) = self.account() else {
+            return Ok(());
+        };
+        nix::unistd::chown(dir.root(), None, Some(account.gid())).map_err(|e| {
+            io(format!("give {} to the VM's group", dir.root().display()))(e.into())
+        })?;
+        std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o710))
+            .map_err(io(format!("chmod {}", dir.root().display())))?;
+        let egress = dir.agent_listener(super::supervisor::egress_port(spec.agent_port));
+        let mut paths = vec![
+            vmm,
+            dir.console_socket(),
+            dir.agent_listener(spec.agent_port),
+        ];
+        paths.extend(egress.exists().then_some(egress));
+        if let Boot::Image {
+            home: Some(home), ..
+        } = &spec.boot
+        {
+            // The user's disk: QEMU reopens it for writing.
+            paths.push(home.clone());
+        }
+        for path in paths {
+            account.give(&path).map_err(io(format!(
+                "give {} to {}",
+                path.display(),
+                account.name()
+            )))?;
+        }
+        Ok(())
+    }
+
+    /// Spawns `program` confined: in the VM's cgroup, as the VM's account,
+    /// with `inherit` passed on.
+    fn spawn(
+        &self,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+        cgroup: Option<&VmCgroup>,
+        inherit: Vec<RawFd>,
+    ) -> Result<tokio::process::Child, BackendError> {
+        let procs = cgroup.map(VmCgroup::procs_fds).unwrap_or_default();
+        spawn_logged(program, args, log, |cmd| {
+            if self.account().is_some() || !procs.is_empty() || !inherit.is_empty() {
+                VmAccount::confine(self.account(), cmd, procs, inherit);
+            }
+        })
     }
 
     /// Decides KVM or TCG now (probing if configured `auto`); idempotent.
@@ -161,16 +234,27 @@ impl QemuBackend {
         vm: &mut RunningVm,
     ) -> Result<(), BackendError> {
         let dir = &spec.dir;
-        let vhost = self.start_vhost(spec).await?;
+        self.give_dir(spec)?;
+        let cgroup = self.confine.cgroup_for(spec)?;
+        let vhost = self.start_vhost(spec, cgroup.as_ref()).await?;
         let vhost_pid = vhost.id().unwrap_or_default();
-        let mut args = qemu_args(&self.qemu, &self.vm, spec, accel);
+        let mut files = match self.account() {
+            Some(_) => BootFiles::by_fd(),
+            None => BootFiles::by_path(),
+        };
+        let mut args = qemu_args(&self.qemu, &self.vm, spec, accel, &mut files);
+        let fds = files.fds().map_err(|(path, source)| BackendError::Io {
+            context: format!("open {} for QEMU", path.display()),
+            source,
+        })?;
         let mut program = self.qemu.binary.clone();
         if spec.background {
             // nice(1) execs QEMU: same process, every thread at nice 19.
             args.splice(0..0, ["-n".into(), "19".into(), program.into_os_string()]);
             program = PathBuf::from("nice");
         }
-        let qemu = spawn_logged(&program, &args, &dir.file("vmm.log"))?;
+        let qemu = self.spawn(&program, &args, &dir.file("vmm.log"), cgroup.as_ref(), fds)?;
+        drop(files);
         let qemu_pid = qemu.id().unwrap_or_default();
         vm.processes.push(VmProcess {
             name: "qemu",
@@ -199,6 +283,7 @@ impl QemuBackend {
     ) -> Result<RunningVm, BackendError> {
         let accel = self.detect_accel().await.accel;
         let mut vm = self.start_console(&spec.dir, accel, true)?;
+        self.give_dir(spec)?;
         vm.adopted = procs;
         Ok(vm)
     }
@@ -220,6 +305,13 @@ impl QemuBackend {
             .map_err(|e| {
                 BackendError::Restore(format!("cannot copy the snapshot's guest RAM: {e}"))
             })?;
+        if let Some(account) = self.account() {
+            // QEMU maps the copy read-write.
+            account.give(&ram).map_err(|source| BackendError::Io {
+                context: format!("give {} to {}", ram.display(), account.name()),
+                source,
+            })?;
+        }
         let accel = self.detect_accel().await.accel;
         let mut vm = self.start_console(&spec.dir, accel, false)?;
         self.start_processes(spec, accel, &mut vm).await?;
@@ -231,7 +323,13 @@ impl QemuBackend {
         let mut qmp = connect_qmp(&spec.dir, &qmp_socket, &mut qemu.child, &program).await?;
         // The RAM is the copied file: the state carries none.
         set_migration_capabilities(&mut qmp, true).await?;
-        let uri = format!("exec:cat {}", shell_quote(state));
+        let file = std::fs::File::open(state).map_err(|source| BackendError::Io {
+            context: format!("open {}", state.display()),
+            source,
+        })?;
+        qmp.pass_fd(STATE_FD, file.as_raw_fd(), QMP_TIMEOUT).await?;
+        drop(file);
+        let uri = format!("fd:{STATE_FD}");
         qmp.execute("migrate-incoming", json!({ "uri": uri }), QMP_TIMEOUT)
             .await?;
         let done = qmp
@@ -302,7 +400,13 @@ impl QemuBackend {
         // dirty-page tracking of a running guest to trust (and the RAM
         // file is not written while it is copied).
         qmp.execute("stop", json!({}), QMP_TIMEOUT).await?;
-        let uri = format!("exec:cat > {}", shell_quote(out));
+        let file = std::fs::File::create(out).map_err(|source| BackendError::Io {
+            context: format!("create {}", out.display()),
+            source,
+        })?;
+        qmp.pass_fd(STATE_FD, file.as_raw_fd(), QMP_TIMEOUT).await?;
+        drop(file);
+        let uri = format!("fd:{STATE_FD}");
         qmp.execute("migrate", json!({ "uri": uri }), QMP_TIMEOUT)
             .await?;
         let done = qmp
@@ -357,7 +461,11 @@ impl QemuBackend {
             .clone()
     }
 
-    async fn start_vhost(&self, spec: &LaunchSpec) -> Result<tokio::process::Child, BackendError> {
+    async fn start_vhost(
+        &self,
+        spec: &LaunchSpec,
+        cgroup: Option<&VmCgroup>,
+    ) -> Result<tokio::process::Child, BackendError> {
         let dir = &spec.dir;
         let socket = dir.vhost_socket();
         let args: Vec<OsString> = vec![
@@ -369,7 +477,7 @@ impl QemuBackend {
             dir.vsock_uds().into(),
         ];
         let program = &self.qemu.vhost_vsock_binary;
-        let mut child = spawn_logged(program, &args, &dir.file("vhost.log"))?;
+        let mut child = self.spawn(program, &args, &dir.file("vhost.log"), cgroup, Vec::new())?;
         let shown = program.display().to_string();
         wait_created(dir, &socket, &mut child, &shown, VHOST_READY_TIMEOUT).await?;
         Ok(child)
@@ -426,7 +534,10 @@ async fn wait_created(
     let watch = Inotify::init().map_err(io)?;
     watch
         .watches()
-        .add(dir.root(), WatchMask::CREATE | WatchMask::MOVED_TO)
+        .add(
+            path.parent().unwrap_or(dir.root()),
+            WatchMask::CREATE | WatchMask::MOVED_TO,
+        )
         .map_err(io)?;
     let mut events = watch.into_event_stream(vec![0u8; 4096]).map_err(io)?;
     // Checked after the watch exists, so a creation cannot slip between.
@@ -482,26 +593,6 @@ fn migration_ended(v: &Value) -> bool {
             v["data"]["status"].as_str(),
             Some("completed" | "failed" | "cancelled")
         )
-}
-
-/// `p` quoted for the shell QEMU runs `exec:` migration URIs with.
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
-}
-
-/// Browser VMs on a machine that can snapshot them keep their RAM in a
-/// file ([`ramfile`]).
-fn file_backed_ram(q: &QemuConfig, spec: &LaunchSpec) -> bool {
-    spec.kind == VmKind::Browser && hotplug_vsock(q)
-}
-
-/// Machines whose vsock device sits on its own PCIe root port, so it can
-/// be unplugged before a save and plugged into a restored copy.
-fn hotplug_vsock(q: &QemuConfig) -> bool {
-    q.machine
-        .split(',')
-        .next()
-        .is_some_and(|m| m.contains("q35"))
 }
 
 impl VmBackend for QemuBackend {
@@ -562,6 +653,26 @@ impl VmBackend for QemuBackend {
         Box::pin(self.adopt_inner(spec, procs))
     }
 
+    fn release(&self, vm_id: &str) -> usize {
+        self.confine.release(vm_id)
+    }
+
+    fn foreground(&self, vm_id: &str, vcpus: u32) {
+        self.confine.foreground(vm_id, vcpus);
+    }
+
+    fn release_others(&self, kept: &[String]) {
+        let Some(cgroups) = &self.confine.cgroups else {
+            return;
+        };
+        for id in cgroups.vm_ids() {
+            if !kept.contains(&id) {
+                let killed = self.confine.release(&id);
+                tracing::warn!(vm_id = %id, killed, "removed the cgroup of a VM an earlier airlockd left");
+            }
+        }
+    }
+
     fn info(&self) -> BackendInfo {
         let d = self.accel.get();
         BackendInfo {
@@ -571,6 +682,7 @@ impl VmBackend for QemuBackend {
                     .unwrap_or_else(|| "detecting".into()),
             ),
             accel_reason: d.map(|d| d.reason.clone()),
+            confinement: Some(self.confine.describe()),
         }
     }
 }
@@ -580,6 +692,7 @@ fn spawn_logged(
     program: &Path,
     args: &[OsString],
     log: &Path,
+    confine: impl FnOnce(&mut Command),
 ) -> Result<tokio::process::Child, BackendError> {
     let io_err = |source| BackendError::Io {
         context: format!("create {}", log.display()),
@@ -589,263 +702,16 @@ fn spawn_logged(
     let err = out.try_clone().map_err(io_err)?;
     // Its own process group: a signal to airlockd's group (Ctrl-C in a
     // terminal) does not reach the VMs, which outlive airlockd.
-    Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| BackendError::Spawn {
-            program: program.display().to_string(),
-            source,
-        })
-}
-
-/// QEMU's command line for one VM.
-pub fn qemu_args(q: &QemuConfig, vm: &VmConfig, spec: &LaunchSpec, accel: Accel) -> Vec<OsString> {
-    let dir = &spec.dir;
-    let mem = spec.memory_mib;
-    let mut args: Vec<OsString> = Vec::new();
-    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&["-name", &format!("airlock-{}", spec.vm_id)]);
-    push(&["-M", &format!("{},memory-backend=mem", q.machine)]);
-    let accel_arg = match accel {
-        // TCG's translation cache otherwise grows to 1 GiB of host memory.
-        Accel::Tcg => format!("tcg,tb-size={}", q.tcg_tb_size_mib),
-        Accel::Kvm => "kvm".into(),
-    };
-    push(&["-accel", &accel_arg, "-cpu", &q.cpu]);
-    push(&["-m", &format!("{mem}M"), "-smp", &spec.vcpus.to_string()]);
-    // vhost-user devices need guest memory the backend process can map;
-    // a browser VM that may be snapshotted gets it as a file (`ramfile`).
-    let backend = match file_backed_ram(q, spec) {
-        true => format!(
-            "memory-backend-file,id=mem,size={mem}M,share=on,mem-path={}",
-            ramfile::path_for(&spec.vm_id).display()
-        ),
-        false => format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-    };
-    push(&["-object", &backend]);
-    if q.sandbox {
-        // Saving and loading a browser VM's state runs `cat` (exec:
-        // migration), so only those VMs may start a process.
-        let spawn = match file_backed_ram(q, spec) {
-            true => "allow",
-            false => "deny",
-        };
-        let policy =
-            format!("on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny,spawn={spawn}");
-        push(&["-sandbox", &policy]);
-    }
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-no-reboot",
-    ]);
-    let restoring = matches!(spec.boot, Boot::Restore { .. });
-    if hotplug_vsock(q) {
-        push(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", dir.qmp_socket().display()),
-        ]);
-        push(&[
-            "-device",
-            &format!("pcie-root-port,id={VSOCK_PORT},bus=pcie.0,chassis=1"),
-        ]);
-    }
-    // A restored VM gets its vsock device once its state is loaded.
-    if !restoring {
-        let vhost = dir.vhost_socket();
-        push(&[
-            "-chardev",
-            &format!("socket,id={VHOST_CHARDEV},path={}", vhost.display()),
-        ]);
-        let bus = match hotplug_vsock(q) {
-            true => format!(",id={VSOCK_DEVICE},bus={VSOCK_PORT}"),
-            false => String::new(),
-        };
-        push(&[
-            "-device",
-            &format!("vhost-user-vsock-pci,chardev={VHOST_CHARDEV}{bus}"),
-        ]);
-    } else {
-        push(&["-S", "-incoming", "defer"]);
-    }
-    push(&[
-        "-chardev",
-        // reconnect: when airlockd restarts, QEMU dials the next one's
-        // console socket (output meanwhile is dropped, not buffered).
-        &format!(
-            "socket,id=console,path={},reconnect=1",
-            dir.console_socket().display()
-        ),
-    ]);
-    push(&["-serial", "chardev:console"]);
-    if let Some(fw) = &q.firmware {
-        push(&["-bios", &fw.display().to_string()]);
-    }
-    let (kernel, initrd, boot_words) = boot_args(vm, &spec.boot, &mut args);
-    args.extend(["-kernel".into(), kernel, "-initrd".into(), initrd]);
-    let append = format!(
-        "console=ttyS0 panic=-1 quiet {BOOT_SPEEDUPS} airlock.port={}{boot_words} {}",
-        spec.agent_port, q.extra_append
-    );
-    args.push("-append".into());
-    args.push(append.trim_end().into());
-    args
-}
-
-/// Kernel, initrd, drives and kernel words of what the VM boots. A golden
-/// image's layers are shared read-only by every VM (nothing is copied);
-/// drives appear in order as vda, vdb, ... for stage 1.
-fn boot_args(vm: &VmConfig, boot: &Boot, args: &mut Vec<OsString>) -> (OsString, OsString, String) {
-    let (image, init, home) = match boot {
-        Boot::Initramfs => {
-            return (
-                vm.kernel.clone().into(),
-                vm.initramfs.clone().into(),
-                String::new(),
-            )
-        }
-        Boot::Image { image, init, home } => (image, init, home.as_ref()),
-        Boot::Restore { image, init, .. } => (image, init, None),
-    };
-    let mut names = Vec::new();
-    for (i, layer) in image.layers.iter().enumerate() {
-        args.push("-drive".into());
-        args.push(
-            format!(
-                "file={},if=virtio,format=raw,readonly=on",
-                drive_path(layer)
-            )
-            .into(),
-        );
-        names.push(format!("vd{}", (b'a' + i as u8) as char));
-    }
-    let mut words = format!(" airlock.layers={} airlock.init={init}", names.join(","));
-    if let Some(home) = home {
-        args.push("-drive".into());
-        args.push(
-            format!(
-                "file={},if=virtio,format=raw,discard=unmap",
-                drive_path(home)
-            )
-            .into(),
-        );
-        words.push_str(&format!(
-            " airlock.home=vd{}",
-            (b'a' + names.len() as u8) as char
-        ));
-    }
-    (
-        image.kernel.clone().into(),
-        image.initrd.clone().into(),
-        words,
-    )
-}
-
-/// A path inside QEMU's `-drive` option, where a comma must be doubled.
-fn drive_path(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vm::layout::VmDir;
-
-    #[test]
-    fn command_line_has_vsock_console_and_port() {
-        let run = tempfile::tempdir().unwrap();
-        let spec = LaunchSpec {
-            vm_id: "vm-x".into(),
-            dir: VmDir::create(run.path(), "vm-x").unwrap(),
-            memory_mib: 256,
-            vcpus: 2,
-            agent_port: 1024,
-            boot: Boot::Initramfs,
-            kind: crate::vm::VmKind::Cli,
-            background: false,
-        };
-        let q = QemuConfig {
-            extra_append: "airlock.port=9".into(),
-            ..QemuConfig::default()
-        };
-        let args: Vec<String> = qemu_args(&q, &VmConfig::default(), &spec, Accel::Tcg)
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
-        let joined = args.join(" ");
-        assert!(joined.contains("-accel tcg,tb-size=256"));
-        assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
-        assert!(joined.contains("vhost-user-vsock-pci"));
-        assert!(joined.contains("-smp 2"));
-        assert!(joined.contains("-initrd /var/lib/airlock/image/initramfs.cpio.gz"));
-        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
-        // extra_append comes last so that it overrides airlock's own words.
-        assert!(
-            append.ends_with("airlock.port=1024 airlock.port=9"),
-            "{append}"
-        );
-    }
-
-    #[test]
-    fn a_golden_image_boots_its_layers_read_only_and_the_home_disk_writable() {
-        let run = tempfile::tempdir().unwrap();
-        let image = crate::image::GoldenImage {
-            kind: "cli",
-            dir: "/img".into(),
-            sha256: "abc".into(),
-            kernel: "/img/vmlinuz".into(),
-            initrd: "/img/initrd.cpio.gz".into(),
-            layers: vec!["/img/base.squashfs".into(), "/img/air,lock.squashfs".into()],
-        };
-        let spec = LaunchSpec {
-            vm_id: "vm-y".into(),
-            dir: VmDir::create(run.path(), "vm-y").unwrap(),
-            memory_mib: 512,
-            vcpus: 1,
-            agent_port: 1024,
-            boot: Boot::Image {
-                image,
-                init: "/lib/systemd/systemd",
-                home: Some("/homes/h.ext4".into()),
-            },
-            kind: crate::vm::VmKind::Cli,
-            background: false,
-        };
-        let args: Vec<String> = qemu_args(
-            &QemuConfig::default(),
-            &VmConfig::default(),
-            &spec,
-            Accel::Kvm,
-        )
-        .into_iter()
-        .map(|a| a.into_string().unwrap())
-        .collect();
-        let joined = args.join(" ");
-        assert!(
-            joined.contains("-kernel /img/vmlinuz -initrd /img/initrd.cpio.gz"),
-            "{joined}"
-        );
-        assert!(joined.contains("-drive file=/img/base.squashfs,if=virtio,format=raw,readonly=on"));
-        assert!(
-            joined.contains("-drive file=/img/air,,lock.squashfs,if=virtio,format=raw,readonly=on")
-        );
-        assert!(joined.contains("-drive file=/homes/h.ext4,if=virtio,format=raw,discard=unmap"));
-        assert!(joined.contains("-accel kvm -cpu"), "{joined}");
-        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
-        assert!(
-            append.contains(
-                "airlock.layers=vda,vdb airlock.init=/lib/systemd/systemd airlock.home=vdc"
-            ),
-            "{append}"
-        );
-    }
+        .kill_on_drop(true);
+    confine(&mut cmd);
+    cmd.spawn().map_err(|source| BackendError::Spawn {
+        program: program.display().to_string(),
+        source,
+    })
 }
