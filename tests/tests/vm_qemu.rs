@@ -114,10 +114,10 @@ async fn vm_processes_run_unprivileged_in_a_cgroup_of_their_own() -> Result<()> 
             }
         }
         if let Some((memory, cpu)) = cgroups.first() {
-            // 256 MiB of guest RAM and qemu.memory_overhead_mib (512).
+            // 256 MiB of guest RAM and qemu.memory_overhead_mib (1024).
             assert_eq!(
                 read_trimmed(&memory.join("memory.limit_in_bytes"))?,
-                (768u64 << 20).to_string()
+                (1280u64 << 20).to_string()
             );
             // One core per vCPU and qemu.cpu_overhead_percent (50).
             assert_eq!(read_trimmed(&cpu.join("cpu.cfs_quota_us"))?, "150000");

@@ -150,6 +150,31 @@ impl VmAccount {
     }
 }
 
+/// Binds a listening socket at `path` for `account` (or airlockd itself)
+/// to connect to. It is bound under another name, given to the account
+/// and then renamed into place, so a peer dialling all along (a VM taken
+/// over redials; QEMU's console reconnects) never finds a socket there it
+/// may not use, and an earlier airlockd's socket file is replaced at once.
+pub fn bind_for(
+    account: Option<&VmAccount>,
+    path: &Path,
+) -> std::io::Result<tokio::net::UnixListener> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".binding-{name}"));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)?;
+    let placed = match account {
+        Some(a) => a.give(&tmp),
+        None => Ok(()),
+    }
+    .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 fn write_fd(fd: RawFd, bytes: &[u8]) -> std::io::Result<()> {
     // SAFETY: `fd` is a `cgroup.procs` file the parent holds open until
     // the spawn returned; borrowing it for this one call is sound.
@@ -171,6 +196,27 @@ fn clear_cloexec(fd: RawFd) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_socket_is_bound_for_its_account_and_replaces_an_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock_1024");
+        // An earlier airlockd's socket, which nobody answers any more.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let account = VmAccount::for_tests(54321);
+        let owner = nix::unistd::geteuid().is_root().then_some(&account);
+        let listener = bind_for(owner, &path).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("vsock.sock_1024")]);
+        if owner.is_some() {
+            assert_eq!(std::fs::metadata(&path).unwrap().uid(), 54321);
+        }
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        listener.accept().await.unwrap();
+    }
 
     #[test]
     fn reachability_counts_owner_group_and_others() {

@@ -233,6 +233,14 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// The account that connects to the sockets airlockd binds for a VM
+    /// of `kind` (QEMU's helpers, a host-process browser), when it is not
+    /// airlockd's own.
+    fn socket_owner(&self, kind: VmKind) -> Option<&super::account::VmAccount> {
+        let _ = kind;
+        None
+    }
+
     /// Gives a VM started in the background (`LaunchSpec::background`)
     /// the CPU weight of the foreground, as its processes' nice value is.
     fn foreground(&self, vm_id: &str, vcpus: u32) {

@@ -122,10 +122,15 @@ impl Cgroups {
     pub fn detect(run_dir: &Path) -> Result<Self, CgroupError> {
         let own = fs::read_to_string("/proc/self/cgroup")
             .map_err(io("read", Path::new("/proc/self/cgroup")))?;
-        let root = Path::new(CGROUP_ROOT);
+        Self::detect_in(Path::new(CGROUP_ROOT), &own, run_dir)
+    }
+
+    /// [`Cgroups::detect`] with the hierarchy mounted at `root` and
+    /// `own` as `/proc/self/cgroup`.
+    fn detect_in(root: &Path, own: &str, run_dir: &Path) -> Result<Self, CgroupError> {
         let layout = match root.join("cgroup.controllers").exists() {
-            true => v2_layout(root, &own)?,
-            false => v1_layout(root, &own, &instance_name(run_dir))?,
+            true => v2_layout(root, own)?,
+            false => v1_layout(root, own, &instance_name(run_dir))?,
         };
         Ok(Self { layout })
     }
@@ -406,6 +411,81 @@ mod tests {
         assert_eq!(v2_weight(1, false), 100);
         assert_eq!(v2_weight(2, true), 2);
         assert_eq!(v2_weight(1, true), 1);
+    }
+
+    /// A cgroup v2 tree as systemd leaves it for a unit with `Delegate=`
+    /// (files only: the kernel's checks are not modelled).
+    fn fake_v2(controllers: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let unit = root.path().join("system.slice/airlockd.service");
+        fs::create_dir_all(unit.join("daemon")).unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "memory cpu io").unwrap();
+        fs::write(unit.join("cgroup.controllers"), controllers).unwrap();
+        fs::write(unit.join("cgroup.subtree_control"), "").unwrap();
+        fs::create_dir_all(unit.join("vms")).unwrap();
+        fs::write(unit.join("vms/cgroup.subtree_control"), "").unwrap();
+        root
+    }
+
+    #[test]
+    fn v2_needs_the_daemon_leaf_and_delegated_controllers() {
+        let root = fake_v2("memory cpu");
+        let run = Path::new("/run/airlock");
+        let outside = "0::/system.slice/airlockd.service\n";
+        let err = Cgroups::detect_in(root.path(), outside, run).unwrap_err();
+        assert!(err.to_string().contains("DelegateSubgroup=daemon"), "{err}");
+        let root = fake_v2("io");
+        let leaf = "0::/system.slice/airlockd.service/daemon\n";
+        let err = Cgroups::detect_in(root.path(), leaf, run).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("memory controller is not delegated"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn v2_vms_go_under_the_unit_with_their_limits() {
+        let root = fake_v2("memory cpu");
+        let leaf = "0::/system.slice/airlockd.service/daemon\n";
+        let c = Cgroups::detect_in(root.path(), leaf, Path::new("/run/airlock")).unwrap();
+        let unit = root.path().join("system.slice/airlockd.service");
+        let read = |p: &Path| fs::read_to_string(p).unwrap();
+        assert_eq!(read(&unit.join("cgroup.subtree_control")), "+memory +cpu");
+        assert_eq!(
+            read(&unit.join("vms/cgroup.subtree_control")),
+            "+memory +cpu"
+        );
+        let vm = unit.join("vms/vm-1");
+        // The kernel makes a new cgroup's files; the fake needs them.
+        fs::create_dir_all(&vm).unwrap();
+        for f in ["cgroup.procs", "memory.max", "cpu.max", "cpu.weight"] {
+            fs::write(vm.join(f), "").unwrap();
+        }
+        let limits = Limits {
+            memory_bytes: 768 << 20,
+            cpu_percent: 150,
+            vcpus: 1,
+            background: true,
+        };
+        let cg = c.create("vm-1", limits).unwrap();
+        assert_eq!(cg.procs_fds().len(), 1);
+        assert_eq!(read(&vm.join("memory.max")), (768u64 << 20).to_string());
+        assert_eq!(read(&vm.join("cpu.max")), "150000 100000");
+        assert_eq!(read(&vm.join("cpu.weight")), "1");
+        c.set_background("vm-1", 1, false).unwrap();
+        assert_eq!(read(&vm.join("cpu.weight")), "100");
+        assert_eq!(c.vm_ids(), vec!["vm-1".to_string()]);
+        assert_eq!(c.memory_limit("vm-1"), Some(768 << 20));
+    }
+
+    #[test]
+    fn v1_parents_are_per_run_dir() {
+        assert_ne!(
+            instance_name(Path::new("/run/airlock")),
+            instance_name(Path::new("/tmp/al1/run"))
+        );
+        assert!(instance_name(Path::new("/run/airlock")).starts_with("airlock-vms-"));
     }
 
     #[test]

@@ -163,23 +163,11 @@ impl ProcessBackend {
     }
 }
 
-/// Gives a browser VM's directory and the sockets its agent dials (bound
-/// by airlockd, at launch and again when a later airlockd takes it over)
-/// to the account the agent runs as.
+/// Gives a browser VM's directory to the account the agent runs as (the
+/// sockets it dials there are bound for that account:
+/// [`VmBackend::socket_owner`]).
 fn give_to(user: &VmAccount, spec: &LaunchSpec) -> Result<(), BackendError> {
-    // The egress gateway's socket exists when this backend isolates the
-    // browser (it is bound before the launch, like the agent's).
-    let egress = spec
-        .dir
-        .agent_listener(super::supervisor::egress_port(spec.agent_port));
-    for path in [
-        spec.dir.root().to_path_buf(),
-        spec.dir.vmm_dir(),
-        spec.dir.agent_listener(spec.agent_port),
-    ]
-    .into_iter()
-    .chain(egress.exists().then_some(egress))
-    {
+    for path in [spec.dir.root().to_path_buf(), spec.dir.vmm_dir()] {
         user.give(&path).map_err(|source| BackendError::Io {
             context: format!("give {} to the host-browser account", path.display()),
             source,
@@ -255,6 +243,13 @@ impl VmBackend for ProcessBackend {
 
     fn isolates_network(&self, kind: VmKind) -> bool {
         kind == VmKind::Browser && self.isolation.isolated && self.browser_user.is_some()
+    }
+
+    fn socket_owner(&self, kind: VmKind) -> Option<&VmAccount> {
+        match kind {
+            VmKind::Browser => self.browser_user.as_ref(),
+            VmKind::Cli => None,
+        }
     }
 
     fn adopt<'a>(

@@ -268,13 +268,11 @@ impl Supervisor {
         (outcome, Some(vm))
     }
 
-    /// Binds a socket the VM's side dials; a VM taken over has the
-    /// earlier airlockd's socket file there, which nobody answers any more.
+    /// Binds a socket the VM's side dials ([`super::account::bind_for`]
+    /// the account that dials it).
     fn bind(&self, path: &std::path::Path) -> std::io::Result<UnixListener> {
-        if self.adopting {
-            let _ = std::fs::remove_file(path);
-        }
-        UnixListener::bind(path)
+        let kind = self.handle.view.borrow().kind;
+        super::account::bind_for(self.inner.backend_for(kind).socket_owner(kind), path)
     }
 
     /// Records what a later airlockd needs to take this VM over.

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use inotify::{Inotify, WatchMask};
 use serde_json::{json, Value};
-use tokio::net::UnixListener;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
@@ -95,11 +94,9 @@ impl QemuBackend {
     /// and nothing else there: the directory stays airlockd's (its logs
     /// and the record a later airlockd trusts), searchable by the
     /// account's group; QEMU and vhost-device-vsock create their sockets
-    /// in `vmm/`, the account's own; the sockets airlockd listens on
-    /// (console; agent and egress, in `vmm/` beside the vsock device's
-    /// own) become the account's so it may connect.
-    /// Run at launch and again when a VM is taken over (its sockets are
-    /// bound anew).
+    /// in `vmm/`, the account's own, beside the agent's and egress
+    /// sockets airlockd binds there for them. Run at launch and again
+    /// when a VM is taken over.
     fn give_dir(&self, spec: &LaunchSpec) -> Result<(), BackendError> {
         let dir = &spec.dir;
         let vmm = dir.vmm_dir();
@@ -112,13 +109,9 @@ impl QemuBackend {
         })?;
         std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o710))
             .map_err(io(format!("chmod {}", dir.root().display())))?;
-        let egress = dir.agent_listener(super::supervisor::egress_port(spec.agent_port));
-        let mut paths = vec![
-            vmm,
-            dir.console_socket(),
-            dir.agent_listener(spec.agent_port),
-        ];
-        paths.extend(egress.exists().then_some(egress));
+        // The sockets airlockd listens on are bound for the account
+        // (`account::bind_for`).
+        let mut paths = vec![vmm];
         if let Boot::Image {
             home: Some(home), ..
         } = &spec.boot
@@ -203,18 +196,15 @@ impl QemuBackend {
         let log = dir.file("console.log");
         let max = self.vm.console_max_bytes;
         let console = match taken_over {
-            true => {
-                let _ = std::fs::remove_file(dir.console_socket());
-                Console::append(&log, max)
-            }
+            true => Console::append(&log, max),
             false => Console::create(&log, max),
         }
         .map_err(|source| BackendError::Io {
             context: "create console.log".into(),
             source,
         })?;
-        let console_listener =
-            UnixListener::bind(dir.console_socket()).map_err(|source| BackendError::Io {
+        let console_listener = super::account::bind_for(self.account(), &dir.console_socket())
+            .map_err(|source| BackendError::Io {
                 context: "bind the console socket".into(),
                 source,
             })?;
@@ -659,6 +649,10 @@ impl VmBackend for QemuBackend {
 
     fn foreground(&self, vm_id: &str, vcpus: u32) {
         self.confine.foreground(vm_id, vcpus);
+    }
+
+    fn socket_owner(&self, _kind: VmKind) -> Option<&VmAccount> {
+        self.account()
     }
 
     fn release_others(&self, kept: &[String]) {
