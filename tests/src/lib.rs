@@ -243,6 +243,8 @@ pub struct Daemon {
     netns: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// Login sessions started through this harness (printed on failure).
     pub sessions: std::sync::Mutex<Vec<String>>,
+    /// Where this airlockd makes its VMs' cgroups (`/health`).
+    cgroup_parents: Vec<PathBuf>,
 }
 
 /// Starts airlockd on `config`, its log appended to `log`; returns its
@@ -428,6 +430,7 @@ impl Daemon {
             viewer_http: reqwest::Client::new(),
             log,
             netns: settings.netns,
+            cgroup_parents: Vec::new(),
         };
         daemon.await_ready(line_rx).await?;
         Ok(daemon)
@@ -455,6 +458,15 @@ impl Daemon {
                 },
                 _ => bail!("unexpected line from airlockd: {line}"),
             }
+        }
+        // Best effort: a daemon started to be refused has no /health.
+        if let Ok((_, health)) = self.request(reqwest::Method::GET, "/health", None).await {
+            self.cgroup_parents = health["cgroupParents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str().map(PathBuf::from))
+                .collect();
         }
         Ok(())
     }
@@ -613,6 +625,27 @@ impl Daemon {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// VM cgroups left under this airlockd's cgroup parents, and once it
+    /// has exited, the parents themselves.
+    pub fn leftover_cgroups(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for parent in &self.cgroup_parents {
+            let Ok(entries) = std::fs::read_dir(parent) else {
+                continue;
+            };
+            left.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+                    .map(|e| e.path().display().to_string()),
+            );
+            if self.exit.is_some() {
+                left.push(parent.display().to_string());
+            }
+        }
+        left
     }
 
     /// The last `n` lines of airlockd's log.

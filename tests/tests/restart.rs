@@ -88,12 +88,15 @@ async fn wait_for_text(file: &Path, from: usize, needle: &str, timeout: Duration
     }
 }
 
-/// Nothing of the test's VMs is left: no process, no directory.
+/// Nothing of the test's VMs is left: no process, no directory, no
+/// cgroup.
 fn nothing_left(d: &Daemon) -> Result<()> {
     let procs = d.leftover_processes();
     ensure!(procs.is_empty(), "processes left: {procs:?}");
     let dirs = d.leftover_vm_dirs();
     ensure!(dirs.is_empty(), "VM directories left: {dirs:?}");
+    let cgroups = d.leftover_cgroups();
+    ensure!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     Ok(())
 }
 

@@ -471,6 +471,8 @@ async fn the_pool_keeps_to_its_memory_bound_and_leaves_nothing_behind() -> Resul
         ensure!(procs.is_empty(), "left running after shutdown: {procs:#?}");
         let dirs = d.leftover_vm_dirs();
         ensure!(dirs.is_empty(), "VM directories left: {dirs:?}");
+        let cgroups = d.leftover_cgroups();
+        ensure!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
         let left: Vec<&PathBuf> = ram_files.iter().filter(|f| f.exists()).collect();
         ensure!(left.is_empty(), "guest RAM files left: {left:?}");
         Ok(())

@@ -68,6 +68,8 @@ async fn vm_processes_run_unprivileged_in_a_cgroup_of_their_own() -> Result<()> 
             how.starts_with("as airlock-vm, each VM in its own cgroup"),
             "{health}"
         );
+        let parents = health["cgroupParents"].as_array().map_or(0, Vec::len);
+        assert_eq!(parents, if v1 { 2 } else { 1 }, "{health}");
         let vm = d
             .ready_vm(json!({"kind": "cli", "memoryMib": 256, "vcpus": 1}))
             .await?;
@@ -332,6 +334,11 @@ async fn three_vms_at_once_all_answer_and_leave_nothing_behind() -> Result<()> {
             Vec::<String>::new(),
             "no sockets or per-VM files left"
         );
+        assert_eq!(
+            d.leftover_cgroups(),
+            Vec::<String>::new(),
+            "no cgroups left"
+        );
         Ok(())
     })
     .await
@@ -574,6 +581,7 @@ async fn sigterm_tears_down_every_vm() -> Result<()> {
         );
         assert_eq!(d.leftover_processes(), Vec::<String>::new());
         assert_eq!(d.leftover_vm_dirs(), Vec::<String>::new());
+        assert_eq!(d.leftover_cgroups(), Vec::<String>::new(), "cgroups left");
         assert!(!d
             .run_dir()
             .join(format!("vms/{}", str_of(&ready, "id")))

@@ -171,6 +171,9 @@ pub struct BackendInfo {
     /// The account VM processes run as and their cgroups, when confined.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confinement: Option<String>,
+    /// The cgroups each VM's own is made under (one per hierarchy).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_parents: Vec<String>,
 }
 
 /// A way of running VMs.

@@ -145,6 +145,14 @@ impl Cgroups {
         }
     }
 
+    /// The directories VMs' cgroups are made in, one per hierarchy.
+    pub fn parents(&self) -> Vec<&Path> {
+        match &self.layout {
+            Layout::V2 { vms } => vec![vms],
+            Layout::V1 { memory, cpu } => vec![memory, cpu],
+        }
+    }
+
     fn dirs(&self, vm_id: &str) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V2 { vms } => vec![vms.join(vm_id)],

@@ -266,6 +266,7 @@ impl VmBackend for ProcessBackend {
             accel: None,
             accel_reason: None,
             confinement: None,
+            cgroup_parents: Vec::new(),
         }
     }
 }

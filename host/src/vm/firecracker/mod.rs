@@ -648,6 +648,7 @@ impl VmBackend for FirecrackerBackend {
             accel: Some("kvm".into()),
             accel_reason: Some("Firecracker runs on KVM only".into()),
             confinement: None,
+            cgroup_parents: Vec::new(),
         }
     }
 }

@@ -677,6 +677,17 @@ impl VmBackend for QemuBackend {
             ),
             accel_reason: d.map(|d| d.reason.clone()),
             confinement: Some(self.confine.describe()),
+            cgroup_parents: self
+                .confine
+                .cgroups
+                .as_ref()
+                .map(|c| {
+                    c.parents()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
