@@ -127,8 +127,8 @@ impl VmAccount {
         let ids = account.map(|a| (a.uid, a.gid, a.groups.clone()));
         // SAFETY: the closure runs in the forked child before exec and
         // makes only async-signal-safe system calls (write, fcntl,
-        // setgroups, setgid, setuid, prctl) on values prepared before the
-        // fork; it allocates nothing.
+        // setgroups, setgid, setuid) on values prepared before the fork;
+        // it allocates nothing.
         #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
