@@ -9,6 +9,7 @@
 //! [`super::run`]; the watcher is started by [`super::Sessions::new`].
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use airlock_proto::limits::MAX_FILE_BYTES;
 use airlock_proto::{ErrorCode, Operation, ReadFileRequest, Reply, SecretBytes, WriteFileRequest};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::Notify;
 
 use super::{merge, Inner, SessionHandle, SessionState};
 use crate::agent::AgentError;
@@ -33,33 +35,57 @@ enum DeliveryError {
     Failed(String),
 }
 
-/// Holds a credential id in the set of deliveries in flight while it
-/// lives, so a session and the watcher never deliver the same record at
-/// the same time.
-struct Claim<'a> {
-    set: &'a Mutex<HashSet<String>>,
-    id: String,
+/// The credentials being delivered right now, by a session or by the
+/// watcher of CLI VMs: never both for one record at the same time.
+#[derive(Debug, Default)]
+pub(super) struct Deliveries {
+    set: Mutex<HashSet<String>>,
+    freed: Notify,
 }
 
-impl<'a> Claim<'a> {
-    fn take(set: &'a Mutex<HashSet<String>>, id: &str) -> Option<Self> {
-        let fresh = set
+impl Deliveries {
+    /// Claims record `id`, unless someone is delivering it.
+    fn take(&self, id: &str) -> Option<Claim<'_>> {
+        let fresh = self
+            .set
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.to_string());
-        fresh.then(|| Self {
-            set,
+        fresh.then(|| Claim {
+            of: self,
             id: id.to_string(),
         })
     }
+
+    /// Claims record `id` once whoever delivers it now is done.
+    async fn claim(&self, id: &str) -> Claim<'_> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the attempt, so a release in between wakes it.
+            freed.as_mut().enable();
+            if let Some(c) = self.take(id) {
+                return c;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// Holds a credential id among the deliveries in flight while it lives.
+struct Claim<'a> {
+    of: &'a Deliveries,
+    id: String,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.set
+        self.of
+            .set
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);
+        self.of.freed.notify_waiters();
     }
 }
 
@@ -79,9 +105,10 @@ pub(super) async fn deliver_for_session(
     credential_id: &str,
     bundle: &CredentialBundle,
 ) {
-    let Some(_claim) = Claim::take(&ctx.delivering, credential_id) else {
-        return;
-    };
+    // The watcher may be bringing this very record into a CLI VM that just
+    // became ready: this session is completed by its own delivery, after
+    // that (the write is the same), not by the watcher's.
+    let _claim = ctx.delivering.claim(credential_id).await;
     let timeout = Duration::from_millis(ctx.cfg.delivery_timeout_ms);
     let merged = merged_paths(ctx, &h.view().provider);
     match deliver(ctx, user, credential_id, bundle, &merged, timeout).await {
@@ -89,7 +116,12 @@ pub(super) async fn deliver_for_session(
             crate::audit::credential_delivered(user, &h.view().provider, credential_id, &vm);
             completed(ctx, h, &vm).await
         }
-        Err(DeliveryError::Pending(why)) => ctx.record(h, None, "deliveryPending", Some(why)),
+        Err(DeliveryError::Pending(why)) => {
+            // Set while the claim is held: the watcher looks only once it
+            // holds it, and then completes the session.
+            h.delivery_pending.store(true, Ordering::Release);
+            ctx.record(h, None, "deliveryPending", Some(why))
+        }
         Err(DeliveryError::Failed(why)) => {
             super::run::finish(ctx, h, SessionState::Failed, why).await;
         }
@@ -298,7 +330,7 @@ async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) -> bool {
     };
     let (mut all, mut written) = (true, 0);
     for record in records {
-        let Some(_claim) = Claim::take(&ctx.delivering, &record.id) else {
+        let Some(_claim) = ctx.delivering.take(&record.id) else {
             continue;
         };
         match bring(ctx, vm, &record).await {
@@ -306,8 +338,12 @@ async fn deliver_pending(ctx: &Inner, user: &str, vm: &str) -> bool {
             Ok(true) => {
                 written += 1;
                 crate::audit::credential_delivered(user, &record.provider, &record.id, vm);
+                // Only a session whose own delivery is over, waiting for a
+                // CLI VM: one still concluding (its browser VM going)
+                // completes itself.
                 if let Some(h) = ctx.session_of_credential(&record.id) {
-                    if h.view().state == SessionState::Stored {
+                    let pending = h.delivery_pending.load(Ordering::Acquire);
+                    if pending && h.view().state == SessionState::Stored {
                         completed(ctx, &h, vm).await;
                     }
                 }

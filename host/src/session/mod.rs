@@ -188,6 +188,9 @@ struct SessionHandle {
     cancel: CancellationToken,
     /// The live view: viewers, tokens, the streamer's signalling.
     hub: Arc<Hub>,
+    /// Its own delivery is over without a ready CLI VM: whoever brings
+    /// its credential into one completes it ([`delivery`]).
+    delivery_pending: std::sync::atomic::AtomicBool,
 }
 
 impl SessionHandle {
@@ -206,7 +209,7 @@ pub(crate) struct Inner {
     sessions: Mutex<BTreeMap<String, Arc<SessionHandle>>>,
     ended: Mutex<VecDeque<String>>,
     /// Credential ids being delivered right now.
-    delivering: Mutex<std::collections::HashSet<String>>,
+    delivering: delivery::Deliveries,
     /// Held while finding or creating a user's CLI VM, so two sessions of
     /// one user never create two.
     cli_vm_lock: Mutex<()>,
@@ -263,7 +266,7 @@ impl Sessions {
             defaults,
             sessions: Mutex::default(),
             ended: Mutex::default(),
-            delivering: Mutex::default(),
+            delivering: delivery::Deliveries::default(),
             cli_vm_lock: Mutex::default(),
             dirty: persist::Dirty::default(),
             tracker: TaskTracker::new(),
@@ -375,6 +378,7 @@ impl Sessions {
                 started: std::time::Instant::now(),
                 cancel: self.inner.shutdown.child_token(),
                 hub: self.inner.live.open(&id, user_id, lifetime)?,
+                delivery_pending: Default::default(),
             });
             sessions.insert(id.clone(), handle.clone());
             handle

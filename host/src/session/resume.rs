@@ -208,6 +208,7 @@ impl Inner {
             started: std::time::Instant::now(),
             cancel: self.shutdown.child_token(),
             hub,
+            delivery_pending: Default::default(),
         });
         self.sessions
             .lock()
