@@ -317,15 +317,8 @@ impl QemuBackend {
             context: format!("open {}", state.display()),
             source,
         })?;
-        qmp.pass_fd(STATE_FD, file.as_raw_fd(), QMP_TIMEOUT).await?;
-        drop(file);
-        let uri = format!("fd:{STATE_FD}");
-        qmp.execute("migrate-incoming", json!({ "uri": uri }), QMP_TIMEOUT)
-            .await?;
-        let done = qmp
-            .wait_event("load the saved state", migration_ended, RESTORE_TIMEOUT)
-            .await?;
-        if done["data"]["status"] != "completed" {
+        let done = migrate_through(&mut qmp, file, "migrate-incoming", RESTORE_TIMEOUT).await?;
+        if !done {
             return Err(BackendError::Restore(format!(
                 "loading {} failed: {}",
                 state.display(),
@@ -394,15 +387,8 @@ impl QemuBackend {
             context: format!("create {}", out.display()),
             source,
         })?;
-        qmp.pass_fd(STATE_FD, file.as_raw_fd(), QMP_TIMEOUT).await?;
-        drop(file);
-        let uri = format!("fd:{STATE_FD}");
-        qmp.execute("migrate", json!({ "uri": uri }), QMP_TIMEOUT)
-            .await?;
-        let done = qmp
-            .wait_event("save the VM", migration_ended, SAVE_TIMEOUT)
-            .await?;
-        if done["data"]["status"] != "completed" {
+        let done = migrate_through(&mut qmp, file, "migrate", SAVE_TIMEOUT).await?;
+        if !done {
             return Err(BackendError::Restore(format!(
                 "saving to {} failed: {}",
                 out.display(),
@@ -574,6 +560,27 @@ async fn set_migration_capabilities(
     qmp.execute("migrate-set-capabilities", caps, QMP_TIMEOUT)
         .await?;
     Ok(())
+}
+
+/// Runs `command` (`migrate` or `migrate-incoming`) through `file`, passed
+/// to QEMU as a descriptor, and waits up to `timeout` for it to end; true
+/// when it completed.
+async fn migrate_through(
+    qmp: &mut Qmp,
+    file: std::fs::File,
+    command: &str,
+    timeout: Duration,
+) -> Result<bool, BackendError> {
+    qmp.pass_fd(STATE_FD, file.as_raw_fd(), QMP_TIMEOUT).await?;
+    // QEMU holds its own copy now.
+    drop(file);
+    let uri = format!("fd:{STATE_FD}");
+    qmp.execute(command, json!({ "uri": uri }), QMP_TIMEOUT)
+        .await?;
+    let done = qmp
+        .wait_event(&format!("finish {command}"), migration_ended, timeout)
+        .await?;
+    Ok(done["data"]["status"] == "completed")
 }
 
 /// A MIGRATION event that ends one (either way).
